@@ -1,0 +1,38 @@
+"""The optional compiled extension ``fusedclip._C``.
+
+Importing it registers the ``torch.ops.fusedclip`` operators with the dispatcher. A missing or
+broken build is not an error here: the package still runs on the Triton and reference backends,
+and ``fusedclip.available_backends()`` reports why the ``cuda`` backend cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+_log = logging.getLogger("fusedclip")
+
+try:
+    importlib.import_module("fusedclip._C")  # registers the operators
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    _log.info("fusedclip._C is not available (%s); using the Python backends", LOAD_ERROR)
+
+
+def loaded() -> bool:
+    """Whether ``fusedclip._C`` imported and registered its operators."""
+    return LOAD_ERROR is None
+
+
+def op_names() -> list[str]:
+    """The operators registered in the ``fusedclip`` namespace, e.g. ``['scale_']``."""
+    prefix = "fusedclip::"
+    return sorted(
+        name[len(prefix) :].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith(prefix)
+    )

@@ -1,0 +1,124 @@
+"""Public functions: drop-in replacements for ``torch.nn.utils``' gradient clipping.
+
+Each takes torch's arguments in torch's order and returns what torch returns, plus the keyword-only
+``backend=`` (``None``/``"auto"``, ``"cuda"``, ``"triton"``, ``"reference"``; see
+``fusedclip.backends``). ``foreach`` is accepted for compatibility and has no effect: every fused
+backend already handles all tensors of a device in one launch per pass, and the reference is a loop.
+
+Differences from torch, all deliberate:
+
+* The norm is accumulated in fp64 (reference) or at least fp32, and the clip coefficient is
+  computed from that unrounded norm, so an all-bf16/fp16 model is clipped by its true norm rather
+  than by a norm rounded to 8 (or 11) bits, and an fp16 norm above 65504 does not zero the
+  gradients.
+  The returned norm still has torch's dtype (the gradients' dtypes promoted together).
+* A negative or NaN ``max_norm``/``clip_value`` and a ``norm_type`` that is not p > 0 or inf raise
+  ``ValueError`` instead of silently flipping or counting gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedclip import backends
+from fusedclip.inputs import (
+    TensorOrTensors,
+    as_norm_type,
+    as_threshold,
+    as_total_norm,
+    collect_tensors,
+    grads_of,
+    norm_result_dtype,
+    raise_if_nonfinite,
+)
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """The norm of ``tensors`` viewed as one vector (like ``torch.nn.utils.get_total_norm``).
+
+    Returns a 0-dim tensor on the first tensor's device with torch's dtype; ``tensor(0.)`` on the
+    CPU when ``tensors`` is empty.
+    """
+    items = collect_tensors(tensors, name="tensors")
+    p = as_norm_type(norm_type)
+    if not items:
+        return torch.tensor(0.0)
+    norm = backends.select(backend, items).total_norm(items, p)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm, p)
+    return norm.to(norm_result_dtype(items))
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor | float,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Scale gradients in place by ``min(1, max_norm / (total_norm + 1e-6))``."""
+    grads = grads_of(collect_tensors(parameters, name="parameters"))
+    limit = as_threshold(max_norm, "max_norm")
+    norm = as_total_norm(total_norm)
+    if grads:
+        backends.select(backend, grads).clip_with_norm_(grads, limit, norm)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Clip the global gradient norm in place; returns the norm before clipping.
+
+    Gradients are scaled by ``min(1, max_norm / (total_norm + 1e-6))`` where ``total_norm`` is the
+    ``norm_type``-norm of all gradients as if concatenated. With ``error_if_nonfinite=True`` a NaN
+    or infinite norm raises (after one host synchronization) and leaves the gradients untouched.
+    """
+    params = collect_tensors(parameters, name="parameters", warn_empty_generator=True)
+    limit = as_threshold(max_norm, "max_norm")
+    p = as_norm_type(norm_type)
+    grads = grads_of(params)
+    if not grads:
+        return torch.tensor(0.0)
+    impl = backends.select(backend, grads)
+    if error_if_nonfinite:
+        norm = impl.total_norm(grads, p)
+        raise_if_nonfinite(norm, p)
+        impl.clip_with_norm_(grads, limit, norm)
+    else:
+        norm = impl.clip_(grads, limit, p)
+    return norm.to(norm_result_dtype(grads))
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place."""
+    grads = grads_of(collect_tensors(parameters, name="parameters"))
+    limit = as_threshold(clip_value, "clip_value")
+    if grads:
+        backends.select(backend, grads).clamp_(grads, limit)

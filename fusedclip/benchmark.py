@@ -1,0 +1,597 @@
+"""The benchmark engine: time every clipping implementation against torch and a memory floor.
+
+For each parameter set, dtype and scenario, each implementation ("candidate") clips the same
+random-normal gradients. The gradients are restored from a pristine copy before every timed call,
+outside the timed region, so every call sees identical data and the "clip" scenario keeps clipping.
+
+The floor is the time an ideal implementation needs just to move the bytes at the device's copy
+bandwidth, measured in the same run: "clip" must read the gradients twice (norm, then scale) and
+write them once, "noclip" only reads them once. ``ratio_to_floor`` near 1 means bandwidth-bound.
+
+``run`` is the entry point; ``python -m fusedclip bench`` is its command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import gc
+import importlib.metadata
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import fusedclip
+from fusedclip import api, backends, reference
+from fusedclip.param_sets import BUILTIN_SETS, ParamSet, sets_for_device
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# max_norm as a multiple of the gradients' true norm.
+SCENARIOS: dict[str, float] = {"clip": 0.1, "noclip": 10.0}
+
+# Gradient bytes an ideal implementation moves, per gradient byte: "clip" reads for the norm, then
+# reads and writes to scale; "noclip" reads for the norm and may skip the scale.
+FLOOR_PASSES: dict[str, int] = {"clip": 3, "noclip": 1}
+
+BASELINE = "torch-foreach"
+DEFAULT_ITERS = 20
+DEFAULT_WARMUP = 3
+L2_FLUSH_BYTES = 256 << 20
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+COPY_ITERS = 10
+
+CPU_NOTE = (
+    "CPU numbers, not GPU numbers: no CUDA device was used, so these are the scaled-down CPU sets "
+    "timed on the host; they say nothing about the CUDA or Triton kernels."
+)
+
+ClipFn = Callable[[list[Tensor], float], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One implementation under test: ``clip(params, max_norm)`` clips in place."""
+
+    name: str
+    clip: ClipFn
+
+
+def _torch_clip(foreach: bool) -> ClipFn:
+    return functools.partial(torch.nn.utils.clip_grad_norm_, foreach=foreach)
+
+
+def _fusedclip_clip(backend: str) -> ClipFn:
+    return functools.partial(api.clip_grad_norm_, backend=backend)
+
+
+def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """The candidates that can run on ``device``, and a skip reason for each one that cannot."""
+    chosen = [
+        Candidate("torch-foreach", _torch_clip(foreach=True)),
+        Candidate("torch-loop", _torch_clip(foreach=False)),
+        Candidate("fusedclip-reference", _fusedclip_clip("reference")),
+    ]
+    skipped = []
+    status = backends.available_backends()
+    for backend in ("cuda", "triton"):
+        name = f"fusedclip-{backend}"
+        if device.type != "cuda":
+            skipped.append({"implementation": name, "reason": f"needs a CUDA device ({device})"})
+        elif not status[backend].available:
+            skipped.append({"implementation": name, "reason": status[backend].reason})
+        else:
+            chosen.append(Candidate(name, _fusedclip_clip(backend)))
+    return chosen, skipped
+
+
+@dataclasses.dataclass
+class Workload:
+    """Parameters of one set and dtype with random-normal gradients, and a pristine copy of them."""
+
+    params: list[Tensor]
+    pristine: list[Tensor]
+    norm: float
+
+    @classmethod
+    def create(
+        cls, param_set: ParamSet, dtype: torch.dtype, device: torch.device, seed: int = 0
+    ) -> Workload:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        params = []
+        for shape in param_set.shapes():
+            # The parameter values are never read by clipping, so they can stay uninitialized.
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            param.grad = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+            params.append(param)
+        grads = [p.grad for p in params]
+        # The fp64 oracle, not rounded to the gradients' dtype: max_norm is exactly 0.1x or 10x.
+        norm = float(reference.total_norm(grads, 2.0))
+        return cls(params, [g.clone() for g in grads], norm)
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]
+
+    def restore(self) -> None:
+        """Put the pristine gradients back (a previous clip has scaled them)."""
+        torch._foreach_copy_(self.grads, self.pristine)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Median and minimum device time in ms, and median host time of the call in µs."""
+
+    ms_median: float
+    ms_min: float
+    host_us: float
+
+
+def _l2_flusher(device: torch.device) -> Callable[[], None]:
+    """A function that evicts the GPU's L2 cache by writing a buffer larger than it."""
+    if device.type != "cuda":
+        return lambda: None
+    scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    return functools.partial(scratch.fill_, 0)
+
+
+def time_calls(
+    call: Callable[[], object],
+    *,
+    prepare: Callable[[], None],
+    iters: int,
+    warmup: int,
+    device: torch.device,
+) -> Timing:
+    """Time ``call`` ``iters`` times after ``warmup`` untimed runs; ``prepare`` runs before each.
+
+    ``prepare`` (restoring gradients, flushing caches) is outside the timed region. On CUDA the
+    device time comes from events around the call after a synchronize, and the host time is the
+    launch cost alone; on the CPU both are the wall time of the call.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
+    cuda = device.type == "cuda"
+    events = []
+    device_ms, host_us = [], []
+    for i in range(warmup + iters):
+        prepare()
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        call()
+        host = time.perf_counter() - t0
+        if cuda:
+            end.record()
+        if i < warmup:
+            continue
+        host_us.append(host * 1e6)
+        if cuda:
+            events.append((start, end))
+        else:
+            device_ms.append(host * 1e3)
+    if cuda:
+        torch.cuda.synchronize(device)
+        device_ms = [start.elapsed_time(end) for start, end in events]
+    return Timing(statistics.median(device_ms), min(device_ms), statistics.median(host_us))
+
+
+def copy_bandwidth(device: torch.device, iters: int = COPY_ITERS) -> float:
+    """The device's copy bandwidth in bytes/s: ``dst.copy_(src)`` reads and writes each byte."""
+    nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    seconds = _time_copy(nbytes, device, iters)
+    _free(device)  # the buffers are gone; give their memory back before the sets need it
+    return 2 * nbytes / seconds
+
+
+def _time_copy(nbytes: int, device: torch.device, iters: int) -> float:
+    """Median seconds of one ``nbytes`` device-to-device copy."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_calls(
+        lambda: dst.copy_(src),
+        prepare=_l2_flusher(device),
+        iters=iters,
+        warmup=2,
+        device=device,
+    )
+    return timing.ms_median / 1e3
+
+
+def measure(
+    candidate: Candidate,
+    workload: Workload,
+    max_norm: float,
+    *,
+    iters: int,
+    warmup: int,
+    device: torch.device,
+    flush: Callable[[], None] | None = None,
+) -> tuple[Timing, float]:
+    """Time one candidate on one workload; also returns the norm the candidate reported."""
+    flush = flush or (lambda: None)
+
+    def prepare() -> None:
+        workload.restore()
+        flush()
+
+    prepare()
+    reported = float(candidate.clip(workload.params, max_norm))
+    timing = time_calls(
+        lambda: candidate.clip(workload.params, max_norm),
+        prepare=prepare,
+        iters=iters,
+        warmup=warmup,
+        device=device,
+    )
+    return timing, reported
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _numbers(
+    workload: Workload,
+    scenario: str,
+    max_norm: float,
+    timing: Timing,
+    reported_norm: float,
+    bandwidth: float,
+) -> dict[str, Any]:
+    """A row's measurements and what follows from them (the floor, GB/s, the ratio)."""
+    grad_bytes = sum(g.numel() * g.element_size() for g in workload.grads)
+    floor_bytes = FLOOR_PASSES[scenario] * grad_bytes
+    floor_ms = floor_bytes / bandwidth * 1e3
+    return {
+        "tensors": len(workload.params),
+        "numel": sum(g.numel() for g in workload.grads),
+        "grad_bytes": grad_bytes,
+        "floor_bytes": floor_bytes,
+        "floor_ms": floor_ms,
+        "ms_median": timing.ms_median,
+        "ms_min": timing.ms_min,
+        "host_us": timing.host_us,
+        "gbps": floor_bytes / (timing.ms_median / 1e3) / 1e9,
+        "ratio_to_floor": timing.ms_median / floor_ms,
+        "speedup_vs_torch_foreach": None,
+        "true_norm": workload.norm,
+        "reported_norm": reported_norm,
+        "max_norm": max_norm,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What every measurement in one run shares."""
+
+    device: torch.device
+    iters: int
+    warmup: int
+    bandwidth: float  # bytes/s
+    flush: Callable[[], None]
+
+
+def _bench_case(
+    candidate: Candidate, workload: Workload, scenario: str, settings: _Settings
+) -> dict[str, Any]:
+    """One row's numbers, or ``{"error": ...}`` when the candidate fails (the run goes on)."""
+    max_norm = SCENARIOS[scenario] * workload.norm
+    try:
+        timing, reported = measure(
+            candidate,
+            workload,
+            max_norm,
+            iters=settings.iters,
+            warmup=settings.warmup,
+            device=settings.device,
+            flush=settings.flush,
+        )
+    except Exception as exc:  # a broken backend must not hide the other results
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return _numbers(workload, scenario, max_norm, timing, reported, settings.bandwidth)
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Fill ``speedup_vs_torch_foreach`` within each (set, dtype, scenario) group."""
+    baseline = {
+        (r["set"], r["dtype"], r["scenario"]): r["ms_median"]
+        for r in rows
+        if r["implementation"] == BASELINE
+    }
+    for r in rows:
+        base = baseline.get((r["set"], r["dtype"], r["scenario"]))
+        r["speedup_vs_torch_foreach"] = None if base is None else base / r["ms_median"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when present, else the CPU; an unusable CUDA request is an error."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but torch sees no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the benchmark runs on 'cuda' or 'cpu', not {device.type!r}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_sets(
+    sets: Iterable[str | ParamSet] | None,
+    device: torch.device,
+    registry: Mapping[str, ParamSet] | None = None,
+) -> list[ParamSet]:
+    """Set objects from names (looked up in ``registry``) or objects; ``None`` is the defaults."""
+    registry = BUILTIN_SETS if registry is None else registry
+    if sets is None:
+        return sets_for_device(registry, device.type)
+    resolved = []
+    for s in sets:
+        if isinstance(s, ParamSet):
+            resolved.append(s)
+        elif s in registry:
+            resolved.append(registry[s])
+        else:
+            raise ValueError(f"unknown set {s!r}; known sets: {', '.join(registry)}")
+    return resolved
+
+
+def _check_choices(values: Sequence[str], known: Mapping[str, Any], what: str) -> None:
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def metadata(device: torch.device, bandwidth: float, iters: int, warmup: int) -> dict[str, Any]:
+    """What the numbers depend on (no host name)."""
+    cpu = device.type != "cuda"
+    return {
+        "device": _device_name(device),
+        "device_type": device.type,
+        "cpu_numbers": cpu,
+        "note": CPU_NOTE if cpu else "GPU numbers",
+        "cpu_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "triton_version": _package_version("triton"),
+        "fusedclip_version": fusedclip.__version__,
+        "python_version": platform.python_version(),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": bandwidth / 1e9,
+        "iters": iters,
+        "warmup": warmup,
+        "floor_passes": FLOOR_PASSES,
+        "max_norm_factor": SCENARIOS,
+        "baseline": BASELINE,
+        "backends": {
+            name: {"available": s.available, "reason": s.reason}
+            for name, s in backends.available_backends().items()
+        },
+    }
+
+
+def _default_console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough that no column is cut short
+        console = Console(width=max(console.width, 150))
+    return console
+
+
+def _progress(console: Any, enabled: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def run(
+    sets: Iterable[str | ParamSet] | None = None,
+    dtypes: Sequence[str] = ("bf16", "fp32"),
+    scenarios: Sequence[str] = ("clip", "noclip"),
+    iters: int = DEFAULT_ITERS,
+    warmup: int = DEFAULT_WARMUP,
+    device: str | torch.device | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
+    json_name: str = "results.json",
+    registry: Mapping[str, ParamSet] | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Benchmark every candidate; returns ``{"metadata", "rows", "skipped", "errors"}``.
+
+    With ``out_dir`` the results are also written there as ``json_name`` and a PNG plot of the same
+    stem. The table is printed to ``console`` (a ``rich.console.Console``; stdout by default).
+    Without CUDA (or with ``device="cpu"``) the default sets are the CPU-sized ones and the results
+    are marked ``cpu_numbers``.
+    """
+    console = console or _default_console()
+    device = resolve_device(device)
+    param_sets = resolve_sets(sets, device, registry)
+    _check_choices(dtypes, DTYPES, "dtype")
+    _check_choices(scenarios, SCENARIOS, "scenario")
+    if not (param_sets and dtypes and scenarios):
+        raise ValueError("nothing to run: give at least one set, dtype and scenario")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got {iters} and {warmup}")
+    chosen, skipped = candidates(device)
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+
+    total = len(param_sets) * len(dtypes) * len(scenarios) * len(chosen)
+    with _progress(console, progress) as bar:
+        task = bar.add_task("measuring copy bandwidth", total=total)
+        settings = _Settings(device, iters, warmup, copy_bandwidth(device), _l2_flusher(device))
+        for param_set, dtype_name in itertools.product(param_sets, dtypes):
+            bar.update(task, description=f"{param_set.name} {dtype_name}: making gradients")
+            workload = Workload.create(param_set, DTYPES[dtype_name], device)
+            for scenario, cand in itertools.product(scenarios, chosen):
+                key = {
+                    "set": param_set.name,
+                    "dtype": dtype_name,
+                    "scenario": scenario,
+                    "implementation": cand.name,
+                }
+                bar.update(task, description=" ".join(key.values()))
+                outcome = _bench_case(cand, workload, scenario, settings)
+                (errors if "error" in outcome else rows).append({**key, **outcome})
+                bar.advance(task)
+            del workload
+            _free(device)
+    _add_speedups(rows)
+
+    results = {
+        "metadata": metadata(device, settings.bandwidth, iters, warmup),
+        "rows": rows,
+        "skipped": skipped,
+        "errors": errors,
+    }
+    print_table(results, console)
+    if out_dir is not None:
+        json_path, png_path = write_results(results, Path(out_dir), json_name)
+        console.print(f"wrote {json_path} and {png_path}")
+    return results
+
+
+def write_results(results: dict[str, Any], out_dir: Path, json_name: str) -> tuple[Path, Path]:
+    """Write the JSON and the PNG plot; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / json_name
+    png_path = json_path.with_suffix(".png")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, png_path)
+    return json_path, png_path
+
+
+def _title(meta: Mapping[str, Any]) -> str:
+    title = f"fusedclip clip_grad_norm_ on {meta['device']}"
+    return f"{title} (CPU NUMBERS, NOT GPU NUMBERS)" if meta["cpu_numbers"] else title
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: Mapping[str, Any], console: Any) -> None:
+    """One rich table of all rows, titled with the device."""
+    from rich import box
+    from rich.table import Table
+
+    meta = results["metadata"]
+    title = _title(meta)
+    if meta["cpu_numbers"]:
+        title = f"[bold red]{title}[/]"
+    caption = (
+        f"median (min) of {meta['iters']} calls after {meta['warmup']} warmup; floor = "
+        f"{FLOOR_PASSES['clip']}x (clip) / {FLOOR_PASSES['noclip']}x (noclip) gradient bytes at "
+        f"the measured copy bandwidth of {meta['copy_bandwidth_gbps']:.1f} GB/s"
+    )
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
+    for header in ("set", "dtype", "scenario", "implementation"):
+        table.add_column(header)
+    for header in ("ms median", "ms min", "host µs", "GB/s", "x floor", f"vs {BASELINE}"):
+        table.add_column(header, justify="right")
+    previous_group = None
+    for r in results["rows"]:
+        group = (r["set"], r["dtype"], r["scenario"])
+        if previous_group is not None and group != previous_group:
+            table.add_section()
+        previous_group = group
+        table.add_row(
+            *group,
+            r["implementation"],
+            f"{r['ms_median']:.3f}",
+            f"{r['ms_min']:.3f}",
+            f"{r['host_us']:.0f}",
+            f"{r['gbps']:.1f}",
+            f"{r['ratio_to_floor']:.2f}",
+            _fmt(r["speedup_vs_torch_foreach"], ".2f"),
+        )
+    console.print(table)
+    for s in results["skipped"]:
+        console.print(f"skipped {s['implementation']}: {s['reason']}")
+    for e in results["errors"]:
+        where = f"{e['set']} {e['dtype']} {e['scenario']}"
+        console.print(f"[red]error[/] {e['implementation']} on {where}: {e['error']}")
+
+
+def plot(results: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars of ``ratio_to_floor`` per (set, dtype, scenario), one bar per implementation."""
+    # The object-oriented Agg API leaves pyplot's global backend alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = results["rows"]
+    groups = list(dict.fromkeys((r["set"], r["dtype"], r["scenario"]) for r in rows))
+    impls = list(dict.fromkeys(r["implementation"] for r in rows))
+    ratio = {
+        (r["set"], r["dtype"], r["scenario"], r["implementation"]): r["ratio_to_floor"]
+        for r in rows
+    }
+
+    fig = Figure(figsize=(max(8.0, 0.9 * len(groups) + 2), 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        xs = [g for g, key in enumerate(groups) if (*key, impl) in ratio]
+        ys = [ratio[(*groups[g], impl)] for g in xs]
+        ax.bar([x + (i - (len(impls) - 1) / 2) * width for x in xs], ys, width, label=impl)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="memory floor")
+    ax.set_xticks(range(len(groups)), [f"{s}\n{d} {c}" for s, d, c in groups], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / memory floor (lower is better, log scale)")
+    ax.set_title(_title(results["metadata"]), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.savefig(path, dpi=120)

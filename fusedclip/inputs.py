@@ -1,0 +1,115 @@
+"""Argument collection and validation for the public API.
+
+Everything here runs before any gradient is touched, so a bad argument raises with the gradients
+left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+TensorOrTensors = Tensor | Iterable[Tensor]
+
+
+def collect_tensors(
+    tensors: TensorOrTensors, *, name: str, warn_empty_generator: bool = False
+) -> list[Tensor]:
+    """A list from a tensor or an iterable of tensors, checking every item is a tensor.
+
+    Like torch, an empty *generator* of parameters warns (it is usually an exhausted
+    ``model.parameters()``); an empty list does not.
+    """
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    is_generator = isinstance(tensors, types.GeneratorType)
+    try:
+        items = list(tensors)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
+        ) from None
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(item).__name__}, expected a torch.Tensor")
+    if warn_empty_generator and is_generator and not items:
+        # stacklevel 4: this function, the public function, its torch.no_grad wrapper, the caller.
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
+        )
+    return items
+
+
+def grads_of(params: list[Tensor]) -> list[Tensor]:
+    """The gradients of ``params`` that exist, in order."""
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _as_float(value: object, name: str) -> float:
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
+def as_threshold(value: object, name: str) -> float:
+    """A non-negative, non-NaN float (``inf`` allowed): used for ``max_norm`` and ``clip_value``."""
+    x = _as_float(value, name)
+    if math.isnan(x) or x < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {x}")
+    return x
+
+
+def as_norm_type(value: object) -> float:
+    """A p > 0 or ``inf``; ``'inf'`` as a string is accepted as in torch."""
+    p = _as_float(value, "norm_type")
+    if not p > 0:  # also rejects NaN
+        raise ValueError(
+            f"norm_type must be a positive number or inf, got {p}; fusedclip supports the p-norms "
+            "with p > 0 and the max norm (norm_type=inf)"
+        )
+    return p
+
+
+def as_total_norm(value: object) -> Tensor:
+    """``clip_grads_with_norm_``'s ``total_norm``: a one-element tensor or a number."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"total_norm must hold one value, got a tensor of shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"total_norm must be a real floating tensor, got {value.dtype}")
+        return value.reshape(())
+    x = _as_float(value, "total_norm")
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype:
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def norm_result_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The dtype torch gives the total norm: its per-tensor norms promoted together."""
+    return functools.reduce(torch.promote_types, (_norm_dtype(t) for t in tensors))
+
+
+NONFINITE_MESSAGE = (
+    "The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+    "anyway, set `error_if_nonfinite=False`"
+)
+
+
+def raise_if_nonfinite(norm: Tensor, norm_type: float) -> None:
+    """torch's ``error_if_nonfinite`` check. It reads the norm on the host: a synchronization."""
+    if not bool(torch.isfinite(norm)):
+        raise RuntimeError(NONFINITE_MESSAGE.format(norm_type=norm_type))

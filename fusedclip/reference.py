@@ -1,0 +1,92 @@
+"""The reference backend: every operation in plain PyTorch with fp64 accumulation.
+
+This is the oracle the fused backends are tested against, and the backend that runs wherever the
+fused ones cannot (CPU tensors, sparse or complex gradients). It favours exactness over speed:
+each gradient is widened to fp64 (complex128 for complex gradients), the p-norm is computed on
+values divided by the global max magnitude so that no finite input overflows or underflows, and the
+rescaled gradient is rounded to its dtype exactly once.
+
+All functions here take already-validated arguments (see ``fusedclip.inputs``) and never
+synchronize with the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Added to the total norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
+NORM_EPS = 1e-6
+
+
+def _magnitudes(t: Tensor) -> Tensor:
+    """|t| as a flat fp64 tensor; for sparse COO tensors only the stored (coalesced) values."""
+    if t.is_sparse:
+        t = t.coalesce().values()
+    return t.detach().abs().to(torch.float64).reshape(-1)
+
+
+def _max_magnitude(mag: Tensor) -> Tensor:
+    # amax propagates NaN, which is what a norm over the values must do.
+    return mag.amax() if mag.numel() else mag.new_zeros(())
+
+
+def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The p-norm of all ``tensors`` as if concatenated: 0-dim fp64 on ``tensors[0]``'s device.
+
+    ``norm_type`` is a positive float or ``inf``. NaN anywhere gives NaN; otherwise an infinite
+    element gives ``inf``, as in torch.
+    """
+    device = tensors[0].device
+    mags = [_magnitudes(t) for t in tensors]
+    peak = torch.stack([_max_magnitude(m).to(device) for m in mags]).amax()
+    if math.isinf(norm_type):
+        return peak
+    # Scale by the largest magnitude so sum(|x|^p) cannot overflow or underflow in fp64; fall back
+    # to 1 where the peak is 0 (the norm is 0) or not finite (the peak is the answer).
+    usable = torch.isfinite(peak) & (peak > 0)
+    scale = torch.where(usable, peak, torch.ones_like(peak))
+    powered = torch.zeros((), dtype=torch.float64, device=device)
+    for m in mags:
+        if m.numel():
+            powered += (m.to(device) / scale).pow_(norm_type).sum()
+    norm = scale * powered.pow(1.0 / norm_type)
+    return torch.where(torch.isfinite(peak), norm, peak)
+
+
+def clip_coef(max_norm: float, norm: Tensor) -> Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` in fp64; NaN for a NaN norm, 0 for an infinite one."""
+    return (max_norm / (norm.to(torch.float64) + NORM_EPS)).clamp(max=1.0)
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """``t <- t * coef`` in place for every tensor, in fp64, rounded once to t's dtype."""
+    coef_on: dict[torch.device, Tensor] = {}
+    for t in tensors:
+        c = coef_on.setdefault(t.device, coef.to(device=t.device, dtype=torch.float64))
+        target = t._values() if t.is_sparse else t
+        target.copy_(_wide(target) * c)
+
+
+def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
+    """Rescale ``tensors`` in place given a precomputed total norm."""
+    scale_(tensors, clip_coef(max_norm, norm))
+
+
+def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+    """Global-norm clipping: returns the fp64 total norm and rescales ``tensors`` in place."""
+    norm = total_norm(tensors, norm_type)
+    clip_with_norm_(tensors, max_norm, norm)
+    return norm
+
+
+def clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    """Clip every element to ``[-clip_value, clip_value]`` in place (NaN stays NaN, as in torch)."""
+    for t in tensors:
+        t.clamp_(min=-clip_value, max=clip_value)

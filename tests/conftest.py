@@ -1,0 +1,149 @@
+"""Shared fixtures and helpers: gradient factories, the fp64 oracle, tolerances, markers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+NORM_TYPES = [1.0, 2.0, math.inf, 0.5, 1.5, 3.0]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def runnable_backends(device: str) -> list[str]:
+    """The backends that can run on ``device`` here: what every parity test is parametrized over."""
+    status = fusedclip.available_backends()
+    names = [n for n in ("cuda", "triton") if status[n].available and device == "cuda"]
+    return [*names, "reference"]
+
+
+@pytest.fixture(params=runnable_backends("cpu"))
+def cpu_backend(request) -> str:
+    return request.param
+
+
+# ---- gradients -------------------------------------------------------------------------------
+
+SHAPE_CLASSES: dict[str, list[tuple[int, ...]]] = {
+    "single": [(37, 11)],
+    "several": [(64, 32), (32,), (7, 3, 5), (1000,)],
+    "tiny_and_empty": [(0,), (1,), (3, 0), (1, 1), (5,), (0, 4)],
+    "odd_sizes": [(1,), (3,), (17,), (255,), (257,), (4099,), (65537,)],
+    "many": [(n % 37,) for n in range(2000)],
+}
+
+
+def make_params(
+    shapes, dtype=torch.float32, device="cpu", seed=0, *, layout="contiguous", none_every=0
+) -> list[torch.Tensor]:
+    """Leaf parameters whose ``.grad`` is random normal (never all zeros).
+
+    layout: "contiguous"; "transposed" (grads are transposes of contiguous storage, so permuted
+    strides); "strided" (grads are every-other-column views with gaps); "offset" (grads start one
+    element into their storage, so their data pointer is misaligned).
+    none_every: every n-th parameter gets no gradient.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if none_every and i % none_every == none_every - 1:
+            params.append(p)
+            continue
+        params.append(p)
+        p.grad = _grad_like(p, gen, layout)
+    return params
+
+
+def _grad_like(p: torch.Tensor, gen: torch.Generator, layout: str) -> torch.Tensor:
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)
+
+    shape = tuple(p.shape)
+    if layout == "contiguous" or p.dim() == 0:
+        return rand(*shape)
+    if layout == "transposed" and p.dim() >= 2:
+        return rand(*reversed(shape)).permute(*reversed(range(p.dim())))
+    if layout == "strided":
+        return rand(*shape[:-1], shape[-1] * 2)[..., ::2]
+    if layout == "offset":
+        return rand(p.numel() + 1)[1:].view(shape)
+    return rand(*shape)
+
+
+def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Independent copies with the same gradient values, for running a second implementation."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        if p.grad is not None:
+            q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def grads(params) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def assert_bitwise_equal(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Same values bit for bit (NaN equal to NaN): what must not change, did not."""
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}"
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} changed")
+
+
+# ---- the fp64 oracle, independent of fusedclip.reference ---------------------------------------
+
+def oracle_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
+    """The norm of all tensors concatenated, in fp64 (math.fsum where it matters)."""
+    flat = torch.cat([t.detach().to(torch.float64).abs().reshape(-1).cpu() for t in tensors])
+    if flat.numel() == 0:
+        return 0.0
+    if math.isinf(norm_type):
+        return float(flat.max())
+    if not torch.isfinite(flat).all():
+        return float(flat.sum())  # NaN if any NaN, else inf
+    peak = float(flat.max())
+    if peak == 0:
+        return 0.0
+    return peak * math.fsum((flat / peak).pow(norm_type).tolist()) ** (1.0 / norm_type)
+
+
+def oracle_clipped(g: torch.Tensor, max_norm: float, norm: float) -> torch.Tensor:
+    coef = min(1.0, max_norm / (norm + 1e-6)) if not math.isnan(norm) else math.nan
+    return (g.detach().to(torch.float64) * coef).to(g.dtype)
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    """One rounding of ``dtype`` (relative), and never tighter than the 1e-5 norm contract."""
+    return max(torch.finfo(dtype).eps, 1e-5) if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+
+def clip_rtol(dtype: torch.dtype) -> float:
+    """How far a clipped gradient may be from the oracle, relative: one rounding of its dtype.
+
+    fp64 gradients are the exception: their coefficient is itself an fp64 result of summing many
+    terms, so they get 1e-12 rather than one ulp.
+    """
+    return 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+
+
+def ulp_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Element-wise within ``clip_rtol`` (NaN matches NaN)."""
+    fi = torch.finfo(actual.dtype)
+    torch.testing.assert_close(actual, expected, rtol=clip_rtol(actual.dtype),
+                               atol=fi.tiny * fi.eps, equal_nan=True)

@@ -1,0 +1,254 @@
+"""Smoke tests of the benchmark harness (fusedclip.benchmark, fusedclip.param_sets, the CLI).
+
+Everything runs on the CPU with tiny sets and a couple of iterations; the numbers are not checked,
+only that the machinery produces them in the promised form.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from fusedclip import benchmark
+from fusedclip.__main__ import main
+from fusedclip.param_sets import (
+    BUILTIN_SETS,
+    CPU_SETS,
+    DEFAULT_SETS,
+    ParamSet,
+    load_sets,
+    many_small,
+    parse_sets,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+TINY = ParamSet.of("tiny", "shapes", shapes=[[64, 32], [32], [7], [3, 5, 2]])
+FEW_SMALL = ParamSet.of("few-small", "many_small", n=20, max_numel=300)
+
+TOML = """
+[mini-llama]
+kind = "llama_like"
+hidden = 32
+layers = 2
+vocab = 100
+intermediate = 64
+heads = 4
+kv_heads = 2
+
+[listed]
+kind = "shapes"
+shapes = [[8, 4], [4]]
+default_on = "any"
+"""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    """One CPU run of the engine on two tiny sets, both dtypes and both scenarios."""
+    out = tmp_path_factory.mktemp("bench")
+    console = Console(file=io.StringIO(), width=200)
+    res = benchmark.run(
+        sets=[TINY, FEW_SMALL],
+        iters=2,
+        warmup=1,
+        device="cpu",
+        out_dir=out,
+        progress=False,
+        console=console,
+    )
+    return res, out, console.file.getvalue()
+
+
+def test_run_writes_json_with_metadata_and_rows(results: tuple[dict, Path, str]) -> None:
+    res, out, _ = results
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk) == {"metadata", "rows", "skipped", "errors"}
+    meta = on_disk["metadata"]
+    for key in (
+        "device",
+        "torch_version",
+        "triton_version",
+        "fusedclip_version",
+        "cuda_version",
+        "timestamp_utc",
+        "copy_bandwidth_gbps",
+        "cpu_numbers",
+    ):
+        assert key in meta
+    assert meta["cpu_numbers"] is True
+    assert meta["copy_bandwidth_gbps"] > 0
+    assert on_disk["errors"] == []
+    assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
+
+
+def test_rows_cover_every_case_with_positive_ratios(results: tuple[dict, Path, str]) -> None:
+    rows = results[0]["rows"]
+    impls = {r["implementation"] for r in rows}
+    assert {"torch-foreach", "torch-loop", "fusedclip-reference"} <= impls
+    assert len(rows) == 2 * 2 * 2 * len(impls)  # sets x dtypes x scenarios x implementations
+    for r in rows:
+        assert r["ratio_to_floor"] > 0
+        assert r["gbps"] > 0
+        assert r["ms_min"] <= r["ms_median"]
+        assert r["speedup_vs_torch_foreach"] > 0
+        passes = benchmark.FLOOR_PASSES[r["scenario"]]
+        assert r["floor_bytes"] == passes * r["grad_bytes"]
+
+
+def test_reference_rows_report_the_true_norm(results: tuple[dict, Path, str]) -> None:
+    rows = [r for r in results[0]["rows"] if r["implementation"] == "fusedclip-reference"]
+    assert rows
+    for r in rows:
+        assert r["reported_norm"] == pytest.approx(r["true_norm"], rel=1e-2)  # bf16 rounding
+
+
+def test_png_and_table_say_cpu(results: tuple[dict, Path, str]) -> None:
+    _, out, printed = results
+    png = out / "results.png"
+    assert png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "CPU NUMBERS, NOT GPU NUMBERS" in printed
+    assert "fusedclip-reference" in printed
+
+
+def test_gpu_backends_are_skipped_on_cpu() -> None:
+    chosen, skipped = benchmark.candidates(CPU)
+    assert "fusedclip-reference" in [c.name for c in chosen]
+    assert {s["implementation"] for s in skipped} == {"fusedclip-cuda", "fusedclip-triton"}
+
+
+def test_restore_before_each_timed_call_keeps_clipping_active() -> None:
+    """Every call, timed or warmup, starts from the pristine gradients, and each one clips."""
+    workload = benchmark.Workload.create(FEW_SMALL, torch.float32, CPU)
+    max_norm = benchmark.SCENARIOS["clip"] * workload.norm
+    seen_pristine, seen_norms = [], []
+
+    def spy(params: list[torch.Tensor], limit: float) -> torch.Tensor:
+        grads = [p.grad for p in params]
+        seen_pristine.append(all(map(torch.equal, grads, workload.pristine)))
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        seen_norms.append(float(norm))
+        return norm
+
+    benchmark.measure(
+        benchmark.Candidate("spy", spy), workload, max_norm, iters=3, warmup=2, device=CPU
+    )
+
+    assert len(seen_pristine) == 1 + 2 + 3  # the checked call, warmup, timed
+    assert all(seen_pristine)
+    assert seen_norms == pytest.approx([workload.norm] * 6, rel=1e-5)
+    assert all(n > max_norm for n in seen_norms)
+    # The last call really clipped, so without the restore the next one would see max_norm.
+    clipped = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in workload.grads])))
+    assert clipped == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_time_calls_prepares_before_every_call_and_times_only_iters() -> None:
+    log = []
+    timing = benchmark.time_calls(
+        lambda: log.append("call"),
+        prepare=lambda: log.append("prep"),
+        iters=4,
+        warmup=2,
+        device=CPU,
+    )
+    assert log == ["prep", "call"] * 6
+    assert 0 <= timing.ms_min <= timing.ms_median
+
+
+def test_load_sets_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "sets.toml"
+    path.write_text(TOML)
+    sets = load_sets(path)
+    assert set(sets) == {"mini-llama", "listed"}
+    assert sets["listed"].shapes() == [(8, 4), (4,)]
+    llama = sets["mini-llama"].shapes()
+    assert (8 * 2, 32) in llama  # grouped-query k/v: kv_heads x head_dim rows
+    assert llama[0] == llama[-1] == (100, 32)  # untied embedding and LM head
+    assert sets["mini-llama"].default_on == "any"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['[x]\nkind = "nope"', "[x]\nhidden = 3", '[x]\nkind = "one_huge"\nnumle = 3', "x = 1"],
+)
+def test_bad_toml_sets_raise_value_error(text: str) -> None:
+    import tomllib
+
+    with pytest.raises(ValueError):
+        parse_sets(tomllib.loads(text))
+
+
+def test_repo_sets_file_matches_the_built_in_sets() -> None:
+    from_file = load_sets(REPO / "bench" / "sets.toml")
+    assert set(from_file) == set(BUILTIN_SETS)
+    for name, param_set in BUILTIN_SETS.items():
+        assert from_file[name].shapes() == param_set.shapes(), name
+        assert from_file[name].default_on == param_set.default_on, name
+
+
+def test_built_in_set_sizes() -> None:
+    assert DEFAULT_SETS["gpt2-small"].numel() == 124_439_808  # GPT-2 small with tied embeddings
+    assert 0.9e9 < DEFAULT_SETS["llama-1b"].numel() < 1.2e9
+    assert DEFAULT_SETS["small-5000"].num_tensors() == 5000
+    assert CPU_SETS["huge-small"].nbytes(torch.bfloat16) == 2 * (1 << 22)
+    for param_set in CPU_SETS.values():
+        assert param_set.numel() < 10_000_000, param_set.name
+
+
+def test_many_small_is_deterministic_and_in_range() -> None:
+    shapes = many_small(n=1000, min_numel=3, max_numel=50, seed=7)
+    assert shapes == many_small(n=1000, min_numel=3, max_numel=50, seed=7)
+    assert shapes != many_small(n=1000, min_numel=3, max_numel=50, seed=8)
+    assert all(3 <= s[0] <= 50 for s in shapes)
+    assert {s[0] for s in shapes} >= {3, 50}
+
+
+def test_default_sets_follow_the_device() -> None:
+    assert benchmark.resolve_sets(None, CPU) == list(CPU_SETS.values())
+    assert benchmark.resolve_sets(None, torch.device("cuda")) == list(DEFAULT_SETS.values())
+    with pytest.raises(ValueError, match="unknown set"):
+        benchmark.resolve_sets(["no-such-set"], CPU)
+
+
+def test_cli_help_exits_zero() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedclip", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--sets-file" in proc.stdout
+
+
+def test_cli_bench_runs_a_set_from_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets_file = tmp_path / "sets.toml"
+    sets_file.write_text(TOML)
+    out = tmp_path / "out"
+    args = ["bench", "--sets-file", str(sets_file), "--sets", "listed", "--dtype", "fp32"]
+    args += ["--scenario", "clip", "--iters", "1", "--warmup", "0", "--no-progress"]
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["set"] for r in rows} == {"listed"}
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_cli_reports_unknown_set(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--sets", "no-such-set", "--device", "cpu", "--no-progress"]) == 2
+    assert "unknown set" in capsys.readouterr().err
+
+
+def test_cli_backends_lists_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backends"]) == 0
+    assert "reference: available" in capsys.readouterr().out

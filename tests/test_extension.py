@@ -1,0 +1,156 @@
+"""The compiled operators of fusedclip._C: build, registration, opcheck, and the CUDA kernels.
+
+CI builds the extension and sets FUSEDCLIP_REQUIRE_EXTENSION=1, so a missing build fails there
+instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import DTYPES, assert_bitwise_equal
+
+import fusedclip
+from fusedclip import _extension, reference
+
+if not _extension.loaded():
+    if os.environ.get("FUSEDCLIP_REQUIRE_EXTENSION") == "1":
+        raise RuntimeError(f"fusedclip._C must be built here: {_extension.LOAD_ERROR}")
+    pytest.skip(f"fusedclip._C is not built: {_extension.LOAD_ERROR}", allow_module_level=True)
+
+# Sizes around the chunk (65536) and vector (16-byte) boundaries, plus empty and one element.
+SIZES = [0, 1, 3, 7, 8, 9, 255, 65535, 65536, 65537, 3 * 65536 + 5]
+
+
+def coef(value: float, device="cpu") -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def random_tensors(sizes, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device) for n in sizes]
+
+
+def test_operators_are_registered():
+    assert "scale_" in _extension.op_names()
+    schema = str(torch.ops.fusedclip.scale_.default._schema)
+    assert "Tensor(a!)[] tensors" in schema
+    assert "fusedclip._C is built" in fusedclip.available_backends()["cuda"].reason
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_cpu(dtype):
+    tensors = random_tensors([5, 0, 17], dtype) + [torch.randn(4, 6).to(dtype).t()]
+    torch.library.opcheck(torch.ops.fusedclip.scale_, (tensors, coef(0.37)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_cpu_is_the_reference_bit_for_bit(dtype):
+    tensors = random_tensors(SIZES[:8], dtype, seed=1)
+    expected = [t.clone() for t in tensors]
+    fusedclip.ops.scale_(tensors, coef(0.6180339887))
+    reference.scale_(expected, coef(0.6180339887))
+    assert_bitwise_equal(tensors, expected)
+
+
+def test_scale_by_one_changes_nothing():
+    tensors = random_tensors([10, 3], torch.bfloat16, seed=2)
+    tensors[0][4] = float("nan")
+    before = [t.clone() for t in tensors]
+    fusedclip.ops.scale_(tensors, coef(1.0))
+    assert_bitwise_equal(tensors, before)
+
+
+@pytest.mark.parametrize(
+    "tensors, c, match",
+    [
+        ([torch.ones(3)], torch.tensor(0.5), "coef must be float64"),
+        ([torch.ones(3)], torch.ones(2, dtype=torch.float64), "coef must have one element"),
+        ([torch.ones(3, dtype=torch.int32)], coef(0.5), r"tensors\[0\] has dtype Int"),
+        ([torch.ones(3), torch.ones(2).to_sparse()], coef(0.5), "'SparseCPU' backend"),
+    ],
+)
+def test_scale_rejects_bad_arguments(tensors, c, match):
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fusedclip.scale_(tensors, c)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.to_dense(), b.to_dense())
+
+
+def test_compiles_without_graph_breaks():
+    def step(tensors, c):
+        fusedclip.ops.scale_(tensors, c)
+        return tensors[0] + 1
+
+    tensors = random_tensors([9, 4], torch.float32, seed=3)
+    expected = [t.clone() for t in tensors]
+    reference.scale_(expected, coef(0.25))
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(tensors, coef(0.25))
+    assert_bitwise_equal(tensors, expected)
+    torch.testing.assert_close(out, expected[0] + 1)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------
+
+
+def cuda_layouts(dtype, seed):
+    """Dense, misaligned, permuted, gapped and empty tensors, enough to need several launches."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).cuda()
+
+    tensors = random_tensors(SIZES, dtype, "cuda", seed)
+    tensors += [rand(4099)[1:], rand(65536 * 2 + 3)[3:], rand(300, 7).t(), rand(9, 8)[:, ::2]]
+    tensors += [rand(n % 97) for n in range(300)]  # more tensors than one launch's table holds
+    return tensors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [0.3, 0.0, 1.0 - 2**-40, float("nan")])
+def test_scale_cuda_is_the_reference_bit_for_bit(dtype, value):
+    tensors = cuda_layouts(dtype, seed=4)
+    expected = [t.cpu() for t in tensors]
+    fusedclip.ops.scale_(tensors, coef(value, "cuda"))
+    reference.scale_(expected, coef(value))
+    assert_bitwise_equal([t.cpu() for t in tensors], expected)
+
+
+@pytest.mark.gpu
+def test_scale_cuda_by_one_changes_nothing():
+    tensors = cuda_layouts(torch.float16, seed=5)
+    before = [t.clone() for t in tensors]
+    fusedclip.ops.scale_(tensors, coef(1.0, "cuda"))
+    assert_bitwise_equal(tensors, before)
+
+
+@pytest.mark.gpu
+def test_scale_cuda_opcheck():
+    tensors = random_tensors([5, 65537, 0], torch.bfloat16, "cuda", seed=6)
+    torch.library.opcheck(torch.ops.fusedclip.scale_, (tensors, coef(0.5, "cuda")))
+
+
+@pytest.mark.gpu
+def test_scale_cuda_graph_capture_reads_coef_at_replay():
+    tensors = random_tensors([1000, 70000, 3], torch.float32, "cuda", seed=7)
+    original = [t.clone() for t in tensors]
+    c = coef(1.0, "cuda")
+    fusedclip.ops.scale_(tensors, c)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fusedclip.ops.scale_(tensors, c)
+    c.fill_(0.5)
+    graph.replay()
+    expected = [t.clone() for t in original]
+    reference.scale_(expected, coef(0.5, "cuda"))
+    assert_bitwise_equal(tensors, expected)
+
+
+@pytest.mark.gpu
+def test_scale_cuda_rejects_tensors_on_another_device():
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is on cpu"):
+        torch.ops.fusedclip.scale_([torch.ones(3)], coef(0.5, "cuda"))
