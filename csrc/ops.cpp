@@ -26,7 +26,8 @@ namespace fusedclip {
 namespace {
 
 // CPU scale_: each tensor is widened to fp64, multiplied, and rounded back once, the same
-// arithmetic as the CUDA kernel. Reading coef is a plain host read on the CPU.
+// arithmetic as the CUDA kernel, and likewise nothing is written when coef is exactly 1. Reading
+// coef is a plain host read on the CPU.
 void scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
   check_scale_args(tensors, coef);
   const double c = coef.item<double>();

@@ -93,16 +93,11 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& coef) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const double* coef_ptr = coef.data_ptr<double>();
 
-  // Dense tensors (contiguous or permuted, no gaps) are scaled as flat arrays, grouped by dtype.
-  // Views with gaps are rare for gradients; they take ATen ops with the same fp64 arithmetic.
+  // Dense tensors (checked above) are scaled as flat arrays, one launch sequence per dtype.
   std::vector<at::Tensor> by_dtype[4];
   const at::ScalarType dtypes[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
   for (const at::Tensor& t : tensors) {
     if (t.numel() == 0) continue;
-    if (!t.is_non_overlapping_and_dense()) {
-      t.copy_(t.to(at::kDouble).mul_(coef));
-      continue;
-    }
     for (int d = 0; d < 4; ++d) {
       if (t.scalar_type() == dtypes[d]) by_dtype[d].push_back(t);
     }

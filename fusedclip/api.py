@@ -27,6 +27,8 @@ from fusedclip.inputs import (
     as_norm_type,
     as_threshold,
     as_total_norm,
+    check_grad_dtypes,
+    check_writable_grads,
     collect_tensors,
     grads_of,
     norm_result_dtype,
@@ -52,12 +54,14 @@ def get_total_norm(
     """
     items = collect_tensors(tensors, name="tensors")
     p = as_norm_type(norm_type)
+    backends.check_name(backend)
     if not items:
         return torch.tensor(0.0)
-    norm = backends.select(backend, items).total_norm(items, p)
+    check_grad_dtypes(items, "tensors")
+    norm = backends.select(backend, items).total_norm(items, p).to(norm_result_dtype(items))
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
-    return norm.to(norm_result_dtype(items))
+    return norm
 
 
 @torch.no_grad()
@@ -73,7 +77,9 @@ def clip_grads_with_norm_(
     grads = grads_of(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(max_norm, "max_norm")
     norm = as_total_norm(total_norm)
+    backends.check_name(backend)
     if grads:
+        check_writable_grads(grads)
         backends.select(backend, grads).clip_with_norm_(grads, limit, norm)
 
 
@@ -97,16 +103,20 @@ def clip_grad_norm_(
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
     grads = grads_of(params)
+    backends.check_name(backend)
     if not grads:
         return torch.tensor(0.0)
+    check_writable_grads(grads)
     impl = backends.select(backend, grads)
+    result_dtype = norm_result_dtype(grads)
     if error_if_nonfinite:
+        # torch tests the norm it returns (in the gradients' dtype): an fp16 norm past 65504 raises.
         norm = impl.total_norm(grads, p)
-        raise_if_nonfinite(norm, p)
+        raise_if_nonfinite(norm.to(result_dtype), p)
         impl.clip_with_norm_(grads, limit, norm)
     else:
         norm = impl.clip_(grads, limit, p)
-    return norm.to(norm_result_dtype(grads))
+    return norm.to(result_dtype)
 
 
 @torch.no_grad()
@@ -120,5 +130,7 @@ def clip_grad_value_(
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place."""
     grads = grads_of(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(clip_value, "clip_value")
+    backends.check_name(backend)
     if grads:
+        check_writable_grads(grads)
         backends.select(backend, grads).clamp_(grads, limit)

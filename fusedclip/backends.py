@@ -91,21 +91,27 @@ def _auto(device: torch.device) -> str:
     return "reference"
 
 
-def select(requested: str | None, tensors: list[Tensor]) -> ModuleType:
-    """The backend implementation for ``tensors`` (non-empty), or a clear error."""
+def check_name(requested: str | None) -> tuple[str, str]:
+    """The normalized backend name (``"auto"`` or one of BACKEND_NAMES) and where it came from."""
     source = "backend="
     if requested is None:
         requested, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
     name = requested.strip().lower()
-    if name == "auto":
-        name = _auto(tensors[0].device)
-    elif name not in BACKEND_NAMES:
+    if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(
             f"unknown backend {requested!r} (from {source}); "
             f"choose one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}"
         )
+    return name, source
+
+
+def select(requested: str | None, tensors: list[Tensor]) -> ModuleType:
+    """The backend implementation for ``tensors`` (non-empty), or a clear error."""
+    name, source = check_name(requested)
+    if name == "auto":
+        name = _auto(tensors[0].device)
     status = backend_status(name)
     if not status.available:
         raise RuntimeError(f"backend {name!r} (from {source}) cannot run here: {status.reason}")

@@ -51,13 +51,38 @@ def grads_of(params: list[Tensor]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def check_grad_dtypes(tensors: list[Tensor], name: str = "gradients") -> None:
+    """Norms are taken of floating or complex tensors only (torch raises on integers too)."""
+    for i, t in enumerate(tensors):
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(
+                f"{name}[{i}] has dtype {t.dtype}; expected a floating or complex dtype"
+            )
+
+
+def check_writable_grads(grads: list[Tensor]) -> None:
+    """Gradients about to be modified in place: right dtypes, and no element stored twice.
+
+    torch fails on a self-overlapping gradient (an ``expand``-ed tensor) only when it reaches it,
+    after scaling the ones before it; fusedclip refuses before touching any.
+    """
+    check_grad_dtypes(grads)
+    for i, g in enumerate(grads):
+        if g.layout == torch.strided and torch._debug_has_internal_overlap(g) == 1:
+            raise ValueError(
+                f"gradients[{i}] has elements that share memory (e.g. an expand()-ed tensor) and "
+                "cannot be scaled in place; give it its own storage (.clone())"
+            )
+
+
 def _as_float(value: object, name: str) -> float:
     if isinstance(value, Tensor) and value.numel() != 1:
         raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
     try:
         return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError) as exc:
+        # Keep float()'s class, as torch does: ValueError for a string, TypeError for None.
+        raise type(exc)(f"{name} must be a number, got {value!r}") from None
 
 
 def as_threshold(value: object, name: str) -> float:
@@ -86,8 +111,8 @@ def as_total_norm(value: object) -> Tensor:
             raise ValueError(
                 f"total_norm must hold one value, got a tensor of shape {tuple(value.shape)}"
             )
-        if not value.is_floating_point():
-            raise TypeError(f"total_norm must be a real floating tensor, got {value.dtype}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"total_norm must be a real tensor, got {value.dtype}")
         return value.reshape(())
     x = _as_float(value, "total_norm")
     return torch.tensor(x, dtype=torch.float64)

@@ -21,37 +21,44 @@ from torch import Tensor
 NORM_EPS = 1e-6
 
 
-def _magnitudes(t: Tensor) -> Tensor:
-    """|t| as a flat fp64 tensor; for sparse COO tensors only the stored (coalesced) values."""
-    if t.is_sparse:
-        t = t.coalesce().values()
-    return t.detach().abs().to(torch.float64).reshape(-1)
+def _values(t: Tensor) -> Tensor:
+    """The elements that count towards the norm (for sparse COO tensors the coalesced values);
+    complex ones widened first, since |z| of a complex64 is a rounded result."""
+    v = t.detach().coalesce().values() if t.is_sparse else t.detach()
+    return v.to(torch.complex128) if v.is_complex() else v
 
 
-def _max_magnitude(mag: Tensor) -> Tensor:
-    # amax propagates NaN, which is what a norm over the values must do.
-    return mag.amax() if mag.numel() else mag.new_zeros(())
+def _peak(t: Tensor) -> Tensor:
+    """max |t| as 0-dim fp64 (exact in t's own dtype; NaN if any element is NaN; 0 if empty)."""
+    v = _values(t)
+    if v.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    return torch.linalg.vector_norm(v, math.inf).to(torch.float64)
 
 
 def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The p-norm of all ``tensors`` as if concatenated: 0-dim fp64 on ``tensors[0]``'s device.
 
     ``norm_type`` is a positive float or ``inf``. NaN anywhere gives NaN; otherwise an infinite
-    element gives ``inf``, as in torch.
+    element gives ``inf``, as in torch. One tensor at a time is widened to fp64, and only scalars
+    move between devices.
     """
     device = tensors[0].device
-    mags = [_magnitudes(t) for t in tensors]
-    peak = torch.stack([_max_magnitude(m).to(device) for m in mags]).amax()
+    peak = torch.stack([_peak(t).to(device) for t in tensors]).amax()
     if math.isinf(norm_type):
         return peak
     # Scale by the largest magnitude so sum(|x|^p) cannot overflow or underflow in fp64; fall back
     # to 1 where the peak is 0 (the norm is 0) or not finite (the peak is the answer).
     usable = torch.isfinite(peak) & (peak > 0)
     scale = torch.where(usable, peak, torch.ones_like(peak))
+    scale_on = {device: scale}
     powered = torch.zeros((), dtype=torch.float64, device=device)
-    for m in mags:
-        if m.numel():
-            powered += (m.to(device) / scale).pow_(norm_type).sum()
+    for t in tensors:
+        v = _values(t)
+        if v.numel():
+            s = scale_on.setdefault(t.device, scale.to(t.device))
+            # |x| is exact in x's dtype; the division and the power happen in fp64.
+            powered += (v.abs().to(torch.float64) / s).pow_(norm_type).sum().to(device)
     norm = scale * powered.pow(1.0 / norm_type)
     return torch.where(torch.isfinite(peak), norm, peak)
 

@@ -38,9 +38,12 @@ def test_bad_max_norm(params, max_norm):
                      lambda: fusedclip.clip_grads_with_norm_(params, max_norm, torch.tensor(9.0)))
 
 
-@pytest.mark.parametrize("max_norm", ["1.0x", None, torch.ones(2)])
-def test_max_norm_not_a_number(params, max_norm):
-    expect_untouched(params, TypeError, "max_norm must be a number",
+@pytest.mark.parametrize(
+    "max_norm, error", [("1.0x", ValueError), (None, TypeError), (torch.ones(2), TypeError)]
+)
+def test_max_norm_not_a_number(params, max_norm, error):
+    # float()'s own error class, as torch (which calls float()) raises.
+    expect_untouched(params, error, "max_norm must be a number",
                      lambda: fusedclip.clip_grad_norm_(params, max_norm))
 
 
@@ -60,10 +63,13 @@ def test_unsupported_norm_type(params, norm_type):
                      lambda: fusedclip.get_total_norm(grads(params), norm_type))
 
 
-@pytest.mark.parametrize("norm_type", ["fro", "nuc", None])
-def test_norm_type_not_a_number(params, norm_type):
-    expect_untouched(params, TypeError, "norm_type must be a number",
+@pytest.mark.parametrize("norm_type, error", [("fro", ValueError), ("nuc", ValueError),
+                                              (None, TypeError)])
+def test_norm_type_not_a_number(params, norm_type, error):
+    expect_untouched(params, error, "norm_type must be a number",
                      lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type))
+    with pytest.raises(error):
+        torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type)
 
 
 def test_string_inf_norm_type_is_accepted_as_in_torch(params):
@@ -99,9 +105,9 @@ def test_bad_clip_value(params, clip_value):
     "total_norm, error, match",
     [
         (torch.ones(2), ValueError, "total_norm must hold one value"),
-        (torch.tensor(3), TypeError, "total_norm must be a real floating tensor"),
-        (torch.tensor(1 + 1j), TypeError, "total_norm must be a real floating tensor"),
-        ("big", TypeError, "total_norm must be a number"),
+        (torch.tensor(True), TypeError, "total_norm must be a real tensor"),
+        (torch.tensor(1 + 1j), TypeError, "total_norm must be a real tensor"),
+        ("big", ValueError, "total_norm must be a number"),
     ],
 )
 def test_bad_total_norm(params, total_norm, error, match):
@@ -136,3 +142,33 @@ def test_unknown_backend_from_environment(params, monkeypatch):
     monkeypatch.setenv("FUSEDCLIP_BACKEND", "turbo")
     expect_untouched(params, ValueError, "unknown backend 'turbo' \\(from FUSEDCLIP_BACKEND\\)",
                      lambda: fusedclip.clip_grad_norm_(params, 1.0))
+
+
+def test_integer_total_norm_is_accepted_as_in_torch(params):
+    twin = make_params(SHAPE_CLASSES["several"], torch.float32, seed=21)
+    fusedclip.clip_grads_with_norm_(params, 1.0, torch.tensor(50))
+    torch.nn.utils.clip_grads_with_norm_(twin, 1.0, torch.tensor(50))
+    for g, t in zip(grads(params), grads(twin)):
+        torch.testing.assert_close(g, t)
+
+
+def test_integer_tensors_have_no_norm():
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int64"):
+        fusedclip.get_total_norm([torch.randn(3), torch.arange(5)])
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_self_overlapping_grad_is_refused_before_any_change(params, name):
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.randn(1, 3).expand(4, 3)
+    expect_untouched(params + [p], ValueError, r"gradients\[4\] has elements that share memory",
+                     lambda: CALLS[name](params + [p]))
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_unknown_backend_is_reported_without_grads(name):
+    no_grad = [torch.nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="unknown backend"):
+        CALLS[name](no_grad, backend="turbo")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fusedclip.get_total_norm([], backend="turbo")

@@ -55,12 +55,23 @@ def test_scale_cpu_is_the_reference_bit_for_bit(dtype):
     assert_bitwise_equal(tensors, expected)
 
 
+def with_odd_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one NaN of a non-canonical payload. A GPU that multiplies it writes its canonical
+    NaN instead, so on CUDA unchanged bits prove nothing was written (x86 keeps payloads, so on the
+    CPU they only prove nothing changed)."""
+    odd = {torch.float32: 0x7FC01234, torch.float64: 0x7FF8000000001234,
+           torch.float16: 0x7E12, torch.bfloat16: 0x7FD2}[t.dtype]
+    as_ints = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    as_ints[tuple(s // 2 for s in t.shape)] = odd
+    assert t.isnan().sum() == 1
+    return t
+
+
 def test_scale_by_one_changes_nothing():
-    tensors = random_tensors([10, 3], torch.bfloat16, seed=2)
-    tensors[0][4] = float("nan")
+    tensors = [with_odd_nan(t) for t in random_tensors([10, 3], torch.bfloat16, seed=2)]
     before = [t.clone() for t in tensors]
     fusedclip.ops.scale_(tensors, coef(1.0))
-    assert_bitwise_equal(tensors, before)
+    assert_bitwise_equal(tensors, before, nan_payloads=True)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +81,8 @@ def test_scale_by_one_changes_nothing():
         ([torch.ones(3)], torch.ones(2, dtype=torch.float64), "coef must have one element"),
         ([torch.ones(3, dtype=torch.int32)], coef(0.5), r"tensors\[0\] has dtype Int"),
         ([torch.ones(3), torch.ones(2).to_sparse()], coef(0.5), "'SparseCPU' backend"),
+        ([torch.ones(3), torch.ones(4, 4)[:, ::2]], coef(0.5), r"tensors\[1\] is a view with gaps"),
+        ([torch.ones(3), torch.ones(1, 3).expand(2, 3)], coef(0.5), r"tensors\[1\] is a view"),
     ],
 )
 def test_scale_rejects_bad_arguments(tensors, c, match):
@@ -97,14 +110,16 @@ def test_compiles_without_graph_breaks():
 
 
 def cuda_layouts(dtype, seed):
-    """Dense, misaligned, permuted, gapped and empty tensors, enough to need several launches."""
+    """Dense, misaligned, aligned-offset, permuted and empty tensors; more than a table's worth."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).cuda()
 
+    per_16_bytes = 16 // torch.tensor([], dtype=dtype).element_size()
     tensors = random_tensors(SIZES, dtype, "cuda", seed)
-    tensors += [rand(4099)[1:], rand(65536 * 2 + 3)[3:], rand(300, 7).t(), rand(9, 8)[:, ::2]]
+    tensors += [rand(4099)[1:], rand(65536 * 2 + 3)[3:], rand(300, 7).t()]  # scalar path, permuted
+    tensors += [rand(70001 + per_16_bytes)[per_16_bytes:]]  # offset view that is still aligned
     tensors += [rand(n % 97) for n in range(300)]  # more tensors than one launch's table holds
     return tensors
 
@@ -121,11 +136,28 @@ def test_scale_cuda_is_the_reference_bit_for_bit(dtype, value):
 
 
 @pytest.mark.gpu
-def test_scale_cuda_by_one_changes_nothing():
-    tensors = cuda_layouts(torch.float16, seed=5)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_cuda_by_one_writes_nothing(dtype):
+    tensors = [with_odd_nan(t) if t.numel() else t for t in cuda_layouts(dtype, seed=5)]
     before = [t.clone() for t in tensors]
     fusedclip.ops.scale_(tensors, coef(1.0, "cuda"))
-    assert_bitwise_equal(tensors, before)
+    assert_bitwise_equal(tensors, before, nan_payloads=True)
+
+
+@pytest.mark.gpu
+def test_scale_cuda_over_2_31_elements():
+    n = 2**31 + 2**16 + 3  # past int32 indexing, with a ragged last chunk
+    if torch.cuda.mem_get_info()[0] < 3 * n * 2:
+        pytest.skip("needs about 13 GB of free GPU memory")
+    t = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    t.view(-1)[: 2**20].normal_()
+    t[2**20 :] = 1.5
+    t[-5:] = torch.tensor([3.0, -2.0, 0.25, 7.0, -1.0])
+    before = t.clone()
+    fusedclip.ops.scale_([t], coef(0.3, "cuda"))
+    for start in range(0, n, 2**28):  # compare in slices so the fp64 temporaries stay small
+        chunk = before[start : start + 2**28]
+        assert torch.equal(t[start : start + 2**28], (chunk.double() * 0.3).to(torch.bfloat16))
 
 
 @pytest.mark.gpu
@@ -136,7 +168,8 @@ def test_scale_cuda_opcheck():
 
 @pytest.mark.gpu
 def test_scale_cuda_graph_capture_reads_coef_at_replay():
-    tensors = random_tensors([1000, 70000, 3], torch.float32, "cuda", seed=7)
+    tensors = random_tensors([1000, 70000, 3] + [n % 50 for n in range(200)], torch.float32,
+                             "cuda", seed=7)
     original = [t.clone() for t in tensors]
     c = coef(1.0, "cuda")
     fusedclip.ops.scale_(tensors, c)  # warm up outside the capture
@@ -154,3 +187,12 @@ def test_scale_cuda_graph_capture_reads_coef_at_replay():
 def test_scale_cuda_rejects_tensors_on_another_device():
     with pytest.raises(RuntimeError, match=r"tensors\[0\] is on cpu"):
         torch.ops.fusedclip.scale_([torch.ones(3)], coef(0.5, "cuda"))
+
+
+@pytest.mark.gpu
+def test_scale_cuda_rejects_views_with_gaps_before_any_launch():
+    first = torch.ones(5, device="cuda")
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is a view with gaps"):
+        torch.ops.fusedclip.scale_([first, torch.ones(4, 4, device="cuda")[:, ::2]],
+                                   coef(0.5, "cuda"))
+    assert torch.equal(first, torch.ones(5, device="cuda"))
