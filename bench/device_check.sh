@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one call, with the short table printed last:
+# build fusedclip._C against the machine's own torch (its resource report kept), run the GPU tests
+# and then the whole suite, and benchmark. Logs and results go to $OUT (default /tmp/fusedclip-device).
+#
+#   bash bench/device_check.sh                   # all default GPU sets
+#   BENCH_ARGS="--sets llama-1b --iters 10" bash bench/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/fusedclip-device}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export FUSEDCLIP_BUILD_EXT=1 FUSEDCLIP_REQUIRE_EXTENSION=1 PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-16}"
+
+"$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" >"$OUT/ptxas.txt" || true
+"$PY" -m fusedclip backends
+
+"$PY" -m pytest -q -m gpu tests >"$OUT/gpu-tests.log" 2>&1; gpu_rc=$?
+"$PY" -m pytest -q tests >"$OUT/all-tests.log" 2>&1; all_rc=$?
+"$PY" -m fusedclip bench --no-progress --out "$OUT/bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+bench_rc=$?
+
+echo "== ptxas (registers per kernel) =="; grep -c "Used" "$OUT/ptxas.txt" | xargs echo kernels:
+grep -E "Used" "$OUT/ptxas.txt" | sort | uniq -c
+echo "== gpu tests (rc=$gpu_rc) =="; tail -3 "$OUT/gpu-tests.log"
+echo "== all tests (rc=$all_rc) =="; tail -3 "$OUT/all-tests.log"
+echo "== bench (rc=$bench_rc) =="
+"$PY" - "$OUT/bench/results.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["metadata"]
+print(f"{m['device']} | torch {m['torch_version']} | copy {m['copy_bandwidth_gbps']:.0f} GB/s")
+print(f"{'set':12} {'dtype':5} {'scen':6} {'impl':20} {'ms':>9} {'x floor':>8} {'vs torch':>8}")
+for x in r["rows"]:
+    s = x["speedup_vs_torch_foreach"]
+    print(f"{x['set']:12} {x['dtype']:5} {x['scenario']:6} {x['implementation']:20} "
+          f"{x['ms_median']:9.3f} {x['ratio_to_floor']:8.2f} {s if s is None else round(s, 2)!s:>8}")
+for e in r["errors"]:
+    print("error:", e["implementation"], e["set"], e["dtype"], e["scenario"], e["error"][:200])
+PYEOF
+exit $((gpu_rc || all_rc || bench_rc))
