@@ -11,8 +11,8 @@ inline bool is_kernel_dtype(at::ScalarType t) {
 }
 
 // scale_(tensors, coef): every tensor a dense (contiguous or permuted, no gaps) floating tensor on
-// coef's device, and coef a one-element fp64 tensor (the clip coefficient, read on the device). Sparse tensors never get here: the
-// dispatcher has no sparse kernel to send them to.
+// coef's device, and coef a one-element fp64 tensor (the clip coefficient, read on the device).
+// Sparse tensors never get here: the dispatcher has no sparse kernel to send them to.
 inline void check_scale_args(at::TensorList tensors, const at::Tensor& coef) {
   TORCH_CHECK(coef.numel() == 1, "fusedclip::scale_: coef must have one element, got ",
               coef.numel());

@@ -98,12 +98,13 @@ def grads(params) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# The integer dtype that holds one element of each size: how tests read and write raw bits.
+BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns of a real tensor's elements (so -0.0 differs from 0.0)."""
-    return t.detach().contiguous().view(_BITS[t.element_size()])
+    return t.detach().contiguous().view(BITS_DTYPE[t.element_size()])
 
 
 def assert_bitwise_equal(

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import DTYPES, assert_bitwise_equal
+from conftest import BITS_DTYPE, DTYPES, assert_bitwise_equal
 
 import fusedclip
 from fusedclip import _extension, reference
@@ -61,7 +61,7 @@ def with_odd_nan(t: torch.Tensor) -> torch.Tensor:
     CPU they only prove nothing changed)."""
     odd = {torch.float32: 0x7FC01234, torch.float64: 0x7FF8000000001234,
            torch.float16: 0x7E12, torch.bfloat16: 0x7FD2}[t.dtype]
-    as_ints = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    as_ints = t.view(BITS_DTYPE[t.element_size()])
     as_ints[tuple(s // 2 for s in t.shape)] = odd
     assert t.isnan().sum() == 1
     return t
