@@ -1,40 +1,90 @@
-// Operator schemas of the fusedclip namespace, their CPU implementations, and the Python module
-// stub that lets `import fusedclip._C` load this library (which registers everything below).
-//
-// Each CUDA implementation registers itself next to its kernels (TORCH_LIBRARY_IMPL(fusedclip,
-// CUDA, m) in the family's .cu file); fake implementations for torch.compile live in
-// fusedclip/ops.py.
+// Operator schemas of the fusedclip namespace and their implementations, one function per operator
+// for every device: each looks up (or builds) the plan of its tensors and runs the passes on it,
+// through the CUDA kernels or the CPU loops (passes.h). Fake implementations for torch.compile
+// live in fusedclip/ops.py; the Python fast path that skips the dispatcher is in bindings.cpp.
 
-#include <Python.h>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "checks.h"
-
-extern "C" {
-// `import fusedclip._C` needs a module; the operators need only the library to be loaded.
-PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fusedclip operators, registered as torch.ops.fusedclip", -1,
-                               nullptr};
-  return PyModule_Create(&module);
-}
-}
+#include "passes.h"
+#include "plan.h"
 
 namespace fusedclip {
+
+void norm_pass(const Plan& plan, const NormRequest& request) {
+  if (plan.device.is_cuda()) {
+    norm_pass_cuda(plan, request);
+  } else {
+    norm_pass_cpu(plan, request);
+  }
+}
+
+void scale_pass(const Plan& plan, const double* coef) {
+  if (plan.device.is_cuda()) {
+    scale_pass_cuda(plan, coef);
+  } else {
+    scale_pass_cpu(plan, coef);
+  }
+}
+
 namespace {
 
-// CPU scale_: each tensor is widened to fp64, multiplied, and rounded back once, the same
-// arithmetic as the CUDA kernel, and likewise nothing is written when coef is exactly 1. Reading
-// coef is a plain host read on the CPU.
-void scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
-  check_scale_args(tensors, coef);
-  const double c = coef.item<double>();
-  if (c == 1.0) return;
-  for (const at::Tensor& t : tensors) {
-    t.copy_(t.to(at::kDouble).mul_(c));
-  }
+// The tensors are about to be written in place, as by any in-place op: autograd must see it (and
+// an inference tensor outside inference mode raises here, before anything is written).
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
+at::Tensor fp64_scalar(const at::Device& device) {
+  return at::empty({}, at::TensorOptions().dtype(at::kDouble).device(device));
+}
+
+void scale_(at::TensorList tensors, const at::Tensor& coef) {
+  constexpr const char* op = "fusedclip::scale_";
+  if (tensors.empty()) return;
+  const auto plan = plan_for(tensors, op);
+  check_coef(coef, plan->device, op);
+  bump_versions(tensors);
+  scale_pass(*plan, coef.const_data_ptr<double>());
+}
+
+// Pass 1 into fresh outputs: (norm, coef, per-tensor norms or an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(const Plan& plan, double norm_type,
+                                                        double max_norm, bool per_tensor) {
+  auto norm = fp64_scalar(plan.device);
+  auto coef = fp64_scalar(plan.device);
+  auto per = at::empty({per_tensor ? static_cast<int64_t>(plan.keys.size()) : 0},
+                       norm.options());
+  NormRequest r;
+  r.p = norm_type;
+  r.max_norm = max_norm;
+  r.norm = norm.data_ptr<double>();
+  r.coef = coef.data_ptr<double>();
+  r.per_tensor = per_tensor ? per.data_ptr<double>() : nullptr;
+  norm_pass(plan, r);
+  return {norm, coef, per};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> total_norm(at::TensorList tensors,
+                                                          double norm_type, double max_norm,
+                                                          bool per_tensor) {
+  constexpr const char* op = "fusedclip::total_norm";
+  check_norm_args(norm_type, max_norm, op);
+  return run_norm(*plan_for(tensors, op), norm_type, max_norm, per_tensor);
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_(at::TensorList tensors, double max_norm,
+                                         double norm_type, bool per_tensor) {
+  constexpr const char* op = "fusedclip::clip_";
+  check_norm_args(norm_type, max_norm, op);
+  const auto plan = plan_for(tensors, op);
+  bump_versions(tensors);
+  auto [norm, coef, per] = run_norm(*plan, norm_type, max_norm, per_tensor);
+  scale_pass(*plan, coef.const_data_ptr<double>());
+  return {norm, per};
 }
 
 }  // namespace
@@ -42,8 +92,26 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& coef) {
 
 TORCH_LIBRARY(fusedclip, m) {
   // t <- t * coef for every tensor, in place; coef is a one-element fp64 tensor on the tensors'
-  // device. Writes nothing when coef is exactly 1. The rescale pass of the fused clip.
+  // device. Writes nothing when coef is exactly 1. Pass 2 of the fused clip.
   m.def("scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+  // Pass 1: the norm_type-norm of all tensors as if concatenated (fp64, 0-dim), the coefficient
+  // min(1, max_norm / (norm + 1e-6)) (fp64, 0-dim), and each tensor's own norm (fp64, one per
+  // tensor, or empty unless per_tensor). One read of every element, no host synchronization.
+  m.def("total_norm(Tensor[] tensors, float norm_type, float max_norm, bool per_tensor) -> "
+        "(Tensor, Tensor, Tensor)");
+  // Both passes: global-norm clipping in place; returns (norm, per-tensor norms) as total_norm.
+  m.def("clip_(Tensor(a!)[] tensors, float max_norm, float norm_type, bool per_tensor) -> "
+        "(Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) { m.impl("scale_", &fusedclip::scale_cpu); }
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("scale_", &fusedclip::scale_);
+  m.impl("total_norm", &fusedclip::total_norm);
+  m.impl("clip_", &fusedclip::clip_);
+}
+
+TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("scale_", &fusedclip::scale_);
+  m.impl("total_norm", &fusedclip::total_norm);
+  m.impl("clip_", &fusedclip::clip_);
+}

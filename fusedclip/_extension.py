@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import importlib
 import logging
+from types import ModuleType
 
 import torch
 
 _log = logging.getLogger("fusedclip")
 
+_MODULE: ModuleType | None = None
 try:
-    importlib.import_module("fusedclip._C")  # registers the operators
+    _MODULE = importlib.import_module("fusedclip._C")  # registers the operators
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
     _log.info("fusedclip._C is not available (%s); using the Python backends", LOAD_ERROR)
+
+
+def module() -> ModuleType:
+    """``fusedclip._C`` itself (its plain functions: the clip fast path, plan-cache helpers)."""
+    if _MODULE is None:
+        raise RuntimeError(f"fusedclip._C is not built: {LOAD_ERROR}")
+    return _MODULE
 
 
 def loaded() -> bool:

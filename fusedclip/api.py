@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedclip import backends
+from fusedclip import backends, fused
 from fusedclip.inputs import (
     TensorOrTensors,
     as_norm_type,
     as_threshold,
     as_total_norm,
     check_grad_dtypes,
+    check_tensor_items,
     check_writable_grads,
     collect_tensors,
     grads_of,
@@ -99,9 +100,24 @@ def clip_grad_norm_(
     ``norm_type``-norm of all gradients as if concatenated. With ``error_if_nonfinite=True`` a NaN
     or infinite norm raises (after one host synchronization) and leaves the gradients untouched.
     """
-    params = collect_tensors(parameters, name="parameters", warn_empty_generator=True)
+    params = collect_tensors(
+        parameters, name="parameters", warn_empty_generator=True, check_items=False
+    )
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
+    if (
+        not error_if_nonfinite
+        and backends.fast_path_allowed(backend)
+        and not torch.compiler.is_compiling()
+    ):
+        # One C++ call reads the grads, reuses the cached plan and launches both passes; None
+        # means some gradient needs the general path below (which validates everything).
+        norm = fused.clip_params(
+            params, limit, p, cuda_only=backends.cuda_tensors_only("cuda")
+        )
+        if norm is not None:
+            return norm
+    check_tensor_items(params, "parameters")
     grads = grads_of(params)
     backends.check_name(backend)
     if not grads:

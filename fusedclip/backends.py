@@ -1,7 +1,8 @@
 """Backend registry and selection: ``cuda`` (fusedclip._C), ``triton`` and ``reference``.
 
 Selection order for ``backend=None`` / ``"auto"``: ``cuda`` when it can run and the gradients are
-on a CUDA device, else ``triton`` when it can run there, else ``reference``. ``backend=`` or the
+dense real floating tensors on a CUDA device, else ``triton`` when it can run there, else
+``reference`` (which also takes sparse and complex gradients). ``backend=`` or the
 ``FUSEDCLIP_BACKEND`` environment variable names one explicitly; a named backend that cannot run
 is an error, never a silent fallback.
 
@@ -20,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fusedclip import _extension, reference
+from fusedclip import _extension, fused, reference
 
 ENV_VAR = "FUSEDCLIP_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "reference")
@@ -41,10 +42,10 @@ def _cuda_status() -> BackendStatus:
     if not _extension.loaded():
         return BackendStatus(False, f"fusedclip._C is not built ({_extension.LOAD_ERROR})")
     ops = ", ".join(_extension.op_names())
-    built = f"fusedclip._C is built (ops: {ops}, CUDA {torch.version.cuda})"
-    # The fused norm-and-clip engine (pass 1 and its plan) is the next piece of csrc/; until it is
-    # there only the rescale op exists and the backend is not offered.
-    return BackendStatus(False, f"{built}, but the fused norm kernel is not implemented yet")
+    built = f"fusedclip._C is built (ops: {ops}; CUDA {torch.version.cuda})"
+    if not torch.cuda.is_available():
+        return BackendStatus(False, f"{built}, but no CUDA device is visible")
+    return BackendStatus(True, f"{built}; {torch.cuda.get_device_name()}")
 
 
 def _triton_status() -> BackendStatus:
@@ -66,7 +67,10 @@ _STATUS = {
     ),
 }
 
-_IMPLEMENTATION: dict[str, ModuleType] = {"reference": reference}
+_IMPLEMENTATION: dict[str, ModuleType] = {"cuda": fused, "reference": reference}
+
+# The devices each backend runs tensors on.
+_RUNS_ON = {"cuda": ("cuda",), "triton": ("cuda",), "reference": None}  # None: any device
 
 
 @functools.cache
@@ -83,8 +87,13 @@ def available_backends() -> dict[str, BackendStatus]:
     return {name: backend_status(name) for name in BACKEND_NAMES}
 
 
-def _auto(device: torch.device) -> str:
-    if device.type == "cuda":
+def _fused_can_take(tensors: list[Tensor]) -> bool:
+    return all(t.layout == torch.strided and t.dtype in fused.KERNEL_DTYPES for t in tensors)
+
+
+def _auto(tensors: list[Tensor]) -> str:
+    """``cuda``, then ``triton``, for CUDA tensors they can take; otherwise ``reference``."""
+    if tensors[0].device.type == "cuda" and _fused_can_take(tensors):
         for name in ("cuda", "triton"):
             if backend_status(name).available:
                 return name
@@ -111,8 +120,28 @@ def select(requested: str | None, tensors: list[Tensor]) -> ModuleType:
     """The backend implementation for ``tensors`` (non-empty), or a clear error."""
     name, source = check_name(requested)
     if name == "auto":
-        name = _auto(tensors[0].device)
+        name = _auto(tensors)
     status = backend_status(name)
     if not status.available:
         raise RuntimeError(f"backend {name!r} (from {source}) cannot run here: {status.reason}")
+    runs_on = _RUNS_ON[name]
+    if runs_on is not None:
+        for i, t in enumerate(tensors):
+            if t.device.type not in runs_on:
+                raise RuntimeError(
+                    f"backend {name!r} (from {source}) runs on {' and '.join(runs_on)} tensors, "
+                    f"but gradients[{i}] is on {t.device}"
+                )
+        fused.check_tensors(tensors, name)
     return _IMPLEMENTATION[name]
+
+
+def cuda_tensors_only(name: str) -> bool:
+    """Whether backend ``name`` runs CUDA tensors only."""
+    return _RUNS_ON[name] == ("cuda",)
+
+
+def fast_path_allowed(requested: str | None) -> bool:
+    """Whether ``clip_grad_norm_`` may try the one-call C++ path of the ``cuda`` backend."""
+    name, _ = check_name(requested)
+    return name in ("auto", "cuda") and backend_status("cuda").available

@@ -19,9 +19,14 @@ TensorOrTensors = Tensor | Iterable[Tensor]
 
 
 def collect_tensors(
-    tensors: TensorOrTensors, *, name: str, warn_empty_generator: bool = False
+    tensors: TensorOrTensors,
+    *,
+    name: str,
+    warn_empty_generator: bool = False,
+    check_items: bool = True,
 ) -> list[Tensor]:
-    """A list from a tensor or an iterable of tensors, checking every item is a tensor.
+    """A list from a tensor or an iterable of tensors, checking every item is a tensor (unless
+    ``check_items=False``: then call ``check_tensor_items`` before trusting the items).
 
     Like torch, an empty *generator* of parameters warns (it is usually an exhausted
     ``model.parameters()``); an empty list does not.
@@ -35,15 +40,20 @@ def collect_tensors(
         raise TypeError(
             f"{name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
         ) from None
-    for i, item in enumerate(items):
-        if not isinstance(item, Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(item).__name__}, expected a torch.Tensor")
+    if check_items:
+        check_tensor_items(items, name)
     if warn_empty_generator and is_generator and not items:
         # stacklevel 4: this function, the public function, its torch.no_grad wrapper, the caller.
         warnings.warn(
             "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4
         )
     return items
+
+
+def check_tensor_items(items: list[object], name: str) -> None:
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(item).__name__}, expected a torch.Tensor")
 
 
 def grads_of(params: list[Tensor]) -> list[Tensor]:

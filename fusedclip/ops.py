@@ -7,6 +7,8 @@ registered whenever the extension is.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,8 +21,43 @@ if _extension.loaded():
         # In-place and returns nothing: there is no output to describe.
         return None
 
+    def _norm_outputs(tensors: list[Tensor], per_tensor: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if not tensors:
+            raise RuntimeError("fusedclip: expected at least one tensor")
+        like = tensors[0].new_empty((), dtype=torch.float64)
+        per = tensors[0].new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float64)
+        return like, like.clone(), per
+
+    @torch.library.register_fake("fusedclip::total_norm")
+    def _total_norm_fake(
+        tensors: list[Tensor], norm_type: float, max_norm: float, per_tensor: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _norm_outputs(tensors, per_tensor)
+
+    @torch.library.register_fake("fusedclip::clip_")
+    def _clip_fake(
+        tensors: list[Tensor], max_norm: float, norm_type: float, per_tensor: bool
+    ) -> tuple[Tensor, Tensor]:
+        norm, _, per = _norm_outputs(tensors, per_tensor)
+        return norm, per
+
 
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """``t <- t * coef`` for every tensor, in place, reading the fp64 one-element ``coef`` on the
     device; writes nothing when ``coef`` is exactly 1. The rescale pass of the fused clip."""
     torch.ops.fusedclip.scale_(tensors, coef)
+
+
+def total_norm(
+    tensors: list[Tensor], norm_type: float, max_norm: float = math.inf, per_tensor: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1: (norm, clip coefficient, per-tensor norms) as fp64 device tensors; the per-tensor
+    norms are an empty tensor unless ``per_tensor``."""
+    return torch.ops.fusedclip.total_norm(tensors, norm_type, max_norm, per_tensor)
+
+
+def clip_(
+    tensors: list[Tensor], max_norm: float, norm_type: float = 2.0, per_tensor: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Both passes: clip in place; returns (fp64 norm, per-tensor norms or an empty tensor)."""
+    return torch.ops.fusedclip.clip_(tensors, max_norm, norm_type, per_tensor)

@@ -29,9 +29,29 @@ def runnable_backends(device: str) -> list[str]:
     return [*names, "reference"]
 
 
-@pytest.fixture(params=runnable_backends("cpu"))
-def cpu_backend(request) -> str:
-    return request.param
+def _cpu_backend_params() -> list[str]:
+    names = runnable_backends("cpu")
+    if fusedclip._extension.loaded():
+        names.append("cuda-ops-on-cpu")
+    return names
+
+
+@pytest.fixture(params=_cpu_backend_params())
+def cpu_backend(request, monkeypatch) -> str:
+    """A backend name for CPU tensors. Besides the backends that run there, "cuda-ops-on-cpu" is the
+    ``cuda`` backend made to accept CPU tensors: its operators have CPU implementations with the
+    same plan, table and arithmetic as the kernels, so every CPU test also covers the engine."""
+    if request.param != "cuda-ops-on-cpu":
+        return request.param
+    from fusedclip import backends
+
+    monkeypatch.setitem(backends._RUNS_ON, "cuda", None)
+    monkeypatch.setitem(
+        backends._STATUS, "cuda", lambda: backends.BackendStatus(True, "test: CPU operators")
+    )
+    backends.backend_status.cache_clear()
+    request.addfinalizer(backends.backend_status.cache_clear)
+    return "cuda"
 
 
 # ---- gradients -------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_scale_cuda_graph_capture_reads_coef_at_replay():
 
 @pytest.mark.gpu
 def test_scale_cuda_rejects_tensors_on_another_device():
-    with pytest.raises(RuntimeError, match=r"tensors\[0\] is on cpu"):
+    with pytest.raises(RuntimeError, match=r"coef is on cuda:0 but tensors\[0\] is on cpu"):
         torch.ops.fusedclip.scale_([torch.ones(3)], coef(0.5, "cuda"))
 
 

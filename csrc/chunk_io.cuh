@@ -1,0 +1,108 @@
+// Reading and updating one chunk of a tensor with 16-byte vector accesses.
+//
+// A chunk is split into a scalar head (up to the first 16-byte boundary), a vector body and a
+// scalar tail, so a misaligned tensor (a view at an odd offset) still moves most of its bytes in
+// vector accesses. Each thread keeps kUnroll vector loads in flight before it uses any of them.
+// The element each thread sees, and in what order, depends only on the chunk and the block size:
+// per-thread accumulations are therefore the same on every run.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+namespace fusedclip {
+
+constexpr int kBlockThreads = 512;
+constexpr int kUnroll = 4;
+
+// 16 bytes of T.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// Elements of data[begin, end) before the first 16-byte boundary, or all of them when the address
+// is not even a multiple of sizeof(T).
+template <typename T>
+__device__ __forceinline__ int64_t head_elems(const T* data, int64_t begin, int64_t end) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(data + begin);
+  const uintptr_t mis = addr % 16;
+  if (mis % sizeof(T) != 0) return end - begin;
+  const int64_t head = static_cast<int64_t>(((16 - mis) % 16) / sizeof(T));
+  return head < end - begin ? head : end - begin;
+}
+
+// Calls f(x) for every element of data[begin, end) this thread owns.
+template <typename T, typename F>
+__device__ __forceinline__ void read_chunk(const T* __restrict__ data, int64_t begin, int64_t end,
+                                           F&& f) {
+  using P = Pack<T>;
+  const int64_t body = begin + head_elems(data, begin, end);
+  for (int64_t k = begin + threadIdx.x; k < body; k += kBlockThreads) f(data[k]);
+  const P* packs = reinterpret_cast<const P*>(data + body);
+  const int64_t n_packs = (end - body) / P::kSize;
+  for (int64_t base = threadIdx.x; base < n_packs; base += kUnroll * kBlockThreads) {
+    P r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kBlockThreads;
+      if (k < n_packs) r[u] = packs[k];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * kBlockThreads < n_packs) {
+#pragma unroll
+        for (int e = 0; e < P::kSize; ++e) f(r[u].v[e]);
+      }
+    }
+  }
+  for (int64_t k = body + n_packs * P::kSize + threadIdx.x; k < end; k += kBlockThreads) {
+    f(data[k]);
+  }
+}
+
+// data[k] = f(data[k]) for every element of data[begin, end) this thread owns.
+template <typename T, typename F>
+__device__ __forceinline__ void update_chunk(T* __restrict__ data, int64_t begin, int64_t end,
+                                             F&& f) {
+  using P = Pack<T>;
+  const int64_t body = begin + head_elems(data, begin, end);
+  for (int64_t k = begin + threadIdx.x; k < body; k += kBlockThreads) data[k] = f(data[k]);
+  P* packs = reinterpret_cast<P*>(data + body);
+  const int64_t n_packs = (end - body) / P::kSize;
+  for (int64_t base = threadIdx.x; base < n_packs; base += kUnroll * kBlockThreads) {
+    P r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kBlockThreads;
+      if (k < n_packs) r[u] = packs[k];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = base + u * kBlockThreads;
+      if (k < n_packs) {
+#pragma unroll
+        for (int e = 0; e < P::kSize; ++e) r[u].v[e] = f(r[u].v[e]);
+        packs[k] = r[u];
+      }
+    }
+  }
+  for (int64_t k = body + n_packs * P::kSize + threadIdx.x; k < end; k += kBlockThreads) {
+    data[k] = f(data[k]);
+  }
+}
+
+// Blocks per SM the occupancy calculator allows for `kernel` at kBlockThreads, times the SMs: the
+// grid of a persistent launch. Computed once per kernel.
+template <typename Kernel>
+int persistent_grid(Kernel kernel, int device) {
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, 0));
+  return sms * (per_sm > 0 ? per_sm : 1);
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,97 @@
+// The two passes on the CPU: the same table, chunks and accumulation rules as the CUDA kernels
+// (norm_math.h), one thread, chunk after chunk. This is how the operators run on CPU tensors and
+// how every machine tests the plan, the table layout and the reduction rules.
+
+#include <cmath>
+#include <type_traits>
+
+#include <ATen/core/Tensor.h>
+
+#include "dispatch.h"
+#include "norm_math.h"
+#include "passes.h"
+
+namespace fusedclip {
+namespace {
+
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+Partial chunk_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
+  using M = math_t<T>;
+  if (kind == NormKind::kInf) {
+    M m = 0;
+    for (int64_t k = begin; k < end; ++k) m = max_magnitude(m, std::abs(static_cast<M>(data[k])));
+    return {static_cast<double>(m), 0.0};
+  }
+  if (std::is_same_v<T, double> || kind == NormKind::kGeneral) {
+    Partial acc{0.0, 0.0};
+    for (int64_t k = begin; k < end; ++k) add_scaled(acc, std::abs(static_cast<double>(data[k])), p, kind);
+    return acc;
+  }
+  double s = 0.0;
+  for (int64_t k = begin; k < end; ++k) {
+    const double a = std::abs(static_cast<double>(static_cast<float>(data[k])));
+    s += kind == NormKind::kTwo ? a * a : a;
+  }
+  return from_plain_sum(s);
+}
+
+template <typename T>
+void store_as(void* dst, double v) {
+  *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
+}
+
+}  // namespace
+
+void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
+  const TableView table = plan.view();
+  const NormKind kind = norm_kind(r.p);
+  std::vector<Partial> partials(table.num_chunks);
+  for (const Group& g : plan.groups) {
+    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::total_norm", [&] {
+      for (int64_t c = g.chunk_lo; c < g.chunk_hi; ++c) {
+        const ChunkSpan span = table.span(c);
+        partials[c] = chunk_partial(table.data<const scalar_t>(span.tensor), span.begin, span.end,
+                                    r.p, kind);
+      }
+    });
+  }
+  Partial total{0.0, 0.0};
+  for (const Partial& part : partials) total = combine(total, part, r.p, kind);
+  const double norm = finish_norm(total, r.p, kind);
+  if (r.norm) *r.norm = norm;
+  if (r.coef) *r.coef = clip_coef(norm, r.max_norm);
+  if (r.norm_out) {
+    FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
+                                [&] { store_as<scalar_t>(r.norm_out, norm); });
+  }
+  if (r.per_tensor) {
+    for (int64_t t = 0; t < table.num_tensors; ++t) {
+      Partial own{0.0, 0.0};
+      const int64_t first = table.first_chunk[t];
+      for (int64_t c = first; c < first + chunks_of(table.numel[t]); ++c) {
+        own = combine(own, partials[c], r.p, kind);
+      }
+      r.per_tensor[t] = finish_norm(own, r.p, kind);
+    }
+  }
+}
+
+void scale_pass_cpu(const Plan& plan, const double* coef) {
+  const double c = *coef;
+  if (c == 1.0) return;
+  const TableView table = plan.view();
+  for (const Group& g : plan.groups) {
+    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::scale_", [&] {
+      for (int64_t chunk = g.chunk_lo; chunk < g.chunk_hi; ++chunk) {
+        const ChunkSpan span = table.span(chunk);
+        scalar_t* data = table.data<scalar_t>(span.tensor);
+        for (int64_t k = span.begin; k < span.end; ++k) data[k] = scaled(data[k], c);
+      }
+    });
+  }
+}
+
+}  // namespace fusedclip

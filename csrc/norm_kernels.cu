@@ -1,0 +1,251 @@
+// Pass 1 of the clip: the global p-norm (and clip coefficient) of every tensor of a plan.
+//
+// One read of every element, nothing written but one (m, s) partial per 64Ki-element chunk (a few
+// bytes per 128 KiB read). Each block reduces its chunks' elements in a fixed tree; the last block
+// to finish (elected by an atomic counter, not by a second launch) combines the chunk partials in
+// a fixed order and writes the total norm, the clip coefficient and, when asked, each tensor's
+// norm. Nothing about the result depends on the grid size or the order blocks finish in, so it is
+// bitwise identical from run to run (and from GPU to GPU). No host synchronization anywhere.
+//
+// Accumulation (norm_math.h): p = 1 and 2 on fp16/bf16/fp32 sum |x|^p in fp64, which no finite
+// input can overflow; inf takes a running max; any other p, and fp64 input, keep the scaled pair
+// (max, sum of (|x| / max)^p) per thread.
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "chunk_io.cuh"
+#include "dispatch.h"
+#include "norm_math.h"
+#include "passes.h"
+
+namespace fusedclip {
+namespace {
+
+// The precision the per-element work of T is done in.
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Per-thread accumulation of one chunk, one specialisation per way of accumulating.
+enum class Accum { kPlain, kMax, kScaled };
+
+template <typename T, NormKind K>
+constexpr Accum accum_for() {
+  if (K == NormKind::kInf) return Accum::kMax;
+  if (std::is_same_v<T, double> || K == NormKind::kGeneral) return Accum::kScaled;
+  return Accum::kPlain;
+}
+
+template <typename T, NormKind K, Accum A = accum_for<T, K>()>
+struct ThreadAcc;
+
+template <typename T, NormKind K>
+struct ThreadAcc<T, K, Accum::kPlain> {
+  double s = 0.0;
+  __device__ __forceinline__ void add(T x, double) {
+    const double a = fabs(static_cast<double>(static_cast<float>(x)));
+    s += K == NormKind::kTwo ? a * a : a;
+  }
+  __device__ __forceinline__ Partial partial() const { return from_plain_sum(s); }
+};
+
+template <typename T, NormKind K>
+struct ThreadAcc<T, K, Accum::kMax> {
+  math_t<T> m = 0;
+  __device__ __forceinline__ void add(T x, double) {
+    m = max_magnitude(m, static_cast<math_t<T>>(fabs(static_cast<math_t<T>>(x))));
+  }
+  __device__ __forceinline__ Partial partial() const { return {static_cast<double>(m), 0.0}; }
+};
+
+template <typename T, NormKind K>
+struct ThreadAcc<T, K, Accum::kScaled> {
+  Partial acc{0.0, 0.0};
+  __device__ __forceinline__ void add(T x, double p) {
+    add_scaled(acc, fabs(static_cast<double>(x)), p, K);
+  }
+  __device__ __forceinline__ Partial partial() const { return acc; }
+};
+
+// The combination of every thread's partial, valid in thread 0. Fixed tree: shuffles within each
+// warp, then warp 0 over the warps' results. Ends with the shared buffer free again.
+__device__ Partial block_reduce(Partial v, double p, NormKind kind) {
+  constexpr int kWarps = kBlockThreads / 32;
+  __shared__ double shared_m[kWarps], shared_s[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const Partial other{__shfl_down_sync(0xffffffffu, v.m, offset),
+                        __shfl_down_sync(0xffffffffu, v.s, offset)};
+    v = combine(v, other, p, kind);
+  }
+  if (lane == 0) {
+    shared_m[warp] = v.m;
+    shared_s[warp] = v.s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? Partial{shared_m[lane], shared_s[lane]} : Partial{0.0, 0.0};
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const Partial other{__shfl_down_sync(0xffffffffu, v.m, offset),
+                          __shfl_down_sync(0xffffffffu, v.s, offset)};
+      v = combine(v, other, p, kind);
+    }
+  }
+  __syncthreads();
+  return v;
+}
+
+struct Pass1Args {
+  TableView table;
+  int64_t chunk_lo, chunk_hi;  // this launch's dtype group
+  double* partials;            // [2 * num_chunks]
+  unsigned int* counter;
+  unsigned int total_blocks;   // blocks of all launches of this pass
+  NormRequest out;
+};
+
+__device__ __forceinline__ Partial load_partial(const double* partials, int64_t c) {
+  // Written by other blocks: read past L1.
+  return {__ldcg(partials + 2 * c), __ldcg(partials + 2 * c + 1)};
+}
+
+template <typename T>
+__device__ void store_as(void* dst, double v) {
+  *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
+}
+
+// Run by the last block only: combine every chunk partial, write the outputs, reset the counter.
+__device__ void finish(const Pass1Args& a, NormKind kind) {
+  const double p = a.out.p;
+  Partial acc{0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < a.table.num_chunks; c += kBlockThreads) {
+    acc = combine(acc, load_partial(a.partials, c), p, kind);
+  }
+  acc = block_reduce(acc, p, kind);
+  if (threadIdx.x == 0) {
+    const double norm = finish_norm(acc, p, kind);
+    if (a.out.norm) *a.out.norm = norm;
+    if (a.out.coef) *a.out.coef = clip_coef(norm, a.out.max_norm);
+    if (a.out.norm_out) {
+      switch (a.out.norm_out_dtype) {
+        case at::kDouble: *static_cast<double*>(a.out.norm_out) = norm; break;
+        case at::kFloat: *static_cast<float*>(a.out.norm_out) = static_cast<float>(norm); break;
+        case at::kHalf: store_as<at::Half>(a.out.norm_out, norm); break;
+        case at::kBFloat16: store_as<at::BFloat16>(a.out.norm_out, norm); break;
+        default: break;
+      }
+    }
+    *a.counter = 0;  // every other block has arrived: ready for the next call or graph replay
+  }
+  if (a.out.per_tensor) {
+    for (int64_t t = threadIdx.x; t < a.table.num_tensors; t += kBlockThreads) {
+      const int64_t first = a.table.first_chunk[t], n = chunks_of(a.table.numel[t]);
+      Partial own{0.0, 0.0};
+      for (int64_t c = first; c < first + n; ++c) {
+        own = combine(own, load_partial(a.partials, c), p, kind);
+      }
+      a.out.per_tensor[t] = finish_norm(own, p, kind);
+    }
+  }
+}
+
+template <typename T, NormKind K>
+__global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) {
+  const double p = a.out.p;
+  for (int64_t chunk = a.chunk_lo + blockIdx.x; chunk < a.chunk_hi; chunk += gridDim.x) {
+    const ChunkSpan span = a.table.span(chunk);
+    ThreadAcc<T, K> acc;
+    read_chunk(a.table.data<const T>(span.tensor), span.begin, span.end,
+               [&](T x) { acc.add(x, p); });
+    const Partial part = block_reduce(acc.partial(), p, K);
+    if (threadIdx.x == 0) {
+      a.partials[2 * chunk] = part.m;
+      a.partials[2 * chunk + 1] = part.s;
+    }
+  }
+  // Elect the last block: thread 0 wrote this block's partials; publish them, then count.
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(a.counter, 1u) == a.total_blocks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  finish(a, K);
+}
+
+template <typename T, NormKind K>
+int grid_limit(int device) {
+  static int cached[64] = {};
+  if (device >= 64) return persistent_grid(norm_kernel<T, K>, device);
+  if (cached[device] == 0) cached[device] = persistent_grid(norm_kernel<T, K>, device);
+  return cached[device];
+}
+
+template <typename T>
+void launch(const Pass1Args& a, int grid, NormKind kind, cudaStream_t stream) {
+  switch (kind) {
+    case NormKind::kOne: norm_kernel<T, NormKind::kOne><<<grid, kBlockThreads, 0, stream>>>(a); break;
+    case NormKind::kTwo: norm_kernel<T, NormKind::kTwo><<<grid, kBlockThreads, 0, stream>>>(a); break;
+    case NormKind::kInf: norm_kernel<T, NormKind::kInf><<<grid, kBlockThreads, 0, stream>>>(a); break;
+    case NormKind::kGeneral:
+      norm_kernel<T, NormKind::kGeneral><<<grid, kBlockThreads, 0, stream>>>(a);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+int grid_for(NormKind kind, int device, int64_t chunks) {
+  int limit = 0;
+  switch (kind) {
+    case NormKind::kOne: limit = grid_limit<T, NormKind::kOne>(device); break;
+    case NormKind::kTwo: limit = grid_limit<T, NormKind::kTwo>(device); break;
+    case NormKind::kInf: limit = grid_limit<T, NormKind::kInf>(device); break;
+    case NormKind::kGeneral: limit = grid_limit<T, NormKind::kGeneral>(device); break;
+  }
+  return static_cast<int>(chunks < limit ? chunks : limit);
+}
+
+}  // namespace
+
+void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
+  const c10::cuda::CUDAGuard guard(plan.device);
+  const int device = plan.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  const NormKind kind = norm_kind(request.p);
+
+  Pass1Args a{plan.view(), 0, 0, plan.partials.data_ptr<double>(),
+              reinterpret_cast<unsigned int*>(plan.counter.data_ptr<int>()), 0, request};
+  // With no elements at all one block still runs, to write the outputs (norm 0).
+  std::vector<Group> groups = plan.groups;
+  if (groups.empty()) groups.push_back({at::kFloat, 0, 0});
+  std::vector<int> grids;
+  unsigned int total = 0;
+  for (const Group& g : groups) {
+    int grid = 1;
+    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::total_norm", [&] {
+      grid = std::max(1, grid_for<scalar_t>(kind, device, g.chunk_hi - g.chunk_lo));
+    });
+    grids.push_back(grid);
+    total += static_cast<unsigned int>(grid);
+  }
+  a.total_blocks = total;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    a.chunk_lo = groups[i].chunk_lo;
+    a.chunk_hi = groups[i].chunk_hi;
+    FUSEDCLIP_DISPATCH_FLOATING(groups[i].dtype, "fusedclip::total_norm",
+                                [&] { launch<scalar_t>(a, grids[i], kind, stream); });
+  }
+}
+
+}  // namespace fusedclip

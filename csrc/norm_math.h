@@ -1,0 +1,112 @@
+// The arithmetic of the norm and the clip coefficient, shared by the CUDA kernels and the CPU
+// implementation so that both follow the same rules bit for bit where the order is the same.
+//
+// A partial result over some elements x_i is a pair (m, s) with
+//   m = max |x_i|, and the sum of |x_i|^p = m^p * s,
+// so that no finite input overflows or underflows whatever p is. m also carries the non-finite
+// state: NaN once any element was NaN, otherwise inf once any element was infinite; s means
+// nothing then. A plain fp64 sum of |x|^p (p = 1 or 2 on fp16/bf16/fp32 input, where it cannot
+// overflow: (3.4e38)^2 * 2^64 < 1.8e308) enters as (1, sum).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "table.h"
+
+namespace fusedclip {
+
+// Norm types with their own code paths; any other p > 0 is kGeneral.
+enum class NormKind : int32_t { kOne = 0, kTwo = 1, kInf = 2, kGeneral = 3 };
+
+inline NormKind norm_kind(double p) {
+  if (p == 1.0) return NormKind::kOne;
+  if (p == 2.0) return NormKind::kTwo;
+  if (std::isinf(p)) return NormKind::kInf;
+  return NormKind::kGeneral;
+}
+
+// Added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
+constexpr double kNormEps = 1e-6;
+
+struct Partial {
+  double m;
+  double s;
+};
+
+FUSEDCLIP_HD bool is_nan(double x) { return x != x; }
+FUSEDCLIP_HD bool is_inf(double x) { return x == INFINITY; }  // magnitudes only: never -inf
+
+// r^p for 0 <= r <= 1.
+FUSEDCLIP_HD double ratio_pow(double r, double p, NormKind kind) {
+  if (kind == NormKind::kTwo) return r * r;
+  if (kind == NormKind::kOne) return r;
+  return pow(r, p);
+}
+
+// A plain sum of |x|^p as a partial.
+FUSEDCLIP_HD Partial from_plain_sum(double s) {
+  if (is_nan(s) || is_inf(s)) return {s, 0.0};
+  return s == 0.0 ? Partial{0.0, 0.0} : Partial{1.0, s};
+}
+
+// The partial of the union of two disjoint sets of elements. Commutative bit for bit, so a fixed
+// reduction tree gives the same bits on every run.
+FUSEDCLIP_HD Partial combine(Partial a, Partial b, double p, NormKind kind) {
+  if (is_nan(a.m)) return a;
+  if (is_nan(b.m)) return b;
+  if (a.m < b.m) {
+    const Partial t = a;
+    a = b;
+    b = t;
+  }
+  if (kind == NormKind::kInf || b.m == 0.0 || is_inf(a.m)) return a;
+  return {a.m, a.s + b.s * ratio_pow(b.m / a.m, p, kind)};
+}
+
+// Adds one magnitude a = |x| to a scaled partial, all in fp64.
+FUSEDCLIP_HD void add_scaled(Partial& acc, double a, double p, NormKind kind) {
+  if (a > acc.m) {
+    acc.s = (acc.m == 0.0 ? 0.0 : acc.s * ratio_pow(acc.m / a, p, kind)) + 1.0;
+    acc.m = a;
+  } else if (is_nan(a)) {
+    acc.m = a;
+  } else if (a > 0.0) {
+    acc.s += ratio_pow(a / acc.m, p, kind);
+  }
+}
+
+// Sticky-NaN running max of magnitudes (the inf-norm): NaN once seen stays.
+template <typename A>
+FUSEDCLIP_HD A max_magnitude(A m, A a) {
+  return (a > m || a != a) ? a : m;
+}
+
+// The norm a partial describes: m * s^(1/p), or m itself when it is 0, inf or NaN.
+FUSEDCLIP_HD double finish_norm(Partial t, double p, NormKind kind) {
+  if (is_nan(t.m) || is_inf(t.m) || t.m == 0.0 || kind == NormKind::kInf) return t.m;
+  if (kind == NormKind::kOne) return t.m * t.s;
+  if (kind == NormKind::kTwo) return t.m * sqrt(t.s);
+  return t.m * pow(t.s, 1.0 / p);
+}
+
+// min(1, max_norm / (norm + 1e-6)), with torch's clamp semantics: a NaN coefficient stays NaN.
+FUSEDCLIP_HD double clip_coef(double norm, double max_norm) {
+  const double c = max_norm / (norm + kNormEps);
+  return c > 1.0 ? 1.0 : c;
+}
+
+// x * c formed in fp64 (exact for fp16/bf16, one rounding for fp32) and rounded to T once through
+// float, which is also how torch converts fp64 to fp16/bf16.
+template <typename T>
+FUSEDCLIP_HD T scaled(T x, double c) {
+  const double y = static_cast<double>(static_cast<float>(x)) * c;
+  return static_cast<T>(static_cast<float>(y));
+}
+template <>
+FUSEDCLIP_HD double scaled<double>(double x, double c) {
+  return x * c;
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,177 @@
+// Plan building and the plan cache (see plan.h).
+
+#include "plan.h"
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "passes.h"
+
+namespace fusedclip {
+namespace {
+
+// Plans kept, most recently used first. Training loops use one or two parameter lists.
+constexpr size_t kCacheSize = 8;
+
+struct Cache {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<Plan>> plans;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: plans may outlive static destruction order
+  return *c;
+}
+
+std::atomic<int64_t> built{0};
+
+bool capturing(const at::Device& device) {
+  if (!device.is_cuda()) return false;
+  cudaStreamCaptureStatus status;
+  C10_CUDA_CHECK(
+      cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Refuses tensors whose memory ranges overlap: the kernels would read them twice and race on
+// writes. One sort of the tensors by address, at build time only.
+void check_disjoint(const std::vector<TensorKey>& keys, const char* op) {
+  std::vector<size_t> order;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (keys[i].numel > 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return keys[a].addr < keys[b].addr; });
+  for (size_t k = 1; k < order.size(); ++k) {
+    const TensorKey& prev = keys[order[k - 1]];
+    const int64_t prev_end = prev.addr + prev.numel * static_cast<int64_t>(c10::elementSize(prev.dtype));
+    TORCH_CHECK_VALUE(keys[order[k]].addr >= prev_end, op, ": tensors[", order[k - 1],
+                      "] and tensors[", order[k],
+                      "] share memory (the same gradient passed twice, or overlapping views); "
+                      "the fused backends scale each element once, so pass each gradient once");
+  }
+}
+
+std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device device,
+                            const char* op) {
+  check_disjoint(keys, op);
+  auto plan = std::make_shared<Plan>();
+  plan->device = device;
+  plan->keys = keys;
+  const int64_t n = static_cast<int64_t>(keys.size());
+
+  // Chunks grouped by dtype, in a fixed dtype order, tensors in list order inside a group.
+  std::vector<int64_t> first_chunk(n, 0), chunk_tensor;
+  const at::ScalarType order[] = {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble};
+  plan->result_dtype = keys.empty() ? at::kFloat : keys[0].dtype;
+  for (const TensorKey& k : keys) plan->result_dtype = at::promote_types(plan->result_dtype, k.dtype);
+  for (at::ScalarType dtype : order) {
+    Group g{dtype, static_cast<int64_t>(chunk_tensor.size()), 0};
+    for (int64_t t = 0; t < n; ++t) {
+      if (keys[t].dtype != dtype) continue;
+      first_chunk[t] = static_cast<int64_t>(chunk_tensor.size());
+      chunk_tensor.insert(chunk_tensor.end(), chunks_of(keys[t].numel), t);
+    }
+    g.chunk_hi = static_cast<int64_t>(chunk_tensor.size());
+    if (g.chunk_hi > g.chunk_lo) plan->groups.push_back(g);
+  }
+  plan->num_chunks = static_cast<int64_t>(chunk_tensor.size());
+
+  std::vector<int64_t> host(3 * n + plan->num_chunks);
+  for (int64_t t = 0; t < n; ++t) {
+    host[t] = keys[t].addr;
+    host[n + t] = keys[t].numel;
+    host[2 * n + t] = first_chunk[t];
+  }
+  std::copy(chunk_tensor.begin(), chunk_tensor.end(), host.begin() + 3 * n);
+  const auto on_device = at::TensorOptions().device(device);
+  plan->table = at::empty({static_cast<int64_t>(host.size())}, on_device.dtype(at::kLong));
+  if (device.is_cuda()) {
+    // Through kernel arguments rather than a host-to-device copy: that way building a plan while a
+    // CUDA graph is being captured works too, and the graph owns copies of the values.
+    const c10::cuda::CUDAGuard guard(device);
+    upload_table_cuda(plan->table.data_ptr<int64_t>(), host.data(),
+                      static_cast<int64_t>(host.size()));
+  } else {
+    std::copy(host.begin(), host.end(), plan->table.data_ptr<int64_t>());
+  }
+  plan->partials = at::empty({2 * std::max<int64_t>(plan->num_chunks, 1)},
+                             on_device.dtype(at::kDouble));
+  plan->counter = at::zeros({1}, on_device.dtype(at::kInt));
+  built.fetch_add(1);
+  return plan;
+}
+
+}  // namespace
+
+void check_plain(const at::Tensor& t, const at::Device& device, const char* op, size_t index) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", index, "] has layout ", t.layout(),
+              "; the fused backends take strided (dense) tensors only");
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": tensors[", index, "] has dtype ",
+              t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK(t.device() == device, op, ": tensors[", index, "] is on ", t.device(),
+              " but tensors[0] is on ", device);
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": tensors[", index,
+              "] is a view with gaps or overlapping elements; the fused kernels take dense "
+              "tensors (contiguous or permuted)");
+}
+
+TensorKey key_of(const at::Tensor& t) {
+  return {static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())), t.numel(),
+          t.scalar_type()};
+}
+
+std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
+                               const char* op) {
+  Cache& c = cache();
+  const bool in_capture = capturing(device);
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (size_t i = 0; i < c.plans.size(); ++i) {
+    std::shared_ptr<Plan> plan = c.plans[i];
+    if (plan->device == device && plan->keys == keys) {
+      std::rotate(c.plans.begin(), c.plans.begin() + i, c.plans.begin() + i + 1);
+      plan->used_in_capture |= in_capture;
+      return plan;
+    }
+  }
+  std::shared_ptr<Plan> plan = build(keys, device, op);
+  plan->used_in_capture = in_capture;
+  c.plans.insert(c.plans.begin(), plan);
+  // Evict the least recently used plans, but never one a captured graph still reads.
+  for (size_t i = c.plans.size(); i-- > kCacheSize;) {
+    if (!c.plans[i]->used_in_capture) c.plans.erase(c.plans.begin() + i);
+  }
+  return plan;
+}
+
+std::shared_ptr<Plan> plan_for(at::TensorList tensors, const char* op) {
+  TORCH_CHECK(!tensors.empty(), op, ": expected at least one tensor");
+  const at::Device device = tensors[0].device();
+  std::vector<TensorKey> keys;
+  keys.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_plain(tensors[i], device, op, i);
+    keys.push_back(key_of(tensors[i]));
+  }
+  return plan_for(keys, device, op);
+}
+
+void clear_plan_cache() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.plans.erase(std::remove_if(c.plans.begin(), c.plans.end(),
+                               [](const std::shared_ptr<Plan>& p) { return !p->used_in_capture; }),
+                c.plans.end());
+}
+
+int64_t plans_built() { return built.load(); }
+
+}  // namespace fusedclip
