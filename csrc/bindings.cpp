@@ -39,14 +39,20 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
   PyObject* list = params.ptr();
   const Py_ssize_t n = PyList_GET_SIZE(list);
   std::vector<TensorKey> keys;
-  std::vector<at::Tensor> grads;
+  // Borrowed: the parameters keep their gradients alive for the length of this call.
+  std::vector<c10::TensorImpl*> grads;
   keys.reserve(n);
   grads.reserve(n);
   at::Device device(at::kCPU);
+  PyTypeObject* checked_type = nullptr;  // nn.Parameter, usually: one isinstance check, not n
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(list, i);
-    if (!THPVariable_Check(item)) return py::none();
-    const at::Tensor& g = THPVariable_Unpack(item).grad();
+    if (Py_TYPE(item) != checked_type) {
+      if (!THPVariable_Check(item)) return py::none();
+      checked_type = Py_TYPE(item);
+    }
+    // TensorImpl::grad directly: TensorBase::grad adds a non-leaf warning check per call.
+    const at::Tensor& g = THPVariable_Unpack(item).unsafeGetTensorImpl()->grad();
     if (!g.defined()) continue;
     if (grads.empty()) {
       device = g.device();
@@ -54,7 +60,7 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
     }
     if (!is_plain_grad(g, device)) return py::none();
     keys.push_back(key_of(g));
-    grads.push_back(g);
+    grads.push_back(g.unsafeGetTensorImpl());
   }
   if (grads.empty()) return py::none();
   check_norm_args(norm_type, max_norm, op);
@@ -69,7 +75,7 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
   r.norm_out = out.data_ptr();
   r.norm_out_dtype = plan->result_dtype;
   // The gradients are written in place, as by any in-place op: autograd must see it.
-  for (const at::Tensor& g : grads) g.unsafeGetTensorImpl()->bump_version();
+  for (c10::TensorImpl* g : grads) g->bump_version();
   norm_pass(*plan, r);
   scale_pass(*plan, coef.const_data_ptr<double>());
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
