@@ -25,7 +25,7 @@ namespace {
 bool is_plain_grad(const at::Tensor& g, const at::Device& device) {
   return g.layout() == at::kStrided && g.device() == device && is_kernel_dtype(g.scalar_type()) &&
          g.has_storage() && !g.unsafeGetTensorImpl()->is_python_dispatch() && !g.is_neg() &&
-         !g.is_inference() && g.is_non_overlapping_and_dense();
+         !g._is_zerotensor() && !g.is_inference() && g.is_non_overlapping_and_dense();
 }
 
 // clip_grad_norm_ over `params` (a list of tensors) when every existing gradient is plain and on
@@ -39,7 +39,8 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
   PyObject* list = params.ptr();
   const Py_ssize_t n = PyList_GET_SIZE(list);
   std::vector<TensorKey> keys;
-  // Borrowed: the parameters keep their gradients alive for the length of this call.
+  // Borrowed: the parameters keep their gradients alive for the length of this call (the GIL is
+  // held throughout; replacing .grad from another thread during the call is the caller's race).
   std::vector<c10::TensorImpl*> grads;
   keys.reserve(n);
   grads.reserve(n);
@@ -56,7 +57,7 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
     if (!g.defined()) continue;
     if (grads.empty()) {
       device = g.device();
-      if (cuda_only && !device.is_cuda()) return py::none();
+      if (!device.is_cuda() && (cuda_only || !device.is_cpu())) return py::none();
     }
     if (!is_plain_grad(g, device)) return py::none();
     keys.push_back(key_of(g));

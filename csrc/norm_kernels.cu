@@ -12,10 +12,12 @@
 // (max, sum of (|x| / max)^p) per thread.
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -73,18 +75,25 @@ struct ThreadAcc<T, K, Accum::kScaled> {
   __device__ __forceinline__ Partial partial() const { return acc; }
 };
 
-// The combination of every thread's partial, valid in thread 0. Fixed tree: shuffles within each
-// warp, then warp 0 over the warps' results. Ends with the shared buffer free again.
-__device__ Partial block_reduce(Partial v, double p, NormKind kind) {
-  constexpr int kWarps = kBlockThreads / 32;
-  __shared__ double shared_m[kWarps], shared_s[kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+constexpr int kWarps = kBlockThreads / 32;
+
+// The combination of the warp's 32 partials, valid in lane 0: a fixed shuffle tree.
+__device__ __forceinline__ Partial warp_reduce(Partial v, double p, NormKind kind) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
     const Partial other{__shfl_down_sync(0xffffffffu, v.m, offset),
                         __shfl_down_sync(0xffffffffu, v.s, offset)};
     v = combine(v, other, p, kind);
   }
+  return v;
+}
+
+// The combination of every thread's partial, valid in thread 0. Fixed tree: each warp, then
+// warp 0 over the warps' results. Ends with the shared buffer free again.
+__device__ Partial block_reduce(Partial v, double p, NormKind kind) {
+  __shared__ double shared_m[kWarps], shared_s[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_reduce(v, p, kind);
   if (lane == 0) {
     shared_m[warp] = v.m;
     shared_s[warp] = v.s;
@@ -92,12 +101,7 @@ __device__ Partial block_reduce(Partial v, double p, NormKind kind) {
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? Partial{shared_m[lane], shared_s[lane]} : Partial{0.0, 0.0};
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const Partial other{__shfl_down_sync(0xffffffffu, v.m, offset),
-                          __shfl_down_sync(0xffffffffu, v.s, offset)};
-      v = combine(v, other, p, kind);
-    }
+    v = warp_reduce(v, p, kind);
   }
   __syncthreads();
   return v;
@@ -106,8 +110,8 @@ __device__ Partial block_reduce(Partial v, double p, NormKind kind) {
 struct Pass1Args {
   TableView table;
   int64_t chunk_lo, chunk_hi;  // this launch's dtype group
-  double* partials;            // [2 * num_chunks]
-  unsigned int* counter;
+  double* partials;            // [2 * num_chunks], this call's workspace
+  unsigned int* counter;       // zeroed on the stream before the first launch
   unsigned int total_blocks;   // blocks of all launches of this pass
   NormRequest out;
 };
@@ -122,7 +126,7 @@ __device__ void store_as(void* dst, double v) {
   *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
 }
 
-// Run by the last block only: combine every chunk partial, write the outputs, reset the counter.
+// Run by the last block only: combine every chunk partial and write the outputs.
 __device__ void finish(const Pass1Args& a, NormKind kind) {
   const double p = a.out.p;
   Partial acc{0.0, 0.0};
@@ -143,16 +147,18 @@ __device__ void finish(const Pass1Args& a, NormKind kind) {
         default: break;
       }
     }
-    *a.counter = 0;  // every other block has arrived: ready for the next call or graph replay
   }
   if (a.out.per_tensor) {
-    for (int64_t t = threadIdx.x; t < a.table.num_tensors; t += kBlockThreads) {
-      const int64_t first = a.table.first_chunk[t], n = chunks_of(a.table.numel[t]);
+    // A warp per tensor: its lanes stride over the tensor's chunks, then a fixed shuffle tree.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int64_t t = warp; t < a.table.num_tensors; t += kWarps) {
+      const int64_t first = a.table.first_chunk[t], end = first + chunks_of(a.table.numel[t]);
       Partial own{0.0, 0.0};
-      for (int64_t c = first; c < first + n; ++c) {
+      for (int64_t c = first + lane; c < end; c += 32) {
         own = combine(own, load_partial(a.partials, c), p, kind);
       }
-      a.out.per_tensor[t] = finish_norm(own, p, kind);
+      own = warp_reduce(own, p, kind);
+      if (lane == 0) a.out.per_tensor[t] = finish_norm(own, p, kind);
     }
   }
 }
@@ -185,10 +191,10 @@ __global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) 
 
 template <typename T, NormKind K>
 int grid_limit(int device) {
-  static int cached[64] = {};
+  static std::atomic<int> cached[64] = {};
   if (device >= 64) return persistent_grid(norm_kernel<T, K>, device);
-  if (cached[device] == 0) cached[device] = persistent_grid(norm_kernel<T, K>, device);
-  return cached[device];
+  if (cached[device].load() == 0) cached[device].store(persistent_grid(norm_kernel<T, K>, device));
+  return cached[device].load();
 }
 
 template <typename T>
@@ -224,8 +230,14 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const NormKind kind = norm_kind(request.p);
 
-  Pass1Args a{plan.view(), 0, 0, plan.partials.data_ptr<double>(),
-              reinterpret_cast<unsigned int*>(plan.counter.data_ptr<int>()), 0, request};
+  // This call's workspace: the chunk partials and the counter that elects the last block. From
+  // the caching allocator (stream- and graph-aware), so concurrent calls never share it.
+  const at::Tensor workspace = at::empty(
+      {2 * plan.num_chunks + 1}, at::TensorOptions().dtype(at::kDouble).device(plan.device));
+  double* partials = workspace.data_ptr<double>();
+  auto* counter = reinterpret_cast<unsigned int*>(partials + 2 * plan.num_chunks);
+  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream));
+  Pass1Args a{plan.view(), 0, 0, partials, counter, 0, request};
   // With no elements at all one block still runs, to write the outputs (norm 0).
   std::vector<Group> groups = plan.groups;
   if (groups.empty()) groups.push_back({at::kFloat, 0, 0});

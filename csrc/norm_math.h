@@ -1,5 +1,6 @@
 // The arithmetic of the norm and the clip coefficient, shared by the CUDA kernels and the CPU
-// implementation so that both follow the same rules bit for bit where the order is the same.
+// implementation so that both follow the same rules. (They agree to rounding, not bit for bit:
+// the chunk reductions run in a different order, and nvcc contracts a * b + c into FMAs.)
 //
 // A partial result over some elements x_i is a pair (m, s) with
 //   m = max |x_i|, and the sum of |x_i|^p = m^p * s,
@@ -62,6 +63,8 @@ FUSEDCLIP_HD Partial combine(Partial a, Partial b, double p, NormKind kind) {
     b = t;
   }
   if (kind == NormKind::kInf || b.m == 0.0 || is_inf(a.m)) return a;
+  // Equal scales (always, for plain sums): no division, and (b.m / a.m)^p would be exactly 1.
+  if (b.m == a.m) return {a.m, a.s + b.s};
   return {a.m, a.s + b.s * ratio_pow(b.m / a.m, p, kind)};
 }
 
@@ -97,8 +100,8 @@ FUSEDCLIP_HD double clip_coef(double norm, double max_norm) {
   return c > 1.0 ? 1.0 : c;
 }
 
-// x * c formed in fp64 (exact for fp16/bf16, one rounding for fp32) and rounded to T once through
-// float, which is also how torch converts fp64 to fp16/bf16.
+// x * c formed in fp64 and rounded to T through float, which is also how the reference (torch's
+// fp64-to-fp16/bf16 conversion) rounds it.
 template <typename T>
 FUSEDCLIP_HD T scaled(T x, double c) {
   const double y = static_cast<double>(static_cast<float>(x)) * c;

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -33,12 +34,55 @@ Cache& cache() {
 
 std::atomic<int64_t> built{0};
 
-bool capturing(const at::Device& device) {
-  if (!device.is_cuda()) return false;
+// The id of the capture the current stream is in, or 0.
+uint64_t capture_id(const at::Device& device) {
+  if (!device.is_cuda()) return 0;
   cudaStreamCaptureStatus status;
-  C10_CUDA_CHECK(
-      cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &status));
-  return status != cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(c10::cuda::getCurrentCUDAStream(device.index()),
+                                          &status, &id));
+  return status == cudaStreamCaptureStatusActive ? static_cast<uint64_t>(id) : 0;
+}
+
+// Makes the device copy of a CUDA plan's table usable by kernels about to be queued on the
+// current stream, without a host synchronization. Called with the cache's mutex held.
+void make_ready(Plan& plan) {
+  if (!plan.device.is_cuda()) return;
+  const c10::cuda::CUDAGuard guard(plan.device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(plan.device.index());
+  const uint64_t capture = capture_id(plan.device);
+  const bool uploaded = plan.upload_stream != nullptr;
+  if (capture != 0) {
+    plan.used_in_capture = true;
+    // An eager upload finished before the capture began (torch.cuda.graph synchronizes the
+    // device first); an upload recorded by this capture runs first at every replay.
+    if (uploaded && (plan.upload_capture == 0 || plan.upload_capture == capture)) return;
+    upload_table_cuda(plan.table.data_ptr<int64_t>(), plan.host_table.data(),
+                      static_cast<int64_t>(plan.host_table.size()));
+    plan.upload_capture = capture;
+    plan.upload_stream = stream.stream();
+    return;
+  }
+  if (!uploaded || plan.upload_capture != 0) {
+    upload_table_cuda(plan.table.data_ptr<int64_t>(), plan.host_table.data(),
+                      static_cast<int64_t>(plan.host_table.size()));
+    if (plan.upload_done == nullptr) {
+      cudaEvent_t event;
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+      plan.upload_done = event;
+    }
+    C10_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(plan.upload_done), stream.stream()));
+    plan.upload_capture = 0;
+    plan.upload_stream = stream.stream();
+    return;
+  }
+  if (plan.upload_stream != stream.stream()) {
+    // Another stream uploaded it: wait for that on the device, and keep the table's memory
+    // from being reused before this stream's kernels are done with it.
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(),
+                                       static_cast<cudaEvent_t>(plan.upload_done), 0));
+    c10::cuda::CUDACachingAllocator::recordStream(plan.table.storage().data_ptr(), stream);
+  }
 }
 
 // Refuses tensors whose memory ranges overlap: the kernels would read them twice and race on
@@ -92,20 +136,12 @@ std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device devic
     host[2 * n + t] = first_chunk[t];
   }
   std::copy(chunk_tensor.begin(), chunk_tensor.end(), host.begin() + 3 * n);
-  const auto on_device = at::TensorOptions().device(device);
-  plan->table = at::empty({static_cast<int64_t>(host.size())}, on_device.dtype(at::kLong));
-  if (device.is_cuda()) {
-    // Through kernel arguments rather than a host-to-device copy: that way building a plan while a
-    // CUDA graph is being captured works too, and the graph owns copies of the values.
-    const c10::cuda::CUDAGuard guard(device);
-    upload_table_cuda(plan->table.data_ptr<int64_t>(), host.data(),
-                      static_cast<int64_t>(host.size()));
-  } else {
+  plan->table = at::empty({static_cast<int64_t>(host.size())},
+                          at::TensorOptions().device(device).dtype(at::kLong));
+  if (!device.is_cuda()) {
     std::copy(host.begin(), host.end(), plan->table.data_ptr<int64_t>());
-  }
-  plan->partials = at::empty({2 * std::max<int64_t>(plan->num_chunks, 1)},
-                             on_device.dtype(at::kDouble));
-  plan->counter = at::zeros({1}, on_device.dtype(at::kInt));
+  }  // CUDA: uploaded by make_ready, on the stream (or in the capture) that first uses it
+  plan->host_table = std::move(host);
   built.fetch_add(1);
   return plan;
 }
@@ -113,37 +149,48 @@ std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device devic
 }  // namespace
 
 void check_plain(const at::Tensor& t, const at::Device& device, const char* op, size_t index) {
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": tensors[", index, "] is on ", device,
+              "; the fused kernels run on CUDA (and the CPU)");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", index, "] has layout ", t.layout(),
               "; the fused backends take strided (dense) tensors only");
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": tensors[", index, "] has dtype ",
               t.scalar_type(), "; expected float32, float64, float16 or bfloat16");
   TORCH_CHECK(t.device() == device, op, ": tensors[", index, "] is on ", t.device(),
               " but tensors[0] is on ", device);
+  TORCH_CHECK(!t._is_zerotensor(), op, ": tensors[", index,
+              "] is a ZeroTensor, which has no memory to scale in place");
   TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": tensors[", index,
               "] is a view with gaps or overlapping elements; the fused kernels take dense "
               "tensors (contiguous or permuted)");
 }
 
 TensorKey key_of(const at::Tensor& t) {
-  return {static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())), t.numel(),
-          t.scalar_type()};
+  const int64_t n = t.numel();
+  const int64_t addr = n == 0 ? 0 : static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()));
+  return {addr, n, t.scalar_type()};
+}
+
+Plan::~Plan() {
+  if (upload_done != nullptr) {
+    // Destroying an event with work pending is allowed: it is released once that completes.
+    (void)cudaEventDestroy(static_cast<cudaEvent_t>(upload_done));
+  }
 }
 
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
                                const char* op) {
   Cache& c = cache();
-  const bool in_capture = capturing(device);
   std::lock_guard<std::mutex> lock(c.mutex);
   for (size_t i = 0; i < c.plans.size(); ++i) {
     std::shared_ptr<Plan> plan = c.plans[i];
     if (plan->device == device && plan->keys == keys) {
       std::rotate(c.plans.begin(), c.plans.begin() + i, c.plans.begin() + i + 1);
-      plan->used_in_capture |= in_capture;
+      make_ready(*plan);
       return plan;
     }
   }
   std::shared_ptr<Plan> plan = build(keys, device, op);
-  plan->used_in_capture = in_capture;
+  make_ready(*plan);
   c.plans.insert(c.plans.begin(), plan);
   // Evict the least recently used plans, but never one a captured graph still reads.
   for (size_t i = c.plans.size(); i-- > kCacheSize;) {

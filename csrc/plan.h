@@ -1,11 +1,15 @@
 // Plans: the device-side tensor table of a list of tensors, built once and reused.
 //
-// Building a plan lays the tensors out as chunks (table.h), groups the chunks by dtype, checks
-// that no two tensors share memory, and uploads the table through kernel arguments of a few
-// kernel launches (so a plan can be built while a CUDA graph is captured). It also owns the
-// workspace of pass 1: one (m, s) partial per chunk and the counter that elects the last block. A plan is keyed by what the table holds (address, size and dtype of every
-// tensor), so it stays valid exactly as long as the gradient storages are unchanged; a gradient
-// that was reallocated, resized or set to None changes the key and gets a new plan.
+// Building a plan lays the tensors out as chunks (table.h), groups the chunks by dtype and checks
+// that no two tensors share memory. The table reaches the device through the arguments of a few
+// small kernel launches, so a plan can also be built while a CUDA graph is being captured. A plan
+// is keyed by what its table holds (address, size and dtype of every tensor): it stays valid
+// exactly as long as the gradient storages are unchanged, and a gradient that was reallocated,
+// resized or set to None changes the key and gets a new plan.
+//
+// A plan holds no per-call state: pass 1's workspace comes from the caching allocator on every
+// call (stream- and graph-aware), so calls on different streams or concurrent graph replays never
+// share one.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +22,8 @@
 
 namespace fusedclip {
 
-// What the table records about one tensor.
+// What the table records about one tensor (the address of an empty tensor is never read and is
+// recorded as 0, so a reallocated empty gradient keeps its plan).
 struct TensorKey {
   int64_t addr;
   int64_t numel;
@@ -42,10 +47,19 @@ struct Plan {
   std::vector<Group> groups;
   int64_t num_chunks = 0;
   at::ScalarType result_dtype = at::kFloat;  // the dtypes promoted together, as torch's norm
-  at::Tensor table;       // int64 [3 * T + C] on `device` (table.h)
-  at::Tensor partials;    // fp64 [2 * max(num_chunks, 1)]: (m, s) per chunk
-  at::Tensor counter;     // int32 [1]: blocks of pass 1 finished; the last one resets it to 0
-  bool used_in_capture = false;  // referenced by a CUDA graph: never evicted
+  std::vector<int64_t> host_table;           // 3 * T + C values (table.h)
+  at::Tensor table;                          // the same on `device`
+
+  // Where the device copy of the table stands (CUDA plans; guarded by the plan cache's mutex).
+  // upload_capture: 0 when it was uploaded eagerly on upload_stream (then upload_done marks its
+  // completion), else the id of the capture that recorded the upload: until that graph replays,
+  // the memory holds nothing, and any other user must upload again.
+  uint64_t upload_capture = 0;
+  void* upload_stream = nullptr;
+  void* upload_done = nullptr;  // cudaEvent_t
+  bool used_in_capture = false;  // a CUDA graph reads this table: never evicted
+
+  ~Plan();
 
   TableView view() const {
     return table_view(table.const_data_ptr<int64_t>(), static_cast<int64_t>(keys.size()),
@@ -54,21 +68,21 @@ struct Plan {
 };
 
 // Checks a tensor the fused kernels can take as it is: strided, dense (contiguous or permuted,
-// no gaps, no overlap), a kernel dtype, on `device`. Throws with `what` naming the tensor.
+// no gaps, no overlap), a kernel dtype, on `device` (a CPU or CUDA device). Throws naming it.
 void check_plain(const at::Tensor& t, const at::Device& device, const char* op, size_t index);
 
 // The key of a tensor that passed check_plain.
 TensorKey key_of(const at::Tensor& t);
 
-// The cached plan for these keys (the tensors they were taken from, all on `device`), or a new
-// one. Throws, touching nothing, when two tensors share memory.
+// The plan for these keys (taken from tensors on `device`), cached or new, with its table ready
+// for kernels on the current stream. Throws, touching nothing, when two tensors share memory.
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
                                const char* op);
 
 // check_plain on every tensor, then plan_for. `tensors` must not be empty.
 std::shared_ptr<Plan> plan_for(at::TensorList tensors, const char* op);
 
-// Drops every cached plan not held by a CUDA graph (tests; freeing memory).
+// Drops every cached plan that no captured CUDA graph reads (tests; freeing memory).
 void clear_plan_cache();
 // Number of plans built since the process started (tests of reuse and invalidation).
 int64_t plans_built();

@@ -6,6 +6,7 @@
 // The coefficient is read on the device, so the host never waits for pass 1.
 
 #include <algorithm>
+#include <atomic>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,10 +36,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 template <typename T>
 int grid_limit(int device) {
-  static int cached[64] = {};
+  static std::atomic<int> cached[64] = {};
   if (device >= 64) return persistent_grid(scale_kernel<T>, device);
-  if (cached[device] == 0) cached[device] = persistent_grid(scale_kernel<T>, device);
-  return cached[device];
+  if (cached[device].load() == 0) cached[device].store(persistent_grid(scale_kernel<T>, device));
+  return cached[device].load();
 }
 
 // The table in slices of kSlice values, each slice an argument of one launch (4 KiB: under every

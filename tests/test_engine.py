@@ -195,6 +195,16 @@ def test_plan_is_reused_while_grads_are_unchanged(device):
     assert C.plans_built() == built
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reallocated_empty_grads_keep_the_plan(device):
+    params = make_params([(5,), (0,), (3, 0)], torch.float32, device, seed=18)
+    clip_params(params, 1.0)
+    built = C.plans_built()
+    params[1].grad = torch.empty(0, device=device)  # another (empty) tensor: nothing to read
+    clip_params(params, 1.0)
+    assert C.plans_built() == built
+
+
 def reallocate(params):
     params[1].grad = params[1].grad.clone()
 
