@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
@@ -23,6 +24,33 @@ struct alignas(16) Pack {
   static constexpr int kSize = 16 / sizeof(T);
   T v[kSize];
 };
+
+// Vector accesses through the global state space. The table hands kernels integer addresses, so
+// without these nvcc cannot prove the memory is global and emits generic LD/ST instructions.
+// Pass 1 reads through the read-only (non-coherent) path; pass 2 reads and writes at L2 (.cg).
+template <typename P>
+__device__ __forceinline__ P load_readonly(const P* p) {
+  static_assert(sizeof(P) == sizeof(uint4), "a pack is 16 bytes");
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  P r;
+  memcpy(&r, &v, sizeof(P));
+  return r;
+}
+
+template <typename P>
+__device__ __forceinline__ P load_global(const P* p) {
+  const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p));
+  P r;
+  memcpy(&r, &v, sizeof(P));
+  return r;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_global(P* p, const P& r) {
+  uint4 v;
+  memcpy(&v, &r, sizeof(P));
+  __stcg(reinterpret_cast<uint4*>(p), v);
+}
 
 // Elements of data[begin, end) before the first 16-byte boundary, or all of them when the address
 // is not even a multiple of sizeof(T).
@@ -49,7 +77,7 @@ __device__ __forceinline__ void read_chunk(const T* __restrict__ data, int64_t b
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kBlockThreads;
-      if (k < n_packs) r[u] = packs[k];
+      if (k < n_packs) r[u] = load_readonly(packs + k);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -78,7 +106,7 @@ __device__ __forceinline__ void update_chunk(T* __restrict__ data, int64_t begin
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kBlockThreads;
-      if (k < n_packs) r[u] = packs[k];
+      if (k < n_packs) r[u] = load_global(packs + k);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -86,7 +114,7 @@ __device__ __forceinline__ void update_chunk(T* __restrict__ data, int64_t begin
       if (k < n_packs) {
 #pragma unroll
         for (int e = 0; e < P::kSize; ++e) r[u].v[e] = f(r[u].v[e]);
-        packs[k] = r[u];
+        store_global(packs + k, r[u]);
       }
     }
   }
