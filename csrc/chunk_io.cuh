@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
@@ -63,64 +64,64 @@ __device__ __forceinline__ int64_t head_elems(const T* data, int64_t begin, int6
   return head < end - begin ? head : end - begin;
 }
 
-// Calls f(x) for every element of data[begin, end) this thread owns.
-template <typename T, typename F>
-__device__ __forceinline__ void read_chunk(const T* __restrict__ data, int64_t begin, int64_t end,
-                                           F&& f) {
-  using P = Pack<T>;
-  const int64_t body = begin + head_elems(data, begin, end);
-  for (int64_t k = begin + threadIdx.x; k < body; k += kBlockThreads) f(data[k]);
-  const P* packs = reinterpret_cast<const P*>(data + body);
-  const int64_t n_packs = (end - body) / P::kSize;
-  for (int64_t base = threadIdx.x; base < n_packs; base += kUnroll * kBlockThreads) {
-    P r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = base + u * kBlockThreads;
-      if (k < n_packs) r[u] = load_readonly(packs + k);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kBlockThreads < n_packs) {
-#pragma unroll
-        for (int e = 0; e < P::kSize; ++e) f(r[u].v[e]);
-      }
-    }
-  }
-  for (int64_t k = body + n_packs * P::kSize + threadIdx.x; k < end; k += kBlockThreads) {
-    f(data[k]);
+// One element through f: read only (f(x)), or updated in place (x = f(x)).
+template <bool kWrite, typename T, typename F>
+__device__ __forceinline__ void apply(T& x, F& f) {
+  if constexpr (kWrite) {
+    x = f(x);
+  } else {
+    f(x);
   }
 }
 
-// data[k] = f(data[k]) for every element of data[begin, end) this thread owns.
-template <typename T, typename F>
-__device__ __forceinline__ void update_chunk(T* __restrict__ data, int64_t begin, int64_t end,
-                                             F&& f) {
-  using P = Pack<T>;
+// Every element of data[begin, end) this thread owns, through f: the scalar head, the 16-byte
+// packs (kUnroll loads in flight before any is used; stored back when kWrite), the scalar tail.
+template <bool kWrite, typename T, typename F>
+__device__ __forceinline__ void visit_chunk(T* __restrict__ data, int64_t begin, int64_t end,
+                                            F& f) {
+  using P = Pack<std::remove_const_t<T>>;
   const int64_t body = begin + head_elems(data, begin, end);
-  for (int64_t k = begin + threadIdx.x; k < body; k += kBlockThreads) data[k] = f(data[k]);
-  P* packs = reinterpret_cast<P*>(data + body);
+  for (int64_t k = begin + threadIdx.x; k < body; k += kBlockThreads) apply<kWrite>(data[k], f);
+  auto* packs = reinterpret_cast<std::conditional_t<kWrite, P, const P>*>(data + body);
   const int64_t n_packs = (end - body) / P::kSize;
   for (int64_t base = threadIdx.x; base < n_packs; base += kUnroll * kBlockThreads) {
     P r[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kBlockThreads;
-      if (k < n_packs) r[u] = load_global(packs + k);
+      if (k < n_packs) {
+        if constexpr (kWrite) {
+          r[u] = load_global(packs + k);
+        } else {
+          r[u] = load_readonly(packs + k);
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = base + u * kBlockThreads;
       if (k < n_packs) {
 #pragma unroll
-        for (int e = 0; e < P::kSize; ++e) r[u].v[e] = f(r[u].v[e]);
-        store_global(packs + k, r[u]);
+        for (int e = 0; e < P::kSize; ++e) apply<kWrite>(r[u].v[e], f);
+        if constexpr (kWrite) store_global(packs + k, r[u]);
       }
     }
   }
   for (int64_t k = body + n_packs * P::kSize + threadIdx.x; k < end; k += kBlockThreads) {
-    data[k] = f(data[k]);
+    apply<kWrite>(data[k], f);
   }
+}
+
+// Calls f(x) for every element of data[begin, end) this thread owns.
+template <typename T, typename F>
+__device__ __forceinline__ void read_chunk(const T* data, int64_t begin, int64_t end, F&& f) {
+  visit_chunk<false>(data, begin, end, f);
+}
+
+// data[k] = f(data[k]) for every element of data[begin, end) this thread owns.
+template <typename T, typename F>
+__device__ __forceinline__ void update_chunk(T* data, int64_t begin, int64_t end, F&& f) {
+  visit_chunk<true>(data, begin, end, f);
 }
 
 // Blocks per SM the occupancy calculator allows for `kernel` at kBlockThreads, times the SMs: the
