@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fusedclip import _extension, fused, reference
+from fusedclip import _extension, fused, reference, triton_backend
 
 ENV_VAR = "FUSEDCLIP_BACKEND"
 BACKEND_NAMES = ("cuda", "triton", "reference")
@@ -41,7 +41,7 @@ class BackendStatus:
 def _cuda_status() -> BackendStatus:
     if not _extension.loaded():
         return BackendStatus(False, f"fusedclip._C is not built ({_extension.LOAD_ERROR})")
-    ops = ", ".join(_extension.op_names())
+    ops = ", ".join(n for n in _extension.op_names() if not n.startswith("triton_"))
     built = f"fusedclip._C is built (ops: {ops}; CUDA {torch.version.cuda})"
     if not torch.cuda.is_available():
         return BackendStatus(False, f"{built}, but no CUDA device is visible")
@@ -51,11 +51,19 @@ def _cuda_status() -> BackendStatus:
 def _triton_status() -> BackendStatus:
     if importlib.util.find_spec("triton") is None:
         return BackendStatus(False, "triton is not installed")
-    import triton
+    from importlib.metadata import version
 
+    installed = f"triton {version('triton')}"
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"{installed}; {torch.cuda.get_device_name()}")
+    if triton_backend.interpreting():
+        return BackendStatus(
+            True, f"{installed}, TRITON_INTERPRET=1: kernels run on CPU tensors in the interpreter"
+        )
     return BackendStatus(
         False,
-        f"triton {triton.__version__} is installed, but no Triton kernels are implemented yet",
+        f"{installed} is installed, but no CUDA device is visible (TRITON_INTERPRET=1 runs the "
+        "kernels on CPU tensors in Triton's interpreter)",
     )
 
 
@@ -67,10 +75,18 @@ _STATUS = {
     ),
 }
 
-_IMPLEMENTATION: dict[str, ModuleType] = {"cuda": fused, "reference": reference}
+_IMPLEMENTATION: dict[str, ModuleType] = {
+    "cuda": fused,
+    "triton": triton_backend,
+    "reference": reference,
+}
 
-# The devices each backend runs tensors on.
-_RUNS_ON = {"cuda": ("cuda",), "triton": ("cuda",), "reference": None}  # None: any device
+# The devices each backend runs tensors on (None: any device).
+_RUNS_ON = {
+    "cuda": ("cuda",),
+    "triton": ("cuda", "cpu") if triton_backend.interpreting() else ("cuda",),
+    "reference": None,
+}
 
 
 @functools.cache

@@ -44,14 +44,14 @@ def check_tensors(tensors: list[Tensor], backend: str = "cuda") -> None:
             )
 
 
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+def by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
     groups: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault(t.device, []).append(t)
     return groups
 
 
-def _is_dense(t: Tensor) -> bool:
+def _isdense_staged(t: Tensor) -> bool:
     """Contiguous up to a permutation of its dims: no gaps, no element stored twice."""
     if t.is_contiguous():
         return True
@@ -59,12 +59,12 @@ def _is_dense(t: Tensor) -> bool:
     return t.permute(order).is_contiguous()
 
 
-def _dense(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+def dense_staged(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """The tensors the kernels can read in place, with a dense copy standing in for each strided
     view with gaps; and the (view, copy) pairs to write back after an in-place pass."""
     staged, write_back = [], []
     for t in tensors:
-        if _is_dense(t):
+        if _isdense_staged(t):
             staged.append(t)
         else:
             copy = t.contiguous()
@@ -76,9 +76,9 @@ def _dense(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tens
 def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The norm of all tensors as if concatenated: 0-dim fp64 on ``tensors[0]``'s device."""
     check_tensors(tensors)
-    groups = _by_device(tensors)
+    groups = by_device(tensors)
     norms = [
-        torch.ops.fusedclip.total_norm(_dense(ts)[0], norm_type, math.inf, False)[0]
+        torch.ops.fusedclip.total_norm(dense_staged(ts)[0], norm_type, math.inf, False)[0]
         for ts in groups.values()
     ]
     if len(norms) == 1:
@@ -90,8 +90,8 @@ def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """``t <- t * coef`` in place (fp64 product, one rounding); nothing is written when it is 1."""
     check_tensors(tensors)
-    for device, ts in _by_device(tensors).items():
-        staged, write_back = _dense(ts)
+    for device, ts in by_device(tensors).items():
+        staged, write_back = dense_staged(ts)
         torch.ops.fusedclip.scale_(staged, coef.to(device=device, dtype=torch.float64).reshape(()))
         for view, copy in write_back:
             view.copy_(copy)
@@ -106,9 +106,9 @@ def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Global-norm clipping in place: returns the fp64 total norm. Both passes in one call when
     the gradients are dense and on one device."""
     check_tensors(tensors)
-    groups = _by_device(tensors)
+    groups = by_device(tensors)
     if len(groups) == 1:
-        staged, write_back = _dense(tensors)
+        staged, write_back = dense_staged(tensors)
         norm = torch.ops.fusedclip.clip_(staged, max_norm, norm_type, False)[0]
         for view, copy in write_back:
             view.copy_(copy)

@@ -72,6 +72,10 @@ def check_clip_against_oracle_and_torch(params, max_norm_factor, norm_type, back
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_matches_oracle_and_torch(cpu_backend, dtype, norm_type, shape_class):
+    if cpu_backend == "triton" and shape_class == "many":
+        # 2,000 programs per launch take ~20 s each in Triton's interpreter; test_triton.py runs
+        # hundreds of tensors once instead.
+        pytest.skip("too slow in Triton's CPU interpreter")
     params = make_params(SHAPE_CLASSES[shape_class], dtype, seed=zlib.crc32(shape_class.encode()))
     check_clip_against_oracle_and_torch(params, 0.25, norm_type, cpu_backend)
 

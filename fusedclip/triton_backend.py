@@ -1,0 +1,291 @@
+"""The ``triton`` backend: the two passes of the fused clip as Triton kernels.
+
+Same table and arithmetic as the CUDA engine (csrc/table.h, csrc/norm_math.h): pass 1 writes one
+(max, scaled sum) partial per 64Ki-element chunk, a one-program follow-up combines them in a fixed
+order into the norm and the clip coefficient on the device, and pass 2 rescales in place unless the
+coefficient is exactly 1. No host synchronization, no per-tensor launches: one launch per
+(dtype, 16-byte alignment) group and pass.
+
+The plan (the device-side table) is built here in Python and cached by every tensor's address,
+size and dtype, so it is reused while the gradient storages stay the same; building one is a
+blocking host-to-device copy and is refused inside a CUDA graph capture (run one call before
+capturing). Keying costs a few hundred nanoseconds of Python per tensor.
+
+Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+Triton was first imported (that is how CI tests their logic). The operators are registered with
+``torch.library.custom_op`` (opaque to ``torch.compile``, with fake implementations): the kernels
+read pointers out of a table, which the compiler could not trace through ``triton_op``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+import struct
+
+import torch
+from torch import Tensor
+
+from fusedclip import reference
+from fusedclip.fused import by_device, check_tensors, dense_staged
+
+__all__ = ["clamp_", "clip_", "clip_with_norm_", "interpreting", "scale_", "total_norm"]
+
+_CACHE_SIZE = 8
+_NUM_WARPS = 8
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _kernels():
+    # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before.
+    import triton.language as tl
+
+    from fusedclip.triton_kernels import norm, scale
+
+    dtypes = {torch.float32: tl.float32, torch.float64: tl.float64,
+              torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    return norm, scale, dtypes
+
+
+def _f64_bits(x: float) -> int:
+    """An fp64 value as the int64 with its bits: Triton passes Python floats as fp32."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    dtype: torch.dtype
+    aligned: bool  # every tensor's base address is a multiple of 16 bytes: vector accesses
+    chunk_lo: int
+    chunk_hi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    device: torch.device
+    table: Tensor  # int64 [3 * T + C] on device
+    num_tensors: int
+    num_chunks: int
+    groups: tuple[Group, ...]
+    result_dtype: torch.dtype
+
+
+_PLANS: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
+plans_built = 0
+
+
+def _key(t: Tensor) -> tuple[int, int, torch.dtype]:
+    n = t.numel()
+    return (t.data_ptr() if n else 0, n, t.dtype)
+
+
+def _check_disjoint(keys: list[tuple[int, int, torch.dtype]]) -> None:
+    spans = sorted(
+        (addr, addr + n * torch.empty((), dtype=dt).element_size(), i)
+        for i, (addr, n, dt) in enumerate(keys) if n
+    )
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(
+                f"gradients[{i}] and gradients[{j}] share memory (the same gradient passed twice, "
+                "or overlapping views); the fused backends scale each element once, so pass each "
+                "gradient once"
+            )
+
+
+def _build(keys: list[tuple[int, int, torch.dtype]], device: torch.device) -> Plan:
+    global plans_built
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "backend 'triton' cannot build a plan inside a CUDA graph capture (its table is "
+            "uploaded with a blocking copy); call it once on the same gradients before capturing"
+        )
+    _check_disjoint(keys)
+    norm, _, _ = _kernels()
+    n = len(keys)
+    first_chunk = [0] * n
+    chunk_tensor: list[int] = []
+    groups = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for aligned in (True, False):
+            lo = len(chunk_tensor)
+            for t, (addr, numel, dt) in enumerate(keys):
+                if dt == dtype and (addr % 16 == 0) == aligned:
+                    first_chunk[t] = len(chunk_tensor)
+                    chunk_tensor += [t] * -(-numel // norm.CHUNK)
+            if len(chunk_tensor) > lo:
+                groups.append(Group(dtype, aligned, lo, len(chunk_tensor)))
+    host = [k[0] for k in keys] + [k[1] for k in keys] + first_chunk + chunk_tensor
+    table = torch.tensor(host, dtype=torch.int64).to(device)
+    result_dtype = functools.reduce(torch.promote_types, (k[2] for k in keys))
+    plans_built += 1
+    return Plan(device, table, n, len(chunk_tensor), tuple(groups), result_dtype)
+
+
+def plan_for(tensors: list[Tensor]) -> Plan:
+    """The cached plan of ``tensors`` (dense, kernel dtypes, one device), or a new one."""
+    device = tensors[0].device
+    keys = [_key(t) for t in tensors]
+    key = (device, tuple(keys))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _build(keys, device)
+        _PLANS[key] = plan
+        while len(_PLANS) > _CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _check_device(tensors: list[Tensor]) -> None:
+    device = tensors[0].device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise RuntimeError(
+            f"backend 'triton' runs CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), "
+            f"got {device}"
+        )
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(f"gradients[{i}] is on {t.device} but gradients[0] is on {device}")
+
+
+def norm_pass(
+    plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty)."""
+    norm_k, _, tl_dtype = _kernels()
+    kind = norm_k.norm_kind(norm_type)
+    f64 = dict(dtype=torch.float64, device=plan.device)
+    partials = torch.empty(2 * max(plan.num_chunks, 1), **f64)
+    p_bits = _f64_bits(norm_type if math.isfinite(norm_type) else 0.0)
+    for g in plan.groups:
+        plain = kind in (norm_k.KIND_ONE, norm_k.KIND_TWO) and g.dtype != torch.float64
+        norm_k.chunk_partials[(g.chunk_hi - g.chunk_lo,)](
+            plan.table, plan.num_tensors, g.chunk_lo, partials, p_bits,
+            DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned,
+            CHUNK=norm_k.CHUNK, BLOCK=norm_k.BLOCK, num_warps=_NUM_WARPS,
+        )
+    norm = torch.empty((), **f64)
+    coef = torch.empty((), **f64)
+    out = torch.empty((), dtype=out_dtype, device=plan.device)
+    norm_k.finish[(1,)](
+        partials, plan.num_chunks, p_bits, _f64_bits(max_norm), norm, coef, out,
+        KIND=kind, OUT_DT=tl_dtype[out_dtype], FBLOCK=norm_k.FBLOCK, num_warps=_NUM_WARPS,
+    )
+    per = torch.empty(plan.num_tensors if per_tensor else 0, **f64)
+    if per_tensor and plan.num_tensors:
+        norm_k.per_tensor_norms[(plan.num_tensors,)](
+            plan.table, plan.num_tensors, partials, p_bits, per,
+            KIND=kind, CHUNK=norm_k.CHUNK, FBLOCK=norm_k.FBLOCK, num_warps=4,
+        )
+    return norm, coef, out, per
+
+
+def scale_pass(plan: Plan, coef: Tensor) -> None:
+    """Pass 2: every tensor times ``coef`` (fp64 0-dim on the device), in place."""
+    norm_k, scale_k, tl_dtype = _kernels()
+    for g in plan.groups:
+        scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
+            plan.table, plan.num_tensors, g.chunk_lo, coef,
+            DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=norm_k.CHUNK, BLOCK=norm_k.BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+
+
+# ---- operators ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("fusedclip::triton_total_norm", mutates_args=())
+def _total_norm_op(
+    tensors: list[Tensor], norm_type: float, max_norm: float, per_tensor: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    norm, coef, _, per = norm_pass(plan_for(tensors), norm_type, max_norm, per_tensor,
+                                   torch.float64)
+    return norm, coef, per
+
+
+@_total_norm_op.register_fake
+def _(tensors, norm_type, max_norm, per_tensor):
+    like = tensors[0].new_empty((), dtype=torch.float64)
+    return like, like.clone(), tensors[0].new_empty((len(tensors) if per_tensor else 0,),
+                                                    dtype=torch.float64)
+
+
+@torch.library.custom_op("fusedclip::triton_clip_", mutates_args=("tensors",))
+def _clip_op(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+    plan = plan_for(tensors)
+    norm, coef, _, _ = norm_pass(plan, norm_type, max_norm, False, torch.float64)
+    scale_pass(plan, coef)
+    return norm
+
+
+@_clip_op.register_fake
+def _(tensors, max_norm, norm_type):
+    return tensors[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
+def _scale_op(tensors: list[Tensor], coef: Tensor) -> None:
+    scale_pass(plan_for(tensors), coef)
+
+
+@_scale_op.register_fake
+def _(tensors, coef):
+    return None
+
+
+# ---- the backend interface (fusedclip.reference's) ---------------------------------------------
+
+def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The norm of all tensors as if concatenated: 0-dim fp64 on ``tensors[0]``'s device."""
+    check_tensors(tensors, "triton")
+    norms = []
+    for ts in by_device(tensors).values():
+        _check_device(ts)
+        norms.append(_total_norm_op(dense_staged(ts)[0], norm_type, math.inf, False)[0])
+    return norms[0] if len(norms) == 1 else reference.total_norm(norms, norm_type)
+
+
+def scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """``t <- t * coef`` in place (fp64 product, one rounding); nothing is written when it is 1."""
+    check_tensors(tensors, "triton")
+    for device, ts in by_device(tensors).items():
+        _check_device(ts)
+        staged, write_back = dense_staged(ts)
+        _scale_op(staged, coef.to(device=device, dtype=torch.float64).reshape(()))
+        for view, copy in write_back:
+            view.copy_(copy)
+
+
+def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
+    scale_(tensors, reference.clip_coef(max_norm, norm))
+
+
+def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+    """Global-norm clipping in place; returns the fp64 total norm."""
+    check_tensors(tensors, "triton")
+    groups = by_device(tensors)
+    if len(groups) == 1:
+        _check_device(tensors)
+        staged, write_back = dense_staged(tensors)
+        norm = _clip_op(staged, max_norm, norm_type)
+        for view, copy in write_back:
+            view.copy_(copy)
+        return norm
+    norm = total_norm(tensors, norm_type)
+    clip_with_norm_(tensors, max_norm, norm)
+    return norm
+
+
+def clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    """Value clipping: not fused yet, the reference's per-tensor clamp."""
+    reference.clamp_(tensors, clip_value)
+

@@ -1,0 +1,201 @@
+"""Pass 1 of the clip in Triton: per-chunk partials, then the total norm and the coefficient.
+
+The table is the one the CUDA engine uses (csrc/table.h): int64 ``addr[T]``, ``numel[T]``,
+``first_chunk[T]``, ``chunk_tensor[C]``, with 64Ki-element chunks. A partial is a pair (m, s):
+m = max |x| over the chunk and s = sum (|x| / m)^p, so nothing overflows or underflows for any p;
+m is NaN once any element is NaN, else inf once any is infinite. A plain fp64 sum of |x|^p (p = 1
+or 2 on fp16/bf16/fp32, which no finite input can overflow) enters as (1, sum).
+
+Kernels and their passes over memory:
+- ``chunk_partials``: one read of every element of one dtype group (one program per chunk), one
+  (m, s) pair written per chunk.
+- ``finish``: one program reads the C partials (16 bytes per 128 KiB of gradients), twice, in a
+  fixed order, and writes the norm, the coefficient and the norm in the gradients' dtype.
+- ``per_tensor_norms``: one program per tensor over its own chunks' partials (only when asked).
+Everything is in a fixed order: the results are bitwise identical from run to run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedclip.triton_kernels.convert import round_fp32_to
+
+CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
+BLOCK = 4096  # elements per tile of a chunk
+FBLOCK = 1024  # partials per tile of the final reduction
+
+KIND_ONE, KIND_TWO, KIND_INF, KIND_GENERAL = 0, 1, 2, 3
+NORM_EPS = 1e-6
+
+
+def norm_kind(p: float) -> int:
+    if p == 1.0:
+        return KIND_ONE
+    if p == 2.0:
+        return KIND_TWO
+    if p == float("inf"):
+        return KIND_INF
+    return KIND_GENERAL
+
+
+@triton.jit
+def _f64(bits):
+    """The fp64 whose bits are the int64 ``bits`` (Triton passes Python floats as fp32)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _pow(r, p, KIND: tl.constexpr):
+    """r^p for 0 <= r <= 1 (fp64)."""
+    if KIND == 1:
+        out = r * r
+    elif KIND == 0:
+        out = r
+    else:
+        out = tl.where(r > 0, tl.exp(p * tl.log(tl.maximum(r, 1e-300))), 0.0)
+    return out
+
+
+@triton.jit
+def _nan_max(a):
+    """max over a 1-D fp64 block, NaN if any element is NaN (tl.max may drop NaNs)."""
+    has_nan = tl.max((a != a).to(tl.int32), axis=0)
+    m = tl.max(tl.where(a != a, 0.0, a), axis=0)
+    return tl.where(has_nan > 0, float("nan"), m)
+
+
+@triton.jit
+def _nan_maximum(a, b):
+    """max(a, b), NaN if either is (tl.maximum leaves NaN handling to the hardware)."""
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def _tile(ptr, idx, mask, DT: tl.constexpr, MASKED: tl.constexpr):
+    """|x| of one tile as fp64 (0 where masked off)."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + idx)
+    if DT == tl.float64:
+        a = tl.abs(x)
+    else:
+        a = tl.abs(x.to(tl.float32)).to(tl.float64)
+    return a
+
+
+@triton.jit
+def _add_tile(m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
+    """Folds a tile of magnitudes into the running (m, s) of a chunk."""
+    if PLAIN:
+        if KIND == 1:
+            s += tl.sum(a * a, axis=0)
+        else:
+            s += tl.sum(a, axis=0)
+    elif KIND == 2:
+        m = _nan_maximum(m, _nan_max(a))
+    else:
+        tm = _nan_max(a)
+        ts = tl.sum(tl.where(a > 0, _pow(a / tl.where(tm > 0, tm, 1.0), p, KIND), 0.0), axis=0)
+        big = tl.maximum(m, tm)
+        safe = tl.where(big > 0, big, 1.0)
+        s = tl.where(m > 0, s * _pow(m / safe, p, KIND), 0.0) + \
+            tl.where(tm > 0, ts * _pow(tm / safe, p, KIND), 0.0)
+        m = _nan_maximum(m, tm)
+    return m, s
+
+
+@triton.jit
+def chunk_partials(
+    table, n_tensors, chunk_lo, partials, p_bits,
+    DT: tl.constexpr, KIND: tl.constexpr, PLAIN: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    p = _f64(p_bits)
+    c = chunk_lo + tl.program_id(0).to(tl.int64)
+    t = tl.load(table + 3 * n_tensors + c)
+    numel = tl.load(table + n_tensors + t)
+    begin = (c - tl.load(table + 2 * n_tensors + t)) * CHUNK
+    ptr = tl.load(table + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    n = tl.minimum(numel - begin, CHUNK)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.zeros((), tl.float64)
+    s = tl.zeros((), tl.float64)
+    n_full = (n // BLOCK) * BLOCK
+    for i in range(0, n_full, BLOCK):  # full tiles: unmasked, so the loads vectorize
+        m, s = _add_tile(m, s, _tile(ptr, begin + i + offs, None, DT, False), p, KIND, PLAIN)
+    if n_full < n:
+        idx = n_full + offs
+        m, s = _add_tile(m, s, _tile(ptr, begin + idx, idx < n, DT, True), p, KIND, PLAIN)
+    if PLAIN:
+        # (1, s), or the sum itself when it is 0, NaN or inf
+        bad = (s != s) | (s == float("inf")) | (s == 0.0)
+        m = tl.where(bad, s, 1.0)
+        s = tl.where(bad, 0.0, s)
+    tl.store(partials + 2 * c, m)
+    tl.store(partials + 2 * c + 1, s)
+
+
+@triton.jit
+def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
+    """The norm described by the partials of chunks [lo, hi): the max of m, then the sum of
+    s * (m / max)^p, both in a fixed order."""
+    offs = tl.arange(0, FBLOCK).to(tl.int64)
+    big = tl.zeros((), tl.float64)
+    for i in range(lo, hi, FBLOCK):
+        idx = i + offs
+        big = _nan_maximum(big, _nan_max(tl.load(partials + 2 * idx, mask=idx < hi, other=0.0)))
+    total = tl.zeros((), tl.float64)
+    if KIND != 2:
+        safe = tl.where(big > 0, big, 1.0)
+        for i in range(lo, hi, FBLOCK):
+            idx = i + offs
+            mi = tl.load(partials + 2 * idx, mask=idx < hi, other=0.0)
+            si = tl.load(partials + 2 * idx + 1, mask=idx < hi, other=0.0)
+            term = tl.where(mi == big, si, si * _pow(mi / safe, p, KIND))
+            total += tl.sum(tl.where(mi > 0, term, 0.0), axis=0)
+    finite = (big == big) & (big != float("inf")) & (big > 0)
+    if KIND == 2:
+        norm = big
+    elif KIND == 1:
+        norm = tl.where(finite, big * tl.sqrt(total), big)
+    elif KIND == 0:
+        norm = tl.where(finite, big * total, big)
+    else:
+        root = tl.exp(tl.log(tl.where(total > 0, total, 1.0)) / p)
+        norm = tl.where(finite, big * root, big)
+    return norm
+
+
+@triton.jit
+def finish(
+    partials, num_chunks, p_bits, max_norm_bits, norm_ptr, coef_ptr, out_ptr,
+    KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr,
+):
+    p = _f64(p_bits)
+    max_norm = _f64(max_norm_bits)
+    norm = _combine_range(partials, 0, num_chunks, p, KIND, FBLOCK)
+    tl.store(norm_ptr, norm)
+    c = max_norm / (norm + 1e-6)
+    tl.store(coef_ptr, tl.where(c > 1.0, 1.0, c))  # NaN stays NaN, as torch's clamp
+    if OUT_DT == tl.float64:
+        tl.store(out_ptr, norm)
+    else:
+        tl.store(out_ptr, round_fp32_to(norm.to(tl.float32), OUT_DT))
+
+
+@triton.jit
+def per_tensor_norms(
+    table, n_tensors, partials, p_bits, out_ptr, KIND: tl.constexpr, CHUNK: tl.constexpr,
+    FBLOCK: tl.constexpr,
+):
+    p = _f64(p_bits)
+    t = tl.program_id(0).to(tl.int64)
+    numel = tl.load(table + n_tensors + t)
+    first = tl.load(table + 2 * n_tensors + t)
+    n_chunks = (numel + CHUNK - 1) // CHUNK
+    tl.store(out_ptr + t, _combine_range(partials, first, first + n_chunks, p, KIND, FBLOCK))

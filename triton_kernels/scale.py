@@ -1,0 +1,51 @@
+"""Pass 2 of the clip in Triton: rescale every tensor of a dtype group in place.
+
+``scale``: one program per chunk (the table of csrc/table.h). It reads the fp64 coefficient on
+the device; when it is exactly 1 the program returns without touching the gradients (the whole
+clip then costs pass 1's single read), otherwise it makes one read and one write of each element.
+The product is formed in fp64 and rounded to the gradient's dtype through fp32, as the reference
+and the CUDA kernel do.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedclip.triton_kernels.convert import round_fp32_to
+
+
+@triton.jit
+def _scaled(x, c, DT: tl.constexpr):
+    if DT == tl.float64:
+        y = x * c
+    else:
+        y = round_fp32_to((x.to(tl.float64) * c).to(tl.float32), DT)
+    return y
+
+
+@triton.jit
+def scale(
+    table, n_tensors, chunk_lo, coef_ptr,
+    DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.load(coef_ptr)
+    if c != 1.0:
+        chunk = chunk_lo + tl.program_id(0).to(tl.int64)
+        t = tl.load(table + 3 * n_tensors + chunk)
+        numel = tl.load(table + n_tensors + t)
+        begin = (chunk - tl.load(table + 2 * n_tensors + t)) * CHUNK
+        ptr = tl.load(table + t).to(tl.pointer_type(DT))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        n = tl.minimum(numel - begin, CHUNK)
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        n_full = (n // BLOCK) * BLOCK
+        for i in range(0, n_full, BLOCK):  # full tiles: unmasked, so the accesses vectorize
+            idx = begin + i + offs
+            tl.store(ptr + idx, _scaled(tl.load(ptr + idx), c, DT))
+        if n_full < n:
+            local = n_full + offs
+            idx = begin + local
+            x = tl.load(ptr + idx, mask=local < n, other=0.0)
+            tl.store(ptr + idx, _scaled(x, c, DT), mask=local < n)
