@@ -197,8 +197,9 @@ def test_kernels_compile_for_sm90():
         part = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "partials": "*fp64",
                 "p_bits": "i64"}
         tile = {"CHUNK": norm.CHUNK, "BLOCK": norm.BLOCK}
-        for dt, kind, plain, aligned in [(tl.bfloat16, 1, True, True), (tl.float32, 2, False, True),
-                                         (tl.float16, 3, False, False), (tl.float64, 1, False, True)]:
+        variants = [(tl.bfloat16, 1, True, True), (tl.float32, 2, False, True),
+                    (tl.float16, 3, False, False), (tl.float64, 1, False, True)]
+        for dt, kind, plain, aligned in variants:
             code = ptx(norm.chunk_partials, part, {"DT": dt, "KIND": kind, "PLAIN": plain,
                                                    "ALIGNED": aligned, **tile})
             if aligned:  # 16-byte vectors: v4 of 32-bit words, or v2 of 64-bit ones

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from fusedclip.triton_kernels.convert import round_fp32_to
 
 CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
@@ -87,15 +86,16 @@ def _tile(ptr, idx, mask, DT: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _add_tile(m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
-    """Folds a tile of magnitudes into the running (m, s) of a chunk."""
+def _add_tile(acc, m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
+    """Folds a tile of magnitudes into a chunk's running state: the per-lane vector ``acc`` (plain
+    sums, and the inf-norm's max), reduced once per chunk; or, for the scaled pair, (m, s)."""
     if PLAIN:
         if KIND == 1:
-            s += tl.sum(a * a, axis=0)
+            acc += a * a
         else:
-            s += tl.sum(a, axis=0)
+            acc += a
     elif KIND == 2:
-        m = _nan_maximum(m, _nan_max(a))
+        acc = _nan_maximum(acc, a)
     else:
         tm = _nan_max(a)
         ts = tl.sum(tl.where(a > 0, _pow(a / tl.where(tm > 0, tm, 1.0), p, KIND), 0.0), axis=0)
@@ -104,7 +104,7 @@ def _add_tile(m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
         s = tl.where(m > 0, s * _pow(m / safe, p, KIND), 0.0) + \
             tl.where(tm > 0, ts * _pow(tm / safe, p, KIND), 0.0)
         m = _nan_maximum(m, tm)
-    return m, s
+    return acc, m, s
 
 
 @triton.jit
@@ -123,19 +123,25 @@ def chunk_partials(
         ptr = tl.multiple_of(ptr, 16)
     n = tl.minimum(numel - begin, CHUNK)
     offs = tl.arange(0, BLOCK).to(tl.int64)
+    acc = tl.zeros([BLOCK], tl.float64)
     m = tl.zeros((), tl.float64)
     s = tl.zeros((), tl.float64)
-    n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):  # full tiles: unmasked, so the loads vectorize
-        m, s = _add_tile(m, s, _tile(ptr, begin + i + offs, None, DT, False), p, KIND, PLAIN)
-    if n_full < n:
-        idx = n_full + offs
-        m, s = _add_tile(m, s, _tile(ptr, begin + idx, idx < n, DT, True), p, KIND, PLAIN)
+    for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets the same
+        if i + BLOCK <= n:  # a full tile: unmasked, so the loads vectorize
+            a = _tile(ptr, begin + i + offs, None, DT, False)
+            acc, m, s = _add_tile(acc, m, s, a, p, KIND, PLAIN)
+        elif i < n:
+            idx = i + offs
+            a = _tile(ptr, begin + idx, idx < n, DT, True)
+            acc, m, s = _add_tile(acc, m, s, a, p, KIND, PLAIN)
     if PLAIN:
+        s = tl.sum(acc, axis=0)
         # (1, s), or the sum itself when it is 0, NaN or inf
         bad = (s != s) | (s == float("inf")) | (s == 0.0)
         m = tl.where(bad, s, 1.0)
         s = tl.where(bad, 0.0, s)
+    elif KIND == 2:
+        m = _nan_max(acc)
     tl.store(partials + 2 * c, m)
     tl.store(partials + 2 * c + 1, s)
 
@@ -144,20 +150,25 @@ def chunk_partials(
 def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
     """The norm described by the partials of chunks [lo, hi): the max of m, then the sum of
     s * (m / max)^p, both in a fixed order."""
+    # while loops: a runtime-bounded range does not run in Triton 3.6's interpreter.
     offs = tl.arange(0, FBLOCK).to(tl.int64)
     big = tl.zeros((), tl.float64)
-    for i in range(lo, hi, FBLOCK):
+    i = lo
+    while i < hi:
         idx = i + offs
         big = _nan_maximum(big, _nan_max(tl.load(partials + 2 * idx, mask=idx < hi, other=0.0)))
+        i += FBLOCK
     total = tl.zeros((), tl.float64)
     if KIND != 2:
         safe = tl.where(big > 0, big, 1.0)
-        for i in range(lo, hi, FBLOCK):
+        i = lo
+        while i < hi:
             idx = i + offs
             mi = tl.load(partials + 2 * idx, mask=idx < hi, other=0.0)
             si = tl.load(partials + 2 * idx + 1, mask=idx < hi, other=0.0)
             term = tl.where(mi == big, si, si * _pow(mi / safe, p, KIND))
             total += tl.sum(tl.where(mi > 0, term, 0.0), axis=0)
+            i += FBLOCK
     finite = (big == big) & (big != float("inf")) & (big > 0)
     if KIND == 2:
         norm = big

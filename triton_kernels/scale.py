@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from fusedclip.triton_kernels.convert import round_fp32_to
 
 
@@ -40,12 +39,11 @@ def scale(
             ptr = tl.multiple_of(ptr, 16)
         n = tl.minimum(numel - begin, CHUNK)
         offs = tl.arange(0, BLOCK).to(tl.int64)
-        n_full = (n // BLOCK) * BLOCK
-        for i in range(0, n_full, BLOCK):  # full tiles: unmasked, so the accesses vectorize
+        for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets alike
             idx = begin + i + offs
-            tl.store(ptr + idx, _scaled(tl.load(ptr + idx), c, DT))
-        if n_full < n:
-            local = n_full + offs
-            idx = begin + local
-            x = tl.load(ptr + idx, mask=local < n, other=0.0)
-            tl.store(ptr + idx, _scaled(x, c, DT), mask=local < n)
+            if i + BLOCK <= n:  # a full tile: unmasked, so the accesses vectorize
+                tl.store(ptr + idx, _scaled(tl.load(ptr + idx), c, DT))
+            elif i < n:
+                mask = i + offs < n
+                x = tl.load(ptr + idx, mask=mask, other=0.0)
+                tl.store(ptr + idx, _scaled(x, c, DT), mask=mask)
