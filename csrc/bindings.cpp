@@ -28,58 +28,92 @@ bool is_plain_grad(const at::Tensor& g, const at::Device& device) {
          !g._is_zerotensor() && !g.is_inference() && g.is_non_overlapping_and_dense();
 }
 
-// clip_grad_norm_ over `params` (a list of tensors) when every existing gradient is plain and on
-// one device (a CUDA device when cuda_only); returns the norm as torch does (the gradients' dtypes
-// promoted), or None to say "take the general path". Raises, touching nothing, when two gradients
-// share memory.
+// The gradients of `params` (a Python list of tensors) when every existing one is plain and all
+// are on one device (a CUDA device when cuda_only): their keys, borrowed TensorImpls and device.
+// False means "take the general path" (which validates everything and raises where it must).
+struct PlainGrads {
+  std::vector<TensorKey> keys;
+  // Borrowed: the parameters keep their gradients alive for the length of the call (the GIL is
+  // held throughout; replacing .grad from another thread meanwhile is the caller's race).
+  std::vector<c10::TensorImpl*> impls;
+  at::Device device{at::kCPU};
+
+  bool collect(py::handle params, bool cuda_only) {
+    if (!PyList_Check(params.ptr())) return false;
+    PyObject* list = params.ptr();
+    const Py_ssize_t n = PyList_GET_SIZE(list);
+    keys.reserve(n);
+    impls.reserve(n);
+    PyTypeObject* checked_type = nullptr;  // nn.Parameter, usually: one isinstance check, not n
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(list, i);
+      if (Py_TYPE(item) != checked_type) {
+        if (!THPVariable_Check(item)) return false;
+        checked_type = Py_TYPE(item);
+      }
+      // TensorImpl::grad directly: TensorBase::grad adds a non-leaf warning check per call.
+      const at::Tensor& g = THPVariable_Unpack(item).unsafeGetTensorImpl()->grad();
+      if (!g.defined()) continue;
+      if (impls.empty()) {
+        device = g.device();
+        if (!device.is_cuda() && (cuda_only || !device.is_cpu())) return false;
+      }
+      if (!is_plain_grad(g, device)) return false;
+      keys.push_back(key_of(g));
+      impls.push_back(g.unsafeGetTensorImpl());
+    }
+    return !impls.empty();
+  }
+
+  // They are about to be written in place, as by any in-place op: autograd must see it.
+  void bump_versions() const {
+    for (c10::TensorImpl* g : impls) g->bump_version();
+  }
+};
+
+// clip_grad_norm_ over `params` through the cached plan: returns the norm as torch does (the
+// gradients' dtypes promoted), or None to say "take the general path". Raises, touching
+// nothing, when two gradients share memory.
 py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only) {
   HANDLE_TH_ERRORS
   constexpr const char* op = "fusedclip.clip_grad_norm_";
-  if (!PyList_Check(params.ptr())) return py::none();
-  PyObject* list = params.ptr();
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  std::vector<TensorKey> keys;
-  // Borrowed: the parameters keep their gradients alive for the length of this call (the GIL is
-  // held throughout; replacing .grad from another thread during the call is the caller's race).
-  std::vector<c10::TensorImpl*> grads;
-  keys.reserve(n);
-  grads.reserve(n);
-  at::Device device(at::kCPU);
-  PyTypeObject* checked_type = nullptr;  // nn.Parameter, usually: one isinstance check, not n
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(list, i);
-    if (Py_TYPE(item) != checked_type) {
-      if (!THPVariable_Check(item)) return py::none();
-      checked_type = Py_TYPE(item);
-    }
-    // TensorImpl::grad directly: TensorBase::grad adds a non-leaf warning check per call.
-    const at::Tensor& g = THPVariable_Unpack(item).unsafeGetTensorImpl()->grad();
-    if (!g.defined()) continue;
-    if (grads.empty()) {
-      device = g.device();
-      if (!device.is_cuda() && (cuda_only || !device.is_cpu())) return py::none();
-    }
-    if (!is_plain_grad(g, device)) return py::none();
-    keys.push_back(key_of(g));
-    grads.push_back(g.unsafeGetTensorImpl());
-  }
-  if (grads.empty()) return py::none();
+  PlainGrads grads;
+  if (!grads.collect(params, cuda_only)) return py::none();
   check_norm_args(norm_type, max_norm, op);
-  const auto plan = plan_for(keys, device, op);
+  const auto plan = plan_for(grads.keys, grads.device, op);
 
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(plan->result_dtype).device(device));
-  at::Tensor coef = at::empty({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const auto on_device = at::TensorOptions().device(grads.device);
+  at::Tensor out = at::empty({}, on_device.dtype(plan->result_dtype));
+  at::Tensor coef = at::empty({}, on_device.dtype(at::kDouble));
   NormRequest r;
   r.p = norm_type;
   r.max_norm = max_norm;
   r.coef = coef.data_ptr<double>();
   r.norm_out = out.data_ptr();
   r.norm_out_dtype = plan->result_dtype;
-  // The gradients are written in place, as by any in-place op: autograd must see it.
-  for (c10::TensorImpl* g : grads) g->bump_version();
+  grads.bump_versions();
   norm_pass(*plan, r);
   scale_pass(*plan, coef.const_data_ptr<double>());
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// The cached plan of the gradients of `params`, for kernels launched from Python (the Triton
+// backend): (table, num_tensors, num_chunks, result dtype, [(dtype, aligned, chunk_lo,
+// chunk_hi)]), or None for the general path. The table is ready for the current stream. With
+// `writing`, the gradients' version counters are bumped (the caller is about to scale them).
+py::object plan_of_params(py::handle params, bool cuda_only, bool writing) {
+  HANDLE_TH_ERRORS
+  PlainGrads grads;
+  if (!grads.collect(params, cuda_only)) return py::none();
+  const auto plan = plan_for(grads.keys, grads.device, "fusedclip.clip_grad_norm_");
+  if (writing) grads.bump_versions();
+  py::list groups;
+  for (const Group& g : plan->groups) {
+    groups.append(py::make_tuple(g.dtype, g.aligned, g.chunk_lo, g.chunk_hi));
+  }
+  return py::make_tuple(plan->table, static_cast<int64_t>(plan->keys.size()), plan->num_chunks,
+                        plan->result_dtype, groups);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -92,6 +126,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("norm_type"), py::arg("cuda_only") = true,
         "clip_grad_norm_ on a list of parameters through the cached plan, or None when the "
         "gradients need the general path");
+  m.def("plan_of_params", &fusedclip::plan_of_params, py::arg("params"),
+        py::arg("cuda_only") = true, py::arg("writing") = false,
+        "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "
+        "None when they need the general path");
   m.def("plans_built", &fusedclip::plans_built, "plans built since the process started");
   m.def("clear_plan_cache", &fusedclip::clear_plan_cache,
         "drop every cached plan that no captured CUDA graph uses");

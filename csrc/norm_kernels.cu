@@ -240,7 +240,7 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   Pass1Args a{plan.view(), 0, 0, partials, counter, 0, request};
   // With no elements at all one block still runs, to write the outputs (norm 0).
   std::vector<Group> groups = plan.groups;
-  if (groups.empty()) groups.push_back({at::kFloat, 0, 0});
+  if (groups.empty()) groups.push_back({at::kFloat, true, 0, 0});
   std::vector<int> grids;
   unsigned int total = 0;
   for (const Group& g : groups) {

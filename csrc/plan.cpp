@@ -112,20 +112,26 @@ std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device devic
   plan->keys = keys;
   const int64_t n = static_cast<int64_t>(keys.size());
 
-  // Chunks grouped by dtype, in a fixed dtype order, tensors in list order inside a group.
+  // Chunks grouped by dtype and 16-byte alignment of the tensor's base (the Triton kernels take
+  // alignment as a compile-time fact; the CUDA kernels handle both in one), in a fixed order,
+  // tensors in list order inside a group.
   std::vector<int64_t> first_chunk(n, 0), chunk_tensor;
   const at::ScalarType order[] = {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble};
   plan->result_dtype = keys.empty() ? at::kFloat : keys[0].dtype;
-  for (const TensorKey& k : keys) plan->result_dtype = at::promote_types(plan->result_dtype, k.dtype);
+  for (const TensorKey& k : keys) {
+    plan->result_dtype = at::promote_types(plan->result_dtype, k.dtype);
+  }
   for (at::ScalarType dtype : order) {
-    Group g{dtype, static_cast<int64_t>(chunk_tensor.size()), 0};
-    for (int64_t t = 0; t < n; ++t) {
-      if (keys[t].dtype != dtype) continue;
-      first_chunk[t] = static_cast<int64_t>(chunk_tensor.size());
-      chunk_tensor.insert(chunk_tensor.end(), chunks_of(keys[t].numel), t);
+    for (bool aligned : {true, false}) {
+      Group g{dtype, aligned, static_cast<int64_t>(chunk_tensor.size()), 0};
+      for (int64_t t = 0; t < n; ++t) {
+        if (keys[t].dtype != dtype || (keys[t].addr % 16 == 0) != aligned) continue;
+        first_chunk[t] = static_cast<int64_t>(chunk_tensor.size());
+        chunk_tensor.insert(chunk_tensor.end(), chunks_of(keys[t].numel), t);
+      }
+      g.chunk_hi = static_cast<int64_t>(chunk_tensor.size());
+      if (g.chunk_hi > g.chunk_lo) plan->groups.push_back(g);
     }
-    g.chunk_hi = static_cast<int64_t>(chunk_tensor.size());
-    if (g.chunk_hi > g.chunk_lo) plan->groups.push_back(g);
   }
   plan->num_chunks = static_cast<int64_t>(chunk_tensor.size());
 

@@ -34,9 +34,11 @@ struct TensorKey {
   }
 };
 
-// The chunks [chunk_lo, chunk_hi) of one dtype: one launch per pass.
+// The chunks [chunk_lo, chunk_hi) of one dtype whose tensors all are (or all are not) 16-byte
+// aligned: one launch per pass.
 struct Group {
   at::ScalarType dtype;
+  bool aligned;
   int64_t chunk_lo;
   int64_t chunk_hi;
 };

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedclip import backends, fused
+from fusedclip import backends
 from fusedclip.inputs import (
     TensorOrTensors,
     as_norm_type,
@@ -105,16 +105,12 @@ def clip_grad_norm_(
     )
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
-    if (
-        not error_if_nonfinite
-        and backends.fast_path_allowed(backend)
-        and not torch.compiler.is_compiling()
-    ):
-        # One C++ call reads the grads, reuses the cached plan and launches both passes; None
+    skip_fast = error_if_nonfinite or torch.compiler.is_compiling()
+    fast = None if skip_fast else backends.fast_path(backend)
+    if fast is not None:
+        # One C++ call reads the grads and reuses the cached plan, then both passes launch; None
         # means some gradient needs the general path below (which validates everything).
-        norm = fused.clip_params(
-            params, limit, p, cuda_only=backends.cuda_tensors_only("cuda")
-        )
+        norm = fast(params, limit, p)
         if norm is not None:
             return norm
     check_tensor_items(params, "parameters")

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -157,7 +158,20 @@ def cuda_tensors_only(name: str) -> bool:
     return _RUNS_ON[name] == ("cuda",)
 
 
-def fast_path_allowed(requested: str | None) -> bool:
-    """Whether ``clip_grad_norm_`` may try the one-call C++ path of the ``cuda`` backend."""
+def fast_path(requested: str | None) -> Callable[..., Tensor | None] | None:
+    """The one-call ``clip_grad_norm_`` path of the backend ``requested`` names or ``auto`` picks
+    on CUDA, when there is one: ``f(params, max_norm, norm_type)`` returns the norm, or None when
+    the gradients need the general path. Both paths need ``fusedclip._C`` (its C++ plan)."""
     name, _ = check_name(requested)
-    return name in ("auto", "cuda") and backend_status("cuda").available
+    if not _extension.loaded():
+        return None
+    if name == "auto":
+        # Only CUDA gradients may skip auto-selection: anything else goes to `reference`.
+        for candidate in ("cuda", "triton"):
+            if backend_status(candidate).available:
+                return functools.partial(_IMPLEMENTATION[candidate].clip_params, cuda_only=True)
+        return None
+    if name in ("cuda", "triton") and backend_status(name).available:
+        return functools.partial(_IMPLEMENTATION[name].clip_params,
+                                 cuda_only=cuda_tensors_only(name))
+    return None

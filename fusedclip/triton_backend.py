@@ -9,7 +9,9 @@ coefficient is exactly 1. No host synchronization, no per-tensor launches: one l
 The plan (the device-side table) is built here in Python and cached by every tensor's address,
 size and dtype, so it is reused while the gradient storages stay the same; building one is a
 blocking host-to-device copy and is refused inside a CUDA graph capture (run one call before
-capturing). Keying costs a few hundred nanoseconds of Python per tensor.
+capturing). Keying costs a few hundred nanoseconds of Python per tensor. When ``fusedclip._C`` is
+built, ``clip_grad_norm_(..., backend="triton")`` takes its C++ plan instead (``clip_params``):
+the ``.grad``s are read and checked in C++ and only the launches are Python.
 
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 Triton was first imported (that is how CI tests their logic). The operators are registered with
@@ -29,10 +31,12 @@ import struct
 import torch
 from torch import Tensor
 
-from fusedclip import reference
+from fusedclip import _extension, reference
 from fusedclip.fused import by_device, check_tensors, dense_staged
 
-__all__ = ["clamp_", "clip_", "clip_with_norm_", "interpreting", "scale_", "total_norm"]
+__all__ = [
+    "clamp_", "clip_", "clip_params", "clip_with_norm_", "interpreting", "scale_", "total_norm"
+]
 
 _CACHE_SIZE = 8
 _NUM_WARPS = 8
@@ -288,4 +292,25 @@ def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
     """Value clipping: not fused yet, the reference's per-tensor clamp."""
     reference.clamp_(tensors, clip_value)
+
+
+def clip_params(
+    params: list[Tensor], max_norm: float, norm_type: float, *, cuda_only: bool = True
+) -> Tensor | None:
+    """``clip_grad_norm_`` on ``params`` with the plan of ``fusedclip._C`` (its C++ loop over the
+    ``.grad``s and its cache) and these kernels; the norm in torch's dtype, or None when
+    ``fusedclip._C`` is not built or some gradient needs the general path."""
+    if not _extension.loaded():
+        return None
+    info = _extension.module().plan_of_params(params, cuda_only, True)
+    if info is None:
+        return None
+    table, num_tensors, num_chunks, result_dtype, groups = info
+    if table.device.type != "cuda" and not interpreting():
+        return None
+    plan = Plan(table.device, table, num_tensors, num_chunks,
+                tuple(Group(*g) for g in groups), result_dtype)
+    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, result_dtype)
+    scale_pass(plan, coef)
+    return out
 

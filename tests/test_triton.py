@@ -30,7 +30,7 @@ from conftest import (
 )
 
 import fusedclip
-from fusedclip import reference, triton_backend
+from fusedclip import _extension, reference, triton_backend
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -131,23 +131,50 @@ def test_extreme_magnitudes(device, norm_type, magnitude):
     assert_norm_close(norm, oracle_norm(tensors, norm_type))
 
 
+def plans_built() -> int:
+    """Plans built so far by the plan cache clip_grad_norm_(backend="triton") uses: fusedclip._C's
+    when it is built (its C++ path), else the Triton backend's own."""
+    if _extension.loaded():
+        return _extension.module().plans_built()
+    return triton_backend.plans_built
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_and_plan_reused(device):
     params = make_params([(n * 389 % 70001,) for n in range(12)], torch.bfloat16, device, seed=6)
     pristine = [g.clone() for g in grads(params)]
+    twin = [g.clone() for g in pristine]
+    expected = reference.clip_(twin, 1.0, 2.0)
     results, built = [], None
     for _ in range(3):
         for g, g0 in zip(grads(params), pristine):
             g.copy_(g0)
         norm = fusedclip.clip_grad_norm_(params, 1.0, backend="triton")
         results.append([norm] + [g.clone() for g in grads(params)])
-        built = triton_backend.plans_built if built is None else built
-    assert triton_backend.plans_built == built
+        built = plans_built() if built is None else built
+    assert plans_built() == built
+    assert_norm_close(results[0][0], float(expected), torch.bfloat16)
+    for g, e in zip(results[0][1:], twin):
+        ulp_close(g, e)
     for r in results[1:]:
         assert_bitwise_equal(r, results[0])
     params[3].grad = params[3].grad.clone()  # a reallocated gradient gets a new plan
     fusedclip.clip_grad_norm_(params, 1.0, backend="triton")
-    assert triton_backend.plans_built == built + 1
+    assert plans_built() == built + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_python_plan_matches_the_cpp_plan_path(device):
+    if not _extension.loaded():
+        pytest.skip("fusedclip._C is not built")
+    params = make_params([(70000,), (5, 3), (0,), (4099,)], torch.float16, device, seed=12,
+                         layout="offset")
+    tensors = [g.clone() for g in grads(params)]
+    via_cpp = triton_backend.clip_params(params, 0.5, 2.0, cuda_only=False)
+    via_python = triton_backend.clip_(tensors, 0.5, 2.0)
+    assert via_cpp is not None and via_cpp.dtype == torch.float16
+    assert float(via_cpp) == float(via_python.to(torch.float16))
+    assert_bitwise_equal(grads(params), tensors)
 
 
 @pytest.mark.parametrize("device", DEVICES)
