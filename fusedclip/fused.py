@@ -18,6 +18,7 @@ devices are reduced per device and combined.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -73,54 +74,83 @@ def dense_staged(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor
     return staged, write_back
 
 
-def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """The norm of all tensors as if concatenated: 0-dim fp64 on ``tensors[0]``'s device."""
-    check_tensors(tensors)
-    groups = by_device(tensors)
-    norms = [
-        torch.ops.fusedclip.total_norm(dense_staged(ts)[0], norm_type, math.inf, False)[0]
-        for ts in groups.values()
-    ]
-    if len(norms) == 1:
-        return norms[0]
-    # The p-norm of the per-device norms is the p-norm of everything.
-    return reference.total_norm(norms, norm_type)
+class FusedOps:
+    """The reference's interface (``total_norm``, ``scale_``, ``clip_with_norm_``, ``clip_``,
+    ``clamp_``) on top of a backend's three operators; shared by the ``cuda`` and ``triton``
+    backends. The operators take dense tensors on one device: views with gaps go through a dense
+    copy that is written back, several devices are reduced one by one and combined.
 
+    norm(tensors, norm_type) -> fp64 norm; clip(tensors, max_norm, norm_type) -> fp64 norm, both
+    passes; scale(tensors, coef) in place. check_device(tensors) raises for a device the operators
+    cannot run on.
+    """
 
-def scale_(tensors: list[Tensor], coef: Tensor) -> None:
-    """``t <- t * coef`` in place (fp64 product, one rounding); nothing is written when it is 1."""
-    check_tensors(tensors)
-    for device, ts in by_device(tensors).items():
-        staged, write_back = dense_staged(ts)
-        torch.ops.fusedclip.scale_(staged, coef.to(device=device, dtype=torch.float64).reshape(()))
-        for view, copy in write_back:
-            view.copy_(copy)
+    def __init__(
+        self,
+        name: str,
+        norm: Callable[[list[Tensor], float], Tensor],
+        clip: Callable[[list[Tensor], float, float], Tensor],
+        scale: Callable[[list[Tensor], Tensor], None],
+        check_device: Callable[[list[Tensor]], None] = lambda tensors: None,
+    ) -> None:
+        self.name, self._norm, self._clip, self._scale = name, norm, clip, scale
+        self._check_device = check_device
 
+    def _groups(self, tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+        check_tensors(tensors, self.name)
+        groups = by_device(tensors)
+        for ts in groups.values():
+            self._check_device(ts)
+        return groups
 
-def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
-    """Rescale in place by ``min(1, max_norm / (norm + 1e-6))``, computed on the device."""
-    scale_(tensors, reference.clip_coef(max_norm, norm))
+    def total_norm(self, tensors: list[Tensor], norm_type: float) -> Tensor:
+        """The norm of all tensors as if concatenated: 0-dim fp64 on ``tensors[0]``'s device."""
+        norms = [self._norm(dense_staged(ts)[0], norm_type)
+                 for ts in self._groups(tensors).values()]
+        # The p-norm of the per-device norms is the p-norm of everything.
+        return norms[0] if len(norms) == 1 else reference.total_norm(norms, norm_type)
 
+    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        """``t <- t * coef`` in place (fp64 product, one rounding); no writes when it is 1."""
+        for device, ts in self._groups(tensors).items():
+            staged, write_back = dense_staged(ts)
+            self._scale(staged, coef.to(device=device, dtype=torch.float64).reshape(()))
+            for view, copy in write_back:
+                view.copy_(copy)
 
-def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
-    """Global-norm clipping in place: returns the fp64 total norm. Both passes in one call when
-    the gradients are dense and on one device."""
-    check_tensors(tensors)
-    groups = by_device(tensors)
-    if len(groups) == 1:
+    def clip_with_norm_(self, tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
+        """Rescale in place by ``min(1, max_norm / (norm + 1e-6))``, computed on the device."""
+        self.scale_(tensors, reference.clip_coef(max_norm, norm))
+
+    def clip_(self, tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+        """Global-norm clipping in place: returns the fp64 total norm. Both passes in one call
+        when the gradients are on one device."""
+        if len(self._groups(tensors)) > 1:
+            norm = self.total_norm(tensors, norm_type)
+            self.clip_with_norm_(tensors, max_norm, norm)
+            return norm
         staged, write_back = dense_staged(tensors)
-        norm = torch.ops.fusedclip.clip_(staged, max_norm, norm_type, False)[0]
+        norm = self._clip(staged, max_norm, norm_type)
         for view, copy in write_back:
             view.copy_(copy)
         return norm
-    norm = total_norm(tensors, norm_type)
-    clip_with_norm_(tensors, max_norm, norm)
-    return norm
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        """Value clipping: not fused yet, the reference's per-tensor clamp."""
+        reference.clamp_(tensors, clip_value)
 
 
-def clamp_(tensors: list[Tensor], clip_value: float) -> None:
-    """Value clipping: not fused yet, the reference's per-tensor clamp."""
-    reference.clamp_(tensors, clip_value)
+_OPS = FusedOps(
+    "cuda",
+    norm=lambda ts, p: torch.ops.fusedclip.total_norm(ts, p, math.inf, False)[0],
+    clip=lambda ts, max_norm, p: torch.ops.fusedclip.clip_(ts, max_norm, p, False)[0],
+    scale=lambda ts, coef: torch.ops.fusedclip.scale_(ts, coef),
+)
+total_norm = _OPS.total_norm
+scale_ = _OPS.scale_
+clip_with_norm_ = _OPS.clip_with_norm_
+clip_ = _OPS.clip_
+clamp_ = _OPS.clamp_
 
 
 def clip_params(

@@ -31,8 +31,8 @@ import struct
 import torch
 from torch import Tensor
 
-from fusedclip import _extension, reference
-from fusedclip.fused import by_device, check_tensors, dense_staged
+from fusedclip import _extension
+from fusedclip.fused import FusedOps
 
 __all__ = [
     "clamp_", "clip_", "clip_params", "clip_with_norm_", "interpreting", "scale_", "total_norm"
@@ -52,11 +52,11 @@ def _kernels():
     # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before.
     import triton.language as tl
 
-    from fusedclip.triton_kernels import norm, scale
+    from fusedclip.triton_kernels import norm, scale, table
 
     dtypes = {torch.float32: tl.float32, torch.float64: tl.float64,
               torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-    return norm, scale, dtypes
+    return norm, scale, table.CHUNK, dtypes
 
 
 def _f64_bits(x: float) -> int:
@@ -113,7 +113,7 @@ def _build(keys: list[tuple[int, int, torch.dtype]], device: torch.device) -> Pl
             "uploaded with a blocking copy); call it once on the same gradients before capturing"
         )
     _check_disjoint(keys)
-    norm, _, _ = _kernels()
+    _, _, chunk, _ = _kernels()
     n = len(keys)
     first_chunk = [0] * n
     chunk_tensor: list[int] = []
@@ -124,7 +124,7 @@ def _build(keys: list[tuple[int, int, torch.dtype]], device: torch.device) -> Pl
             for t, (addr, numel, dt) in enumerate(keys):
                 if dt == dtype and (addr % 16 == 0) == aligned:
                     first_chunk[t] = len(chunk_tensor)
-                    chunk_tensor += [t] * -(-numel // norm.CHUNK)
+                    chunk_tensor += [t] * -(-numel // chunk)
             if len(chunk_tensor) > lo:
                 groups.append(Group(dtype, aligned, lo, len(chunk_tensor)))
     host = [k[0] for k in keys] + [k[1] for k in keys] + first_chunk + chunk_tensor
@@ -166,7 +166,7 @@ def norm_pass(
     plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty)."""
-    norm_k, _, tl_dtype = _kernels()
+    norm_k, _, chunk, tl_dtype = _kernels()
     kind = norm_k.norm_kind(norm_type)
     f64 = dict(dtype=torch.float64, device=plan.device)
     partials = torch.empty(2 * max(plan.num_chunks, 1), **f64)
@@ -176,7 +176,7 @@ def norm_pass(
         norm_k.chunk_partials[(g.chunk_hi - g.chunk_lo,)](
             plan.table, plan.num_tensors, g.chunk_lo, partials, p_bits,
             DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned,
-            CHUNK=norm_k.CHUNK, BLOCK=norm_k.BLOCK, num_warps=_NUM_WARPS,
+            CHUNK=chunk, BLOCK=norm_k.BLOCK, num_warps=_NUM_WARPS,
         )
     norm = torch.empty((), **f64)
     coef = torch.empty((), **f64)
@@ -189,18 +189,18 @@ def norm_pass(
     if per_tensor and plan.num_tensors:
         norm_k.per_tensor_norms[(plan.num_tensors,)](
             plan.table, plan.num_tensors, partials, p_bits, per,
-            KIND=kind, CHUNK=norm_k.CHUNK, FBLOCK=norm_k.FBLOCK, num_warps=4,
+            KIND=kind, CHUNK=chunk, FBLOCK=norm_k.FBLOCK, num_warps=4,
         )
     return norm, coef, out, per
 
 
 def scale_pass(plan: Plan, coef: Tensor) -> None:
     """Pass 2: every tensor times ``coef`` (fp64 0-dim on the device), in place."""
-    norm_k, scale_k, tl_dtype = _kernels()
+    norm_k, scale_k, chunk, tl_dtype = _kernels()
     for g in plan.groups:
         scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
             plan.table, plan.num_tensors, g.chunk_lo, coef,
-            DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=norm_k.CHUNK, BLOCK=norm_k.BLOCK,
+            DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
             num_warps=_NUM_WARPS,
         )
 
@@ -248,50 +248,18 @@ def _(tensors, coef):
 
 # ---- the backend interface (fusedclip.reference's) ---------------------------------------------
 
-def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """The norm of all tensors as if concatenated: 0-dim fp64 on ``tensors[0]``'s device."""
-    check_tensors(tensors, "triton")
-    norms = []
-    for ts in by_device(tensors).values():
-        _check_device(ts)
-        norms.append(_total_norm_op(dense_staged(ts)[0], norm_type, math.inf, False)[0])
-    return norms[0] if len(norms) == 1 else reference.total_norm(norms, norm_type)
-
-
-def scale_(tensors: list[Tensor], coef: Tensor) -> None:
-    """``t <- t * coef`` in place (fp64 product, one rounding); nothing is written when it is 1."""
-    check_tensors(tensors, "triton")
-    for device, ts in by_device(tensors).items():
-        _check_device(ts)
-        staged, write_back = dense_staged(ts)
-        _scale_op(staged, coef.to(device=device, dtype=torch.float64).reshape(()))
-        for view, copy in write_back:
-            view.copy_(copy)
-
-
-def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
-    scale_(tensors, reference.clip_coef(max_norm, norm))
-
-
-def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
-    """Global-norm clipping in place; returns the fp64 total norm."""
-    check_tensors(tensors, "triton")
-    groups = by_device(tensors)
-    if len(groups) == 1:
-        _check_device(tensors)
-        staged, write_back = dense_staged(tensors)
-        norm = _clip_op(staged, max_norm, norm_type)
-        for view, copy in write_back:
-            view.copy_(copy)
-        return norm
-    norm = total_norm(tensors, norm_type)
-    clip_with_norm_(tensors, max_norm, norm)
-    return norm
-
-
-def clamp_(tensors: list[Tensor], clip_value: float) -> None:
-    """Value clipping: not fused yet, the reference's per-tensor clamp."""
-    reference.clamp_(tensors, clip_value)
+_OPS = FusedOps(
+    "triton",
+    norm=lambda ts, p: _total_norm_op(ts, p, math.inf, False)[0],
+    clip=_clip_op,
+    scale=_scale_op,
+    check_device=_check_device,
+)
+total_norm = _OPS.total_norm
+scale_ = _OPS.scale_
+clip_with_norm_ = _OPS.clip_with_norm_
+clip_ = _OPS.clip_
+clamp_ = _OPS.clamp_
 
 
 def clip_params(

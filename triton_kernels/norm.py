@@ -1,7 +1,7 @@
 """Pass 1 of the clip in Triton: per-chunk partials, then the total norm and the coefficient.
 
-The table is the one the CUDA engine uses (csrc/table.h): int64 ``addr[T]``, ``numel[T]``,
-``first_chunk[T]``, ``chunk_tensor[C]``, with 64Ki-element chunks. A partial is a pair (m, s):
+The table is the one the CUDA engine uses (csrc/table.h, read through table.py). A partial is a
+pair (m, s):
 m = max |x| over the chunk and s = sum (|x| / m)^p, so nothing overflows or underflows for any p;
 m is NaN once any element is NaN, else inf once any is infinite. A plain fp64 sum of |x|^p (p = 1
 or 2 on fp16/bf16/fp32, which no finite input can overflow) enters as (1, sum).
@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fusedclip.triton_kernels.convert import round_fp32_to
+from fusedclip.triton_kernels.table import program_chunk
 
-CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
 BLOCK = 4096  # elements per tile of a chunk
 FBLOCK = 1024  # partials per tile of the final reduction
 
@@ -114,14 +114,7 @@ def chunk_partials(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     p = _f64(p_bits)
-    c = chunk_lo + tl.program_id(0).to(tl.int64)
-    t = tl.load(table + 3 * n_tensors + c)
-    numel = tl.load(table + n_tensors + t)
-    begin = (c - tl.load(table + 2 * n_tensors + t)) * CHUNK
-    ptr = tl.load(table + t).to(tl.pointer_type(DT))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    n = tl.minimum(numel - begin, CHUNK)
+    c, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([BLOCK], tl.float64)
     m = tl.zeros((), tl.float64)

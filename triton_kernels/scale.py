@@ -12,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fusedclip.triton_kernels.convert import round_fp32_to
+from fusedclip.triton_kernels.table import program_chunk
 
 
 @triton.jit
@@ -30,14 +31,7 @@ def scale(
 ):
     c = tl.load(coef_ptr)
     if c != 1.0:
-        chunk = chunk_lo + tl.program_id(0).to(tl.int64)
-        t = tl.load(table + 3 * n_tensors + chunk)
-        numel = tl.load(table + n_tensors + t)
-        begin = (chunk - tl.load(table + 2 * n_tensors + t)) * CHUNK
-        ptr = tl.load(table + t).to(tl.pointer_type(DT))
-        if ALIGNED:
-            ptr = tl.multiple_of(ptr, 16)
-        n = tl.minimum(numel - begin, CHUNK)
+        _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
         offs = tl.arange(0, BLOCK).to(tl.int64)
         for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets alike
             idx = begin + i + offs

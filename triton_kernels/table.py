@@ -1,0 +1,28 @@
+"""The tensor table of a plan, read from Triton (the layout of csrc/table.h).
+
+One int64 array: ``addr[T]``, ``numel[T]``, ``first_chunk[T]``, ``chunk_tensor[C]``; a chunk is
+``CHUNK`` consecutive elements of one tensor. Each program of a pass takes one chunk of its dtype
+group, ``chunk_lo + program_id``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
+
+
+@triton.jit
+def program_chunk(table, n_tensors, chunk_lo, DT: tl.constexpr, ALIGNED: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """This program's chunk: its index, its tensor's base pointer (with a 16-byte alignment hint
+    when the group is ALIGNED), its first element and its element count."""
+    c = chunk_lo + tl.program_id(0).to(tl.int64)
+    t = tl.load(table + 3 * n_tensors + c)
+    begin = (c - tl.load(table + 2 * n_tensors + t)) * CHUNK
+    n = tl.minimum(tl.load(table + n_tensors + t) - begin, CHUNK)
+    ptr = tl.load(table + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return c, ptr, begin, n
