@@ -1,7 +1,7 @@
 // Plans: the device-side tensor table of a list of tensors, built once and reused.
 //
-// Building a plan lays the tensors out as chunks (table.h), groups the chunks by dtype and checks
-// that no two tensors share memory. The table reaches the device through the arguments of a few
+// Building a plan lays the tensors out as chunks (table.h), groups the chunks by dtype and
+// 16-byte alignment and checks that no two tensors share memory. The table reaches the device through the arguments of a few
 // small kernel launches, so a plan can also be built while a CUDA graph is being captured. A plan
 // is keyed by what its table holds (address, size and dtype of every tensor): it stays valid
 // exactly as long as the gradient storages are unchanged, and a gradient that was reallocated,

@@ -8,7 +8,7 @@
 //   first_chunk[T]   index of tensor t's first chunk
 //   chunk_tensor[C]  the tensor that owns chunk c
 //
-// Chunks are grouped by dtype (one launch per dtype group) and, inside a group, follow the
+// Chunks are grouped by dtype and alignment (one launch per group) and, inside a group, follow the
 // tensors' order. Work and reduction order depend only on this table, never on the grid size.
 #pragma once
 

@@ -43,7 +43,7 @@ def test_cuda_tensors_prefer_fused_backends():
     tensors = [torch.randn(10, device="cuda")]
     status = fusedclip.available_backends()
     expected = next((n for n in ("cuda", "triton") if status[n].available), "reference")
-    assert backends.select(None, tensors).__name__.endswith(expected)
+    assert backends.select(None, tensors) is backends._IMPLEMENTATION[expected]
 
 
 @pytest.mark.gpu
@@ -56,3 +56,31 @@ def test_reference_backend_runs_on_cuda_tensors():
     torch.testing.assert_close(norm.cpu(), cpu_norm, rtol=0, atol=0)
     for g, c in zip(grads(params), grads(cpu_twin)):
         torch.testing.assert_close(g.cpu(), c, rtol=0, atol=0)
+
+
+def _fake_cuda_tensors(*make):
+    """CUDA tensors as FakeTensors: device and dtype without a GPU (selection reads nothing else)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return [m() for m in make]
+
+
+@pytest.mark.parametrize(
+    "cuda_ok, triton_ok, expected",
+    [(True, True, "cuda"), (False, True, "triton"), (False, False, "reference")],
+)
+def test_auto_prefers_cuda_then_triton_for_cuda_tensors(monkeypatch, cuda_ok, triton_ok, expected):
+    # Triton is the automatic choice when fusedclip._C is not built (or cannot run).
+    for name, ok in (("cuda", cuda_ok), ("triton", triton_ok)):
+        monkeypatch.setitem(backends._STATUS, name,
+                            lambda ok=ok: backends.BackendStatus(ok, "test"))
+    backends.backend_status.cache_clear()
+    try:
+        dense = _fake_cuda_tensors(lambda: torch.empty(4, device="cuda"))
+        assert backends.select(None, dense) is backends._IMPLEMENTATION[expected]
+        # Complex gradients are the reference's, whatever else can run.
+        cplx = _fake_cuda_tensors(lambda: torch.empty(4, dtype=torch.complex64, device="cuda"))
+        assert backends.select(None, cplx) is reference
+    finally:
+        backends.backend_status.cache_clear()
