@@ -78,7 +78,12 @@ def check_writable_grads(grads: list[Tensor]) -> None:
     """
     check_grad_dtypes(grads)
     for i, g in enumerate(grads):
-        if g.layout == torch.strided and torch._debug_has_internal_overlap(g) == 1:
+        # A contiguous tensor cannot overlap itself: skip the (slower) general test for it.
+        if (
+            g.layout == torch.strided
+            and not g.is_contiguous()
+            and torch._debug_has_internal_overlap(g) == 1
+        ):
             raise ValueError(
                 f"gradients[{i}] has elements that share memory (e.g. an expand()-ed tensor) and "
                 "cannot be scaled in place; give it its own storage (.clone())"
