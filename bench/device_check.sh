@@ -27,7 +27,8 @@ bench_rc=$?
 # slow under the tools / not supported by them), memcheck then racecheck.
 san_rc=0
 if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
-  SAN_TESTS=(tests/test_engine.py tests/test_extension.py -m gpu -k "not 2_31 and not graph")
+  SAN_TESTS=(tests/test_engine.py tests/test_triton.py tests/test_extension.py -m gpu
+             -k "not 2_31 and not graph")
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -x "${SAN_TESTS[@]}" >"$OUT/sanitizer-$tool.log" 2>&1 || san_rc=$?
