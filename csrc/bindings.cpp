@@ -130,6 +130,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cuda_only") = true, py::arg("writing") = false,
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "
         "None when they need the general path");
+  m.attr("CHUNK_ELEMS") = fusedclip::kChunkElems;
   m.def("plans_built", &fusedclip::plans_built, "plans built since the process started");
   m.def("clear_plan_cache", &fusedclip::clear_plan_cache,
         "drop every cached plan that no captured CUDA graph uses");

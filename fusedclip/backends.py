@@ -55,12 +55,12 @@ def _triton_status() -> BackendStatus:
     from importlib.metadata import version
 
     installed = f"triton {version('triton')}"
-    if torch.cuda.is_available():
-        return BackendStatus(True, f"{installed}; {torch.cuda.get_device_name()}")
     if triton_backend.interpreting():
         return BackendStatus(
             True, f"{installed}, TRITON_INTERPRET=1: kernels run on CPU tensors in the interpreter"
         )
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"{installed}; {torch.cuda.get_device_name()}")
     return BackendStatus(
         False,
         f"{installed} is installed, but no CUDA device is visible (TRITON_INTERPRET=1 runs the "
@@ -85,7 +85,8 @@ _IMPLEMENTATION: dict[str, ModuleType] = {
 # The devices each backend runs tensors on (None: any device).
 _RUNS_ON = {
     "cuda": ("cuda",),
-    "triton": ("cuda", "cpu") if triton_backend.interpreting() else ("cuda",),
+    # In Triton's interpreter the kernels read host memory: CPU tensors only.
+    "triton": ("cpu",) if triton_backend.interpreting() else ("cuda",),
     "reference": None,
 }
 
@@ -112,7 +113,7 @@ def _auto(tensors: list[Tensor]) -> str:
     """``cuda``, then ``triton``, for CUDA tensors they can take; otherwise ``reference``."""
     if tensors[0].device.type == "cuda" and _fused_can_take(tensors):
         for name in ("cuda", "triton"):
-            if backend_status(name).available:
+            if backend_status(name).available and "cuda" in _RUNS_ON[name]:
                 return name
     return "reference"
 
@@ -168,7 +169,7 @@ def fast_path(requested: str | None) -> Callable[..., Tensor | None] | None:
     if name == "auto":
         # Only CUDA gradients may skip auto-selection: anything else goes to `reference`.
         for candidate in ("cuda", "triton"):
-            if backend_status(candidate).available:
+            if backend_status(candidate).available and "cuda" in _RUNS_ON[candidate]:
                 return functools.partial(_IMPLEMENTATION[candidate].clip_params, cuda_only=True)
         return None
     if name in ("cuda", "triton") and backend_status(name).available:

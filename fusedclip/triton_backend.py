@@ -22,11 +22,13 @@ read pointers out of a table, which the compiler could not trace through ``trito
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import struct
+import threading
 
 import torch
 from torch import Tensor
@@ -83,6 +85,9 @@ class Plan:
 
 
 _PLANS: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
+# Plans a captured CUDA graph reads: never evicted (the graph holds their table's address).
+_PINNED: dict[tuple, Plan] = {}
+_LOCK = threading.Lock()
 plans_built = 0
 
 
@@ -139,33 +144,62 @@ def plan_for(tensors: list[Tensor]) -> Plan:
     device = tensors[0].device
     keys = [_key(t) for t in tensors]
     key = (device, tuple(keys))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _build(keys, device)
-        _PLANS[key] = plan
-        while len(_PLANS) > _CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    with _LOCK:
+        plan = _PLANS.get(key) or _PINNED.get(key)
+        if plan is None:
+            plan = _build(keys, device)
+            _PLANS[key] = plan
+            while len(_PLANS) > _CACHE_SIZE:
+                _PLANS.popitem(last=False)
+        elif key in _PLANS:
+            _PLANS.move_to_end(key)
+        if capturing:
+            _PINNED[key] = plan
+        elif device.type == "cuda":
+            # Used on another stream than the one that allocated it: keep its memory from being
+            # reused before this stream's kernels are done with it.
+            plan.table.record_stream(torch.cuda.current_stream(device))
     return plan
 
 
 def _check_device(tensors: list[Tensor]) -> None:
     device = tensors[0].device
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    wanted = "cpu" if interpreting() else "cuda"
+    if device.type != wanted:
         raise RuntimeError(
-            f"backend 'triton' runs CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), "
-            f"got {device}"
+            "backend 'triton' runs CUDA tensors, or CPU tensors in Triton's interpreter "
+            f"(TRITON_INTERPRET=1, which is {'on' if interpreting() else 'off'}); got {device}"
         )
     for i, t in enumerate(tensors):
         if t.device != device:
             raise RuntimeError(f"gradients[{i}] is on {t.device} but gradients[0] is on {device}")
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_args(norm_type: float, max_norm: float) -> None:
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+
+
 def norm_pass(
     plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty)."""
+    _check_args(norm_type, max_norm)
+    with _on(plan.device):
+        return _norm_pass(plan, norm_type, max_norm, per_tensor, out_dtype)
+
+
+def _norm_pass(
+    plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     norm_k, _, chunk, tl_dtype = _kernels()
     kind = norm_k.norm_kind(norm_type)
     f64 = dict(dtype=torch.float64, device=plan.device)
@@ -196,7 +230,17 @@ def norm_pass(
 
 def scale_pass(plan: Plan, coef: Tensor) -> None:
     """Pass 2: every tensor times ``coef`` (fp64 0-dim on the device), in place."""
+    if coef.dtype != torch.float64 or coef.numel() != 1 or coef.device != plan.device:
+        raise RuntimeError(
+            f"coef must be one float64 element on {plan.device}, got {coef.dtype} "
+            f"{tuple(coef.shape)} on {coef.device}"
+        )
     norm_k, scale_k, chunk, tl_dtype = _kernels()
+    with _on(plan.device):
+        _scale_groups(plan, coef, norm_k, scale_k, chunk, tl_dtype)
+
+
+def _scale_groups(plan: Plan, coef: Tensor, norm_k, scale_k, chunk: int, tl_dtype) -> None:
     for g in plan.groups:
         scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
             plan.table, plan.num_tensors, g.chunk_lo, coef,
@@ -274,7 +318,7 @@ def clip_params(
     if info is None:
         return None
     table, num_tensors, num_chunks, result_dtype, groups = info
-    if table.device.type != "cuda" and not interpreting():
+    if table.device.type != ("cpu" if interpreting() else "cuda"):
         return None
     plan = Plan(table.device, table, num_tensors, num_chunks,
                 tuple(Group(*g) for g in groups), result_dtype)

@@ -59,7 +59,7 @@ def test_reference_backend_runs_on_cuda_tensors():
 
 
 def _fake_cuda_tensors(*make):
-    """CUDA tensors as FakeTensors: device and dtype without a GPU (selection reads nothing else)."""
+    """CUDA tensors as FakeTensors: a device and dtype without a GPU (all selection reads)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -71,7 +71,9 @@ def _fake_cuda_tensors(*make):
     [(True, True, "cuda"), (False, True, "triton"), (False, False, "reference")],
 )
 def test_auto_prefers_cuda_then_triton_for_cuda_tensors(monkeypatch, cuda_ok, triton_ok, expected):
-    # Triton is the automatic choice when fusedclip._C is not built (or cannot run).
+    # Triton is the automatic choice when fusedclip._C is not built (or cannot run). As on a GPU
+    # machine: Triton compiles for CUDA tensors (here it may be in interpreter mode, CPU only).
+    monkeypatch.setitem(backends._RUNS_ON, "triton", ("cuda",))
     for name, ok in (("cuda", cuda_ok), ("triton", triton_ok)):
         monkeypatch.setitem(backends._STATUS, name,
                             lambda ok=ok: backends.BackendStatus(ok, "test"))

@@ -180,6 +180,27 @@ def test_python_plan_matches_the_cpp_plan_path(device):
     assert_bitwise_equal(grads(params), tensors)
 
 
+def test_chunk_size_matches_the_cpp_plan():
+    # The Triton kernels walk the C++ plan's table when fusedclip._C is built.
+    from fusedclip.triton_kernels.table import CHUNK
+
+    if not _extension.loaded():
+        pytest.skip("fusedclip._C is not built")
+    assert _extension.module().CHUNK_ELEMS == CHUNK
+
+
+@pytest.mark.parametrize("norm_type, max_norm", [(2.0, 5e-324), (5e-324, 1.0), (1.0, 1.0)])
+def test_scalars_that_are_integers_one_in_bits(norm_type, max_norm):
+    # 5e-324 is the fp64 whose bits are the integer 1, which Triton would compile as a constant.
+    tensors = tensors_for(torch.float32, "cuda" if torch.cuda.is_available() else "cpu", seed=13,
+                          sizes=[300, 7])
+    norm, coef, _, _ = triton_backend.norm_pass(triton_backend.plan_for(tensors), norm_type,
+                                                max_norm, False, torch.float32)
+    assert_norm_close(norm, oracle_norm(tensors, norm_type))
+    torch.testing.assert_close(float(coef), min(1.0, max_norm / (float(norm) + 1e-6)), rtol=1e-12,
+                               atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradients_sharing_memory_are_refused_untouched(device):
     storage = torch.randn(20, device=device)

@@ -53,7 +53,7 @@ def _pow(r, p, KIND: tl.constexpr):
     elif KIND == 0:
         out = r
     else:
-        out = tl.where(r > 0, tl.exp(p * tl.log(tl.maximum(r, 1e-300))), 0.0)
+        out = tl.where(r > 0, tl.exp(p * tl.log(tl.where(r > 0, r, 1.0))), 0.0)
     return out
 
 
@@ -107,7 +107,10 @@ def _add_tile(acc, m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
     return acc, m, s
 
 
-@triton.jit
+# Runtime integers are never specialised: Triton would otherwise compile a value of 1 as a constant
+# (breaking the fp64 bitcast of p_bits and max_norm_bits) and compile new variants, mid-run or
+# inside a graph capture, whenever a value happens to be 1 or a multiple of 16.
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "p_bits"])
 def chunk_partials(
     table, n_tensors, chunk_lo, partials, p_bits,
     DT: tl.constexpr, KIND: tl.constexpr, PLAIN: tl.constexpr, ALIGNED: tl.constexpr,
@@ -175,7 +178,7 @@ def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr
     return norm
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "p_bits", "max_norm_bits"])
 def finish(
     partials, num_chunks, p_bits, max_norm_bits, norm_ptr, coef_ptr, out_ptr,
     KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr,
@@ -192,7 +195,7 @@ def finish(
         tl.store(out_ptr, round_fp32_to(norm.to(tl.float32), OUT_DT))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors", "p_bits"])
 def per_tensor_norms(
     table, n_tensors, partials, p_bits, out_ptr, KIND: tl.constexpr, CHUNK: tl.constexpr,
     FBLOCK: tl.constexpr,

@@ -24,7 +24,7 @@ def _scaled(x, c, DT: tl.constexpr):
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo"])  # see norm.chunk_partials
 def scale(
     table, n_tensors, chunk_lo, coef_ptr,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
