@@ -111,6 +111,13 @@ def _grad_like(p: torch.Tensor, gen: torch.Generator, layout: str) -> torch.Tens
     return rand(*shape)
 
 
+def random_tensors(sizes, dtype, device="cpu", seed=0, scale=1.0) -> list[torch.Tensor]:
+    """One random-normal tensor of each size in ``sizes`` (times ``scale``), made in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+            for n in sizes]
+
+
 def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """Independent copies with the same gradient values, for running a second implementation."""
     out = []
@@ -187,6 +194,23 @@ def clip_rtol(dtype: torch.dtype) -> float:
     terms, so they get 1e-12 rather than one ulp.
     """
     return 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+
+
+def assert_norm_close(actual: torch.Tensor, expected: float, dtype=torch.float64) -> None:
+    """A returned norm against an fp64 value, within ``rtol_for(dtype)`` (NaN matches NaN)."""
+    torch.testing.assert_close(actual.double().cpu(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=rtol_for(dtype), atol=0, equal_nan=True)
+
+
+def assert_clip_matches_reference(clip, tensors, max_norm, norm_dtype=torch.float64) -> None:
+    """``clip(tensors)`` (in place, returning the 2-norm) against ``fusedclip.reference.clip_``
+    on copies: the norm within ``rtol_for(norm_dtype)``, every element within one rounding."""
+    twin = [t.clone() for t in tensors]
+    norm = clip(tensors)
+    expected = fusedclip.reference.clip_(twin, max_norm, 2.0)
+    assert_norm_close(norm, float(expected), norm_dtype)
+    for t, e in zip(tensors, twin):
+        ulp_close(t, e)
 
 
 def ulp_close(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -18,12 +18,14 @@ from conftest import (
     NORM_TYPES,
     SHAPE_CLASSES,
     assert_bitwise_equal,
+    assert_clip_matches_reference,
+    assert_norm_close,
     clone_params,
     grads,
     make_params,
     oracle_clipped,
     oracle_norm,
-    rtol_for,
+    random_tensors,
     ulp_close,
 )
 
@@ -40,17 +42,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 LAYOUTS = ["contiguous", "transposed", "offset"]
 # Sizes around the chunk (65536 elements) and 16-byte boundaries, empty ones in between.
 CHUNK_SIZES = [0, 1, 7, 8, 9, 0, 65535, 65536, 65537, 0, 2 * 65536 + 3]
-
-
-def random_tensors(sizes, dtype, device, seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
-            for n in sizes]
-
-
-def assert_norm_close(actual: torch.Tensor, expected: float, dtype=torch.float64) -> None:
-    torch.testing.assert_close(actual.double().cpu(), torch.tensor(expected, dtype=torch.float64),
-                               rtol=rtol_for(dtype), atol=0, equal_nan=True)
 
 
 def clip_params(params, max_norm, norm_type=2.0):
@@ -365,12 +356,8 @@ def test_5000_small_tensors(dtype):
     gen = torch.Generator().manual_seed(16)
     sizes = torch.randint(1, 16385, (5000,), generator=gen).tolist()
     params = make_params([(n,) for n in sizes], dtype, "cuda", seed=16)
-    twin = clone_params(params)
-    norm = fusedclip.clip_grad_norm_(params, 1.0)
-    expected = reference.clip_(grads(twin), 1.0, 2.0)
-    assert_norm_close(norm, float(expected), dtype)
-    for g, e in zip(grads(params), grads(twin)):
-        ulp_close(g, e)
+    assert_clip_matches_reference(lambda _: fusedclip.clip_grad_norm_(params, 1.0), grads(params),
+                                  1.0, dtype)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import BITS_DTYPE, DTYPES, assert_bitwise_equal
+from conftest import BITS_DTYPE, DTYPES, assert_bitwise_equal, random_tensors
 
 import fusedclip
 from fusedclip import _extension, reference
@@ -26,11 +26,6 @@ SIZES = [0, 1, 3, 7, 8, 9, 255, 65535, 65536, 65537, 3 * 65536 + 5]
 
 def coef(value: float, device="cpu") -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64, device=device)
-
-
-def random_tensors(sizes, dtype, device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device) for n in sizes]
 
 
 def test_operators_are_registered():

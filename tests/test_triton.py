@@ -21,11 +21,12 @@ from conftest import (
     DTYPES,
     NORM_TYPES,
     assert_bitwise_equal,
+    assert_clip_matches_reference,
+    assert_norm_close,
     grads,
     make_params,
     oracle_clipped,
     oracle_norm,
-    rtol_for,
     ulp_close,
 )
 
@@ -55,11 +56,6 @@ def tensors_for(dtype, device, seed=0, sizes=SIZES, scale=1.0):
         t = (torch.randn(n + extra, generator=gen, dtype=torch.float64) * scale).to(dtype)
         out.append(t.to(device)[extra:])
     return out
-
-
-def assert_norm_close(actual, expected, dtype=torch.float64):
-    torch.testing.assert_close(actual.double().cpu(), torch.tensor(expected, dtype=torch.float64),
-                               rtol=rtol_for(dtype), atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,12 +93,7 @@ def test_many_tensors_mixed_dtypes(device):
     tensors = []
     for i, dtype in enumerate(DTYPES):
         tensors += tensors_for(dtype, device, seed=3 + i, sizes=sizes[i::4])
-    twin = [t.clone() for t in tensors]
-    norm = triton_backend.clip_(tensors, 1.0, 2.0)
-    expected = reference.clip_(twin, 1.0, 2.0)
-    assert_norm_close(norm, float(expected))
-    for t, e in zip(tensors, twin):
-        ulp_close(t, e)
+    assert_clip_matches_reference(lambda ts: triton_backend.clip_(ts, 1.0, 2.0), tensors, 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -283,12 +274,7 @@ def test_5000_small_tensors():
     gen = torch.Generator().manual_seed(8)
     sizes = torch.randint(1, 16385, (5000,), generator=gen).tolist()
     tensors = tensors_for(torch.bfloat16, "cuda", seed=8, sizes=sizes)
-    twin = [t.clone() for t in tensors]
-    norm = triton_backend.clip_(tensors, 1.0, 2.0)
-    expected = reference.clip_(twin, 1.0, 2.0)
-    assert_norm_close(norm, float(expected))
-    for t, e in zip(tensors, twin):
-        ulp_close(t, e)
+    assert_clip_matches_reference(lambda ts: triton_backend.clip_(ts, 1.0, 2.0), tensors, 1.0)
 
 
 @pytest.mark.gpu
