@@ -38,7 +38,9 @@ struct PlainGrads {
   std::vector<c10::TensorImpl*> impls;
   at::Device device{at::kCPU};
 
-  bool collect(py::handle params, bool cuda_only) {
+  // allow_half false: an fp16 gradient also means "general path" (the AMP path refuses fp16
+  // gradients, as GradScaler.unscale_ does, and the general path raises that error).
+  bool collect(py::handle params, bool cuda_only, bool allow_half = true) {
     if (!PyList_Check(params.ptr())) return false;
     PyObject* list = params.ptr();
     const Py_ssize_t n = PyList_GET_SIZE(list);
@@ -59,6 +61,7 @@ struct PlainGrads {
         if (!device.is_cuda() && (cuda_only || !device.is_cpu())) return false;
       }
       if (!is_plain_grad(g, device)) return false;
+      if (!allow_half && g.scalar_type() == at::kHalf) return false;
       keys.push_back(key_of(g));
       impls.push_back(g.unsafeGetTensorImpl());
     }
@@ -71,15 +74,30 @@ struct PlainGrads {
   }
 };
 
-// clip_grad_norm_ over `params` through the cached plan: returns the norm as torch does (the
-// gradients' dtypes promoted), or None to say "take the general path". Raises, touching
-// nothing, when two gradients share memory.
-py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only) {
-  HANDLE_TH_ERRORS
+// A one-element tensor argument of the fast path (AMP: the inverse scale, the found-inf flag), or
+// null for None.
+const at::Tensor* optional_tensor(py::handle obj, at::ScalarType dtype, const at::Device& device,
+                                  const char* op, const char* name) {
+  if (obj.is_none()) return nullptr;
+  TORCH_CHECK_TYPE(THPVariable_Check(obj.ptr()), op, ": ", name, " must be a tensor or None");
+  const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+  check_scalar_arg(t, dtype, device, op, name);
+  return &t;
+}
+
+// Pass 1 (and, with `scale`, pass 2) of clip_grad_norm_ over `params` through the cached plan:
+// (the norm as torch returns it, the fp64 factor pass 2 multiplies by), or None to say "take the
+// general path". Raises, touching nothing, when two gradients share memory. inv_scale/found_inf:
+// the AMP path (NormRequest).
+py::object run_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
+                      py::handle inv_scale, py::handle found_inf, bool scale) {
   constexpr const char* op = "fusedclip.clip_grad_norm_";
   PlainGrads grads;
-  if (!grads.collect(params, cuda_only)) return py::none();
+  // Unscaling GradScaler's gradients: fp16 ones take the general path, which refuses them.
+  if (!grads.collect(params, cuda_only, inv_scale.is_none())) return py::none();
   check_norm_args(norm_type, max_norm, op);
+  const at::Tensor* inv = optional_tensor(inv_scale, at::kFloat, grads.device, op, "inv_scale");
+  const at::Tensor* found = optional_tensor(found_inf, at::kFloat, grads.device, op, "found_inf");
   const auto plan = plan_for(grads.keys, grads.device, op);
 
   const auto on_device = at::TensorOptions().device(grads.device);
@@ -88,13 +106,34 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
   NormRequest r;
   r.p = norm_type;
   r.max_norm = max_norm;
+  r.inv_scale = inv ? inv->const_data_ptr<float>() : nullptr;
+  r.found_inf = found ? found->data_ptr<float>() : nullptr;
   r.coef = coef.data_ptr<double>();
   r.norm_out = out.data_ptr();
   r.norm_out_dtype = plan->result_dtype;
-  grads.bump_versions();
+  if (scale) grads.bump_versions();
   norm_pass(*plan, r);
-  scale_pass(*plan, coef.const_data_ptr<double>());
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  if (scale) scale_pass(*plan, coef.const_data_ptr<double>());
+  return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out))),
+                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(coef))));
+}
+
+// clip_grad_norm_ over `params`: the norm as torch returns it, or None for the general path.
+py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
+                       py::handle inv_scale, py::handle found_inf) {
+  HANDLE_TH_ERRORS
+  py::object result = run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
+                                 true);
+  return result.is_none() ? result : py::object(result.cast<py::tuple>()[0]);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// Pass 1 only: (norm as torch returns it, fp64 factor), or None for the general path. The
+// gradients are not written (the factor goes to a fused optimizer instead).
+py::object norm_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
+                       py::handle inv_scale, py::handle found_inf) {
+  HANDLE_TH_ERRORS
+  return run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, false);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -102,10 +141,10 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
 // backend): (table, num_tensors, num_chunks, result dtype, [(dtype, aligned, chunk_lo,
 // chunk_hi)]), or None for the general path. The table is ready for the current stream. With
 // `writing`, the gradients' version counters are bumped (the caller is about to scale them).
-py::object plan_of_params(py::handle params, bool cuda_only, bool writing) {
+py::object plan_of_params(py::handle params, bool cuda_only, bool writing, bool allow_half) {
   HANDLE_TH_ERRORS
   PlainGrads grads;
-  if (!grads.collect(params, cuda_only)) return py::none();
+  if (!grads.collect(params, cuda_only, allow_half)) return py::none();
   const auto plan = plan_for(grads.keys, grads.device, "fusedclip.clip_grad_norm_");
   if (writing) grads.bump_versions();
   py::list groups;
@@ -123,11 +162,17 @@ py::object plan_of_params(py::handle params, bool cuda_only, bool writing) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedclip operators (registered as torch.ops.fusedclip) and the clip fast path";
   m.def("clip_params", &fusedclip::clip_params, py::arg("params"), py::arg("max_norm"),
-        py::arg("norm_type"), py::arg("cuda_only") = true,
-        "clip_grad_norm_ on a list of parameters through the cached plan, or None when the "
+        py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
+        py::arg("found_inf") = py::none(),
+        "clip_grad_norm_ on a list of parameters through the cached plan (unscaling too, given "
+        "inv_scale), or None when the gradients need the general path");
+  m.def("norm_params", &fusedclip::norm_params, py::arg("params"), py::arg("max_norm"),
+        py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
+        py::arg("found_inf") = py::none(),
+        "pass 1 only: (norm, fp64 factor that would unscale and clip), or None when the "
         "gradients need the general path");
   m.def("plan_of_params", &fusedclip::plan_of_params, py::arg("params"),
-        py::arg("cuda_only") = true, py::arg("writing") = false,
+        py::arg("cuda_only") = true, py::arg("writing") = false, py::arg("allow_half") = true,
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "
         "None when they need the general path");
   m.attr("CHUNK_ELEMS") = fusedclip::kChunkElems;

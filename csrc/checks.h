@@ -13,13 +13,20 @@ inline bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// coef: a one-element fp64 tensor (the clip coefficient, read on the device) on `device`.
+// A one-element tensor of `dtype` on `device`, read (or written) by a kernel on the device.
+// (dtype is kFloat or kDouble, named as Python names them.)
+inline void check_scalar_arg(const at::Tensor& t, at::ScalarType dtype, const at::Device& device,
+                             const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ",
+              dtype == at::kDouble ? "float64" : "float32", ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+              " but tensors[0] is on ", device);
+}
+
+// coef: the clip coefficient, fp64.
 inline void check_coef(const at::Tensor& coef, const at::Device& device, const char* op) {
-  TORCH_CHECK(coef.numel() == 1, op, ": coef must have one element, got ", coef.numel());
-  TORCH_CHECK(coef.scalar_type() == at::kDouble, op, ": coef must be float64, got ",
-              coef.scalar_type());
-  TORCH_CHECK(coef.device() == device, op, ": coef is on ", coef.device(), " but tensors[0] is on ",
-              device);
+  check_scalar_arg(coef, at::kDouble, device, op, "coef");
 }
 
 // norm_type: p > 0 or inf. max_norm: >= 0 or inf, not NaN.

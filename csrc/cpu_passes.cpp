@@ -60,9 +60,12 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   }
   Partial total{0.0, 0.0};
   for (const Partial& part : partials) total = combine(total, part, r.p, kind);
-  const double norm = finish_norm(total, r.p, kind);
+  const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
+  const Finished f = finish_total(total, r.p, kind, r.max_norm, inv);
+  const double norm = f.norm;
   if (r.norm) *r.norm = norm;
-  if (r.coef) *r.coef = clip_coef(norm, r.max_norm);
+  if (r.coef) *r.coef = f.coef;
+  if (r.found_inf && f.nonfinite) *r.found_inf = 1.0f;
   if (r.norm_out) {
     FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
                                 [&] { store_as<scalar_t>(r.norm_out, norm); });
@@ -74,7 +77,7 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
       for (int64_t c = first; c < first + chunks_of(table.numel[t]); ++c) {
         own = combine(own, partials[c], r.p, kind);
       }
-      r.per_tensor[t] = finish_norm(own, r.p, kind);
+      r.per_tensor[t] = finish_norm(own, r.p, kind) * inv;
     }
   }
 }

@@ -134,10 +134,13 @@ __device__ void finish(const Pass1Args& a, NormKind kind) {
     acc = combine(acc, load_partial(a.partials, c), p, kind);
   }
   acc = block_reduce(acc, p, kind);
+  const double inv = a.out.inv_scale ? static_cast<double>(*a.out.inv_scale) : 1.0;
   if (threadIdx.x == 0) {
-    const double norm = finish_norm(acc, p, kind);
+    const Finished f = finish_total(acc, p, kind, a.out.max_norm, inv);
+    const double norm = f.norm;
     if (a.out.norm) *a.out.norm = norm;
-    if (a.out.coef) *a.out.coef = clip_coef(norm, a.out.max_norm);
+    if (a.out.coef) *a.out.coef = f.coef;
+    if (a.out.found_inf && f.nonfinite) *a.out.found_inf = 1.0f;
     if (a.out.norm_out) {
       switch (a.out.norm_out_dtype) {
         case at::kDouble: *static_cast<double*>(a.out.norm_out) = norm; break;
@@ -158,7 +161,7 @@ __device__ void finish(const Pass1Args& a, NormKind kind) {
         own = combine(own, load_partial(a.partials, c), p, kind);
       }
       own = warp_reduce(own, p, kind);
-      if (lane == 0) a.out.per_tensor[t] = finish_norm(own, p, kind);
+      if (lane == 0) a.out.per_tensor[t] = finish_norm(own, p, kind) * inv;
     }
   }
 }

@@ -100,6 +100,24 @@ FUSEDCLIP_HD double clip_coef(double norm, double max_norm) {
   return c > 1.0 ? 1.0 : c;
 }
 
+// The non-finite state of a partial: its m is NaN or inf exactly when an element was.
+FUSEDCLIP_HD bool is_nonfinite(Partial t) { return is_nan(t.m) || is_inf(t.m); }
+
+// The scalar outputs of pass 1 from the total partial, the same on every device. inv is the
+// inverse loss scale (1 without one): the norm of x * inv is inv * the norm of x, and the factor
+// that pass 2 multiplies by unscales as well as clips.
+struct Finished {
+  double norm;
+  double coef;
+  bool nonfinite;
+};
+
+FUSEDCLIP_HD Finished finish_total(Partial total, double p, NormKind kind, double max_norm,
+                                   double inv) {
+  const double norm = finish_norm(total, p, kind) * inv;
+  return {norm, clip_coef(norm, max_norm) * inv, is_nonfinite(total)};
+}
+
 // x * c formed in fp64 and rounded to T through float, which is also how the reference (torch's
 // fp64-to-fp16/bf16 conversion) rounds it.
 template <typename T>

@@ -13,12 +13,22 @@
 
 namespace fusedclip {
 
-// What pass 1 writes, all on the plan's device. Pointers that are null are not written.
+// What pass 1 reads besides the tensors and what it writes, all on the plan's device. Pointers
+// that are null are not read or written.
+//
+// With inv_scale (the AMP path: gradients still multiplied by a loss scale), every norm is that of
+// the unscaled elements x * inv_scale, and coef is the factor that unscales and clips in one
+// multiply: inv_scale * min(1, max_norm / (norm + 1e-6)). Norms are homogeneous, so the elements
+// are not multiplied one by one: the norm of the raw elements, accumulated in fp64, is multiplied
+// once. found_inf is the per-element check: m of the total partial is non-finite exactly when some
+// element is inf or NaN (norm_math.h), whatever the norm would have rounded to.
 struct NormRequest {
   double p = 2.0;
   double max_norm = INFINITY;
+  const float* inv_scale = nullptr;  // fp32 [1]: the inverse loss scale, read on the device
+  float* found_inf = nullptr;        // fp32 [1]: set to 1 when an element is inf/NaN, never cleared
   double* norm = nullptr;        // fp64 [1]: the total norm
-  double* coef = nullptr;        // fp64 [1]: min(1, max_norm / (norm + 1e-6))
+  double* coef = nullptr;        // fp64 [1]: [inv_scale *] min(1, max_norm / (norm + 1e-6))
   void* norm_out = nullptr;      // [1] of norm_out_dtype: the norm as torch returns it
   at::ScalarType norm_out_dtype = at::kDouble;
   double* per_tensor = nullptr;  // fp64 [T]: each tensor's own norm

@@ -159,10 +159,10 @@ def cuda_tensors_only(name: str) -> bool:
     return _RUNS_ON[name] == ("cuda",)
 
 
-def fast_path(requested: str | None) -> Callable[..., Tensor | None] | None:
-    """The one-call ``clip_grad_norm_`` path of the backend ``requested`` names or ``auto`` picks
-    on CUDA, when there is one: ``f(params, max_norm, norm_type)`` returns the norm, or None when
-    the gradients need the general path. Both paths need ``fusedclip._C`` (its C++ plan)."""
+def fast_impl(requested: str | None) -> tuple[ModuleType, bool] | None:
+    """The module with the one-call paths (``clip_params``, ``norm_params``) of the backend
+    ``requested`` names or ``auto`` picks on CUDA, and whether it takes CUDA gradients only; None
+    when there is none. Both need ``fusedclip._C`` (its C++ plan)."""
     name, _ = check_name(requested)
     if not _extension.loaded():
         return None
@@ -170,9 +170,18 @@ def fast_path(requested: str | None) -> Callable[..., Tensor | None] | None:
         # Only CUDA gradients may skip auto-selection: anything else goes to `reference`.
         for candidate in ("cuda", "triton"):
             if backend_status(candidate).available and "cuda" in _RUNS_ON[candidate]:
-                return functools.partial(_IMPLEMENTATION[candidate].clip_params, cuda_only=True)
+                return _IMPLEMENTATION[candidate], True
         return None
     if name in ("cuda", "triton") and backend_status(name).available:
-        return functools.partial(_IMPLEMENTATION[name].clip_params,
-                                 cuda_only=cuda_tensors_only(name))
+        return _IMPLEMENTATION[name], cuda_tensors_only(name)
     return None
+
+
+def fast_path(requested: str | None) -> Callable[..., Tensor | None] | None:
+    """The one-call ``clip_grad_norm_`` path (``fast_impl``): ``f(params, max_norm, norm_type)``
+    returns the norm, or None when the gradients need the general path."""
+    impl = fast_impl(requested)
+    if impl is None:
+        return None
+    module, cuda_only = impl
+    return functools.partial(module.clip_params, cuda_only=cuda_only)

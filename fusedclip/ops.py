@@ -30,13 +30,23 @@ if _extension.loaded():
 
     @torch.library.register_fake("fusedclip::total_norm")
     def _total_norm_fake(
-        tensors: list[Tensor], norm_type: float, max_norm: float, per_tensor: bool
+        tensors: list[Tensor],
+        norm_type: float,
+        max_norm: float,
+        per_tensor: bool,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         return _norm_outputs(tensors, per_tensor)
 
     @torch.library.register_fake("fusedclip::clip_")
     def _clip_fake(
-        tensors: list[Tensor], max_norm: float, norm_type: float, per_tensor: bool
+        tensors: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        per_tensor: bool,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         norm, _, per = _norm_outputs(tensors, per_tensor)
         return norm, per
@@ -49,15 +59,30 @@ def scale_(tensors: list[Tensor], coef: Tensor) -> None:
 
 
 def total_norm(
-    tensors: list[Tensor], norm_type: float, max_norm: float = math.inf, per_tensor: bool = False
+    tensors: list[Tensor],
+    norm_type: float,
+    max_norm: float = math.inf,
+    per_tensor: bool = False,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1: (norm, clip coefficient, per-tensor norms) as fp64 device tensors; the per-tensor
-    norms are an empty tensor unless ``per_tensor``."""
-    return torch.ops.fusedclip.total_norm(tensors, norm_type, max_norm, per_tensor)
+    norms are an empty tensor unless ``per_tensor``. AMP: with ``inv_scale`` (one fp32 element)
+    the norms are those of the unscaled values and the coefficient also unscales; ``found_inf``
+    (one fp32 element) is set to 1 when any element is inf or NaN."""
+    return torch.ops.fusedclip.total_norm(tensors, norm_type, max_norm, per_tensor, inv_scale,
+                                          found_inf)
 
 
 def clip_(
-    tensors: list[Tensor], max_norm: float, norm_type: float = 2.0, per_tensor: bool = False
+    tensors: list[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    per_tensor: bool = False,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Both passes: clip in place; returns (fp64 norm, per-tensor norms or an empty tensor)."""
-    return torch.ops.fusedclip.clip_(tensors, max_norm, norm_type, per_tensor)
+    """Both passes: clip (and, given ``inv_scale``, unscale) in place; returns (fp64 norm,
+    per-tensor norms or an empty tensor)."""
+    return torch.ops.fusedclip.clip_(tensors, max_norm, norm_type, per_tensor, inv_scale,
+                                     found_inf)

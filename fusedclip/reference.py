@@ -36,15 +36,35 @@ def _peak(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v, math.inf).to(torch.float64)
 
 
-def total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+def total_norm(
+    tensors: list[Tensor],
+    norm_type: float,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     """The p-norm of all ``tensors`` as if concatenated: 0-dim fp64 on ``tensors[0]``'s device.
 
     ``norm_type`` is a positive float or ``inf``. NaN anywhere gives NaN; otherwise an infinite
     element gives ``inf``, as in torch. One tensor at a time is widened to fp64, and only scalars
     move between devices.
+
+    AMP: with ``inv_scale`` (a one-element fp32 tensor) the tensors hold loss-scaled values and the
+    result is the norm of ``x * inv_scale``; ``found_inf`` (one-element fp32) is set to 1 when any
+    element is inf or NaN and left as it is otherwise.
     """
     device = tensors[0].device
     peak = torch.stack([_peak(t).to(device) for t in tensors]).amax()
+    if found_inf is not None:
+        # The largest magnitude is inf or NaN exactly when some element is.
+        found_inf.masked_fill_(~torch.isfinite(peak).to(found_inf.device), 1.0)
+    norm = _norm_from_peak(tensors, norm_type, peak)
+    if inv_scale is not None:
+        norm = norm * inv_scale.to(device=device, dtype=torch.float64).reshape(())
+    return norm
+
+
+def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Tensor:
+    device = peak.device
     if math.isinf(norm_type):
         return peak
     # Scale by the largest magnitude so sum(|x|^p) cannot overflow or underflow in fp64; fall back
@@ -86,10 +106,22 @@ def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> Non
     scale_(tensors, clip_coef(max_norm, norm))
 
 
-def clip_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
-    """Global-norm clipping: returns the fp64 total norm and rescales ``tensors`` in place."""
-    norm = total_norm(tensors, norm_type)
-    clip_with_norm_(tensors, max_norm, norm)
+def clip_(
+    tensors: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    """Global-norm clipping: returns the fp64 total norm and rescales ``tensors`` in place. With
+    ``inv_scale`` (AMP) the tensors are unscaled and clipped in one multiply by
+    ``inv_scale * min(1, max_norm / (norm + 1e-6))``, the norm being that of the unscaled values;
+    ``found_inf`` as in ``total_norm``."""
+    norm = total_norm(tensors, norm_type, inv_scale, found_inf)
+    coef = clip_coef(max_norm, norm)
+    if inv_scale is not None:
+        coef = coef * inv_scale.to(device=coef.device, dtype=torch.float64).reshape(())
+    scale_(tensors, coef)
     return norm
 
 

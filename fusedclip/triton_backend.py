@@ -37,7 +37,8 @@ from fusedclip import _extension
 from fusedclip.fused import FusedOps
 
 __all__ = [
-    "clamp_", "clip_", "clip_params", "clip_with_norm_", "interpreting", "scale_", "total_norm"
+    "clamp_", "clip_", "clip_params", "clip_with_norm_", "interpreting", "norm_params", "scale_",
+    "total_norm",
 ]
 
 _CACHE_SIZE = 8
@@ -188,17 +189,41 @@ def _check_args(norm_type: float, max_norm: float) -> None:
         raise ValueError(f"max_norm must be >= 0, got {max_norm}")
 
 
+def _check_scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    if t is not None and (t.dtype != dtype or t.numel() != 1 or t.device != device):
+        raise RuntimeError(
+            f"{name} must be one {dtype} element on {device}, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device}"
+        )
+
+
 def norm_pass(
-    plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
+    plan: Plan,
+    norm_type: float,
+    max_norm: float,
+    per_tensor: bool,
+    out_dtype: torch.dtype,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty)."""
+    """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty).
+    ``inv_scale``/``found_inf``: the AMP path (see ``fusedclip.reference.total_norm``); the
+    coefficient then also unscales."""
     _check_args(norm_type, max_norm)
+    _check_scalar(inv_scale, torch.float32, plan.device, "inv_scale")
+    _check_scalar(found_inf, torch.float32, plan.device, "found_inf")
     with _on(plan.device):
-        return _norm_pass(plan, norm_type, max_norm, per_tensor, out_dtype)
+        return _norm_pass(plan, norm_type, max_norm, per_tensor, out_dtype, inv_scale, found_inf)
 
 
 def _norm_pass(
-    plan: Plan, norm_type: float, max_norm: float, per_tensor: bool, out_dtype: torch.dtype
+    plan: Plan,
+    norm_type: float,
+    max_norm: float,
+    per_tensor: bool,
+    out_dtype: torch.dtype,
+    inv_scale: Tensor | None,
+    found_inf: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     norm_k, _, chunk, tl_dtype = _kernels()
     kind = norm_k.norm_kind(norm_type)
@@ -215,15 +240,20 @@ def _norm_pass(
     norm = torch.empty((), **f64)
     coef = torch.empty((), **f64)
     out = torch.empty((), dtype=out_dtype, device=plan.device)
+    unscale = inv_scale is not None
+    # Without a scale the kernels never touch these pointers (UNSCALE is a compile-time constant).
+    inv_ptr = inv_scale if unscale else partials
+    found_ptr = found_inf if found_inf is not None else partials
     norm_k.finish[(1,)](
-        partials, plan.num_chunks, p_bits, _f64_bits(max_norm), norm, coef, out,
-        KIND=kind, OUT_DT=tl_dtype[out_dtype], FBLOCK=norm_k.FBLOCK, num_warps=_NUM_WARPS,
+        partials, plan.num_chunks, p_bits, _f64_bits(max_norm), norm, coef, out, inv_ptr,
+        found_ptr, KIND=kind, OUT_DT=tl_dtype[out_dtype], FBLOCK=norm_k.FBLOCK,
+        UNSCALE=unscale, FLAG=found_inf is not None, num_warps=_NUM_WARPS,
     )
     per = torch.empty(plan.num_tensors if per_tensor else 0, **f64)
     if per_tensor and plan.num_tensors:
         norm_k.per_tensor_norms[(plan.num_tensors,)](
-            plan.table, plan.num_tensors, partials, p_bits, per,
-            KIND=kind, CHUNK=chunk, FBLOCK=norm_k.FBLOCK, num_warps=4,
+            plan.table, plan.num_tensors, partials, p_bits, per, inv_ptr,
+            KIND=kind, CHUNK=chunk, FBLOCK=norm_k.FBLOCK, UNSCALE=unscale, num_warps=4,
         )
     return norm, coef, out, per
 
@@ -251,32 +281,44 @@ def _scale_groups(plan: Plan, coef: Tensor, norm_k, scale_k, chunk: int, tl_dtyp
 
 # ---- operators ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("fusedclip::triton_total_norm", mutates_args=())
+@torch.library.custom_op("fusedclip::triton_total_norm", mutates_args=("found_inf",))
 def _total_norm_op(
-    tensors: list[Tensor], norm_type: float, max_norm: float, per_tensor: bool
+    tensors: list[Tensor],
+    norm_type: float,
+    max_norm: float,
+    per_tensor: bool,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     norm, coef, _, per = norm_pass(plan_for(tensors), norm_type, max_norm, per_tensor,
-                                   torch.float64)
+                                   torch.float64, inv_scale, found_inf)
     return norm, coef, per
 
 
 @_total_norm_op.register_fake
-def _(tensors, norm_type, max_norm, per_tensor):
+def _(tensors, norm_type, max_norm, per_tensor, inv_scale=None, found_inf=None):
     like = tensors[0].new_empty((), dtype=torch.float64)
     return like, like.clone(), tensors[0].new_empty((len(tensors) if per_tensor else 0,),
                                                     dtype=torch.float64)
 
 
-@torch.library.custom_op("fusedclip::triton_clip_", mutates_args=("tensors",))
-def _clip_op(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+@torch.library.custom_op("fusedclip::triton_clip_", mutates_args=("tensors", "found_inf"))
+def _clip_op(
+    tensors: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     plan = plan_for(tensors)
-    norm, coef, _, _ = norm_pass(plan, norm_type, max_norm, False, torch.float64)
+    norm, coef, _, _ = norm_pass(plan, norm_type, max_norm, False, torch.float64, inv_scale,
+                                 found_inf)
     scale_pass(plan, coef)
     return norm
 
 
 @_clip_op.register_fake
-def _(tensors, max_norm, norm_type):
+def _(tensors, max_norm, norm_type, inv_scale=None, found_inf=None):
     return tensors[0].new_empty((), dtype=torch.float64)
 
 
@@ -294,7 +336,7 @@ def _(tensors, coef):
 
 _OPS = FusedOps(
     "triton",
-    norm=lambda ts, p: _total_norm_op(ts, p, math.inf, False)[0],
+    norm=lambda ts, p, inv, found: _total_norm_op(ts, p, math.inf, False, inv, found)[0],
     clip=_clip_op,
     scale=_scale_op,
     check_device=_check_device,
@@ -306,23 +348,58 @@ clip_ = _OPS.clip_
 clamp_ = _OPS.clamp_
 
 
-def clip_params(
-    params: list[Tensor], max_norm: float, norm_type: float, *, cuda_only: bool = True
-) -> Tensor | None:
-    """``clip_grad_norm_`` on ``params`` with the plan of ``fusedclip._C`` (its C++ loop over the
-    ``.grad``s and its cache) and these kernels; the norm in torch's dtype, or None when
-    ``fusedclip._C`` is not built or some gradient needs the general path."""
+def _params_plan(
+    params: list[Tensor], cuda_only: bool, writing: bool, unscaling: bool
+) -> Plan | None:
+    """The C++ plan of the ``.grad``s of ``params`` (``fusedclip._C``), or None. Unscaling
+    GradScaler's gradients, fp16 ones also give None (the general path refuses them)."""
     if not _extension.loaded():
         return None
-    info = _extension.module().plan_of_params(params, cuda_only, True)
+    info = _extension.module().plan_of_params(params, cuda_only, writing, not unscaling)
     if info is None:
         return None
     table, num_tensors, num_chunks, result_dtype, groups = info
     if table.device.type != ("cpu" if interpreting() else "cuda"):
         return None
-    plan = Plan(table.device, table, num_tensors, num_chunks,
+    return Plan(table.device, table, num_tensors, num_chunks,
                 tuple(Group(*g) for g in groups), result_dtype)
-    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, result_dtype)
+
+
+def clip_params(
+    params: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    *,
+    cuda_only: bool = True,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor | None:
+    """``clip_grad_norm_`` on ``params`` with the plan of ``fusedclip._C`` (its C++ loop over the
+    ``.grad``s and its cache) and these kernels; the norm in torch's dtype, or None when
+    ``fusedclip._C`` is not built or some gradient needs the general path. ``inv_scale`` and
+    ``found_inf``: the AMP path."""
+    plan = _params_plan(params, cuda_only, True, inv_scale is not None)
+    if plan is None:
+        return None
+    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, plan.result_dtype, inv_scale,
+                                found_inf)
     scale_pass(plan, coef)
     return out
 
+
+def norm_params(
+    params: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    *,
+    cuda_only: bool = True,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """Pass 1 of ``clip_params`` alone: (norm in torch's dtype, fp64 factor), or None."""
+    plan = _params_plan(params, cuda_only, False, inv_scale is not None)
+    if plan is None:
+        return None
+    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, plan.result_dtype, inv_scale,
+                                found_inf)
+    return out, coef

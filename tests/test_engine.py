@@ -321,6 +321,11 @@ def test_opcheck(device):
     tensors = random_tensors([5, 0, 65537, 17], torch.bfloat16, device, seed=14)
     torch.library.opcheck(torch.ops.fusedclip.total_norm, (tensors, 2.0, 1.0, True))
     torch.library.opcheck(torch.ops.fusedclip.clip_, (tensors, 1.0, 2.0, False))
+    # The AMP arguments: found_inf is mutated (set to 1 by an inf among the elements).
+    tensors[2][7] = math.inf
+    amp = (torch.tensor(2.0**-8, device=device), torch.zeros((), device=device))
+    torch.library.opcheck(torch.ops.fusedclip.total_norm, (tensors, 2.0, 1.0, True, *amp))
+    torch.library.opcheck(torch.ops.fusedclip.clip_, (tensors, 1.0, 2.0, False, *amp))
 
 
 def test_compiles_without_graph_breaks():

@@ -208,6 +208,10 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedclip.triton_total_norm, (tensors, 2.0, 1.0, True))
     torch.library.opcheck(torch.ops.fusedclip.triton_clip_, ([t.clone() for t in tensors], 1.0,
                                                              2.0))
+    amp = (torch.tensor(2.0**-8), torch.zeros(()))
+    torch.library.opcheck(torch.ops.fusedclip.triton_total_norm, (tensors, 2.0, 1.0, True, *amp))
+    torch.library.opcheck(torch.ops.fusedclip.triton_clip_, ([t.clone() for t in tensors], 1.0,
+                                                             2.0, *amp))
 
     def step(ts):
         return torch.ops.fusedclip.triton_clip_(ts, 1.0, 2.0) * 2
@@ -248,13 +252,19 @@ def test_kernels_compile_for_sm90():
             if aligned:  # 16-byte vectors: v4 of 32-bit words, or v2 of 64-bit ones
                 assert re.search(r"ld\\.global[.\\w]*\\.v(4\\.b32|2\\.b64)", code), (dt, kind)
         fin = {"partials": "*fp64", "num_chunks": "i32", "p_bits": "i64", "max_norm_bits": "i64",
-               "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16"}
-        ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK})
-        ptx(norm.finish, {**fin, "out_ptr": "*fp32"}, {"KIND": 3, "OUT_DT": tl.float32,
-                                                       "FBLOCK": norm.FBLOCK})
-        ptx(norm.per_tensor_norms, {"table": "*i64", "n_tensors": "i32", "partials": "*fp64",
-                                    "p_bits": "i64", "out_ptr": "*fp64"},
-            {"KIND": 2, "CHUNK": CHUNK, "FBLOCK": norm.FBLOCK}, warps=4)
+               "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16",
+               "inv_ptr": "*fp64", "found_ptr": "*fp64"}
+        plain = {"UNSCALE": False, "FLAG": False}
+        ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK, **plain})
+        amp = {**fin, "out_ptr": "*fp32", "inv_ptr": "*fp32", "found_ptr": "*fp32"}
+        code = ptx(norm.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": norm.FBLOCK,
+                                      "UNSCALE": True, "FLAG": True})
+        assert "cvt.f64.f32" in code  # the AMP variant reads the fp32 inverse scale
+        per = {"table": "*i64", "n_tensors": "i32", "partials": "*fp64", "p_bits": "i64",
+               "out_ptr": "*fp64", "inv_ptr": "*fp32"}
+        for unscale in (False, True):
+            ptx(norm.per_tensor_norms, per, {"KIND": 2, "CHUNK": CHUNK, "FBLOCK": norm.FBLOCK,
+                                             "UNSCALE": unscale}, warps=4)
         sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
         code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True, **tile})
         assert "st.global.v4" in code and "ld.global.v4" in code

@@ -10,7 +10,8 @@ Kernels and their passes over memory:
 - ``chunk_partials``: one read of every element of one dtype group (one program per chunk), one
   (m, s) pair written per chunk.
 - ``finish``: one program reads the C partials (16 bytes per 128 KiB of gradients), twice, in a
-  fixed order, and writes the norm, the coefficient and the norm in the gradients' dtype.
+  fixed order, and writes the norm, the coefficient and the norm in the gradients' dtype; on the
+  AMP path it also unscales the norm and sets the found-inf flag.
 - ``per_tensor_norms``: one program per tensor over its own chunks' partials (only when asked).
 Everything is in a fixed order: the results are bitwise identical from run to run.
 """
@@ -144,8 +145,9 @@ def chunk_partials(
 
 @triton.jit
 def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
-    """The norm described by the partials of chunks [lo, hi): the max of m, then the sum of
-    s * (m / max)^p, both in a fixed order."""
+    """The norm described by the partials of chunks [lo, hi) and the largest m (non-finite
+    exactly when an element was): the max of m, then the sum of s * (m / max)^p, both in a fixed
+    order."""
     # while loops: a runtime-bounded range does not run in Triton 3.6's interpreter.
     offs = tl.arange(0, FBLOCK).to(tl.int64)
     big = tl.zeros((), tl.float64)
@@ -175,20 +177,39 @@ def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr
     else:
         root = tl.exp(tl.log(tl.where(total > 0, total, 1.0)) / p)
         norm = tl.where(finite, big * root, big)
-    return norm
+    return norm, big
+
+
+@triton.jit
+def _inverse_scale(inv_ptr, UNSCALE: tl.constexpr):
+    """The inverse loss scale as fp64 (1 without one): norms of x * inv are inv * norms of x."""
+    if UNSCALE:
+        inv = tl.load(inv_ptr).to(tl.float64)
+    else:
+        inv = tl.full((), 1.0, tl.float64)
+    return inv
 
 
 @triton.jit(do_not_specialize=["num_chunks", "p_bits", "max_norm_bits"])
 def finish(
-    partials, num_chunks, p_bits, max_norm_bits, norm_ptr, coef_ptr, out_ptr,
-    KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr,
+    partials, num_chunks, p_bits, max_norm_bits, norm_ptr, coef_ptr, out_ptr, inv_ptr, found_ptr,
+    KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr, UNSCALE: tl.constexpr,
+    FLAG: tl.constexpr,
 ):
+    """With UNSCALE (the AMP path) the gradients hold loss-scaled values: the norm is that of the
+    unscaled ones and the coefficient also unscales (inv * min(1, ...)). With FLAG, found_ptr
+    (fp32) is set to 1 when any element was inf or NaN and left alone otherwise."""
     p = _f64(p_bits)
     max_norm = _f64(max_norm_bits)
-    norm = _combine_range(partials, 0, num_chunks, p, KIND, FBLOCK)
+    inv = _inverse_scale(inv_ptr, UNSCALE)
+    raw, big = _combine_range(partials, 0, num_chunks, p, KIND, FBLOCK)
+    norm = raw * inv
     tl.store(norm_ptr, norm)
     c = max_norm / (norm + 1e-6)
-    tl.store(coef_ptr, tl.where(c > 1.0, 1.0, c))  # NaN stays NaN, as torch's clamp
+    tl.store(coef_ptr, tl.where(c > 1.0, 1.0, c) * inv)  # NaN stays NaN, as torch's clamp
+    if FLAG:
+        nonfinite = (big != big) | (big == float("inf"))
+        tl.store(found_ptr, tl.full((), 1.0, tl.float32), mask=nonfinite)
     if OUT_DT == tl.float64:
         tl.store(out_ptr, norm)
     else:
@@ -197,12 +218,13 @@ def finish(
 
 @triton.jit(do_not_specialize=["n_tensors", "p_bits"])
 def per_tensor_norms(
-    table, n_tensors, partials, p_bits, out_ptr, KIND: tl.constexpr, CHUNK: tl.constexpr,
-    FBLOCK: tl.constexpr,
+    table, n_tensors, partials, p_bits, out_ptr, inv_ptr, KIND: tl.constexpr, CHUNK: tl.constexpr,
+    FBLOCK: tl.constexpr, UNSCALE: tl.constexpr,
 ):
     p = _f64(p_bits)
     t = tl.program_id(0).to(tl.int64)
     numel = tl.load(table + n_tensors + t)
     first = tl.load(table + 2 * n_tensors + t)
     n_chunks = (numel + CHUNK - 1) // CHUNK
-    tl.store(out_ptr + t, _combine_range(partials, first, first + n_chunks, p, KIND, FBLOCK))
+    norm, _ = _combine_range(partials, first, first + n_chunks, p, KIND, FBLOCK)
+    tl.store(out_ptr + t, norm * _inverse_scale(inv_ptr, UNSCALE))
