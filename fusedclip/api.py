@@ -18,10 +18,12 @@ Differences from torch, all deliberate:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from fusedclip import backends
+from fusedclip import amp, backends
 from fusedclip.inputs import (
     TensorOrTensors,
     as_norm_type,
@@ -93,18 +95,42 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    fold_into_optimizer: bool = False,
 ) -> Tensor:
     """Clip the global gradient norm in place; returns the norm before clipping.
 
     Gradients are scaled by ``min(1, max_norm / (total_norm + 1e-6))`` where ``total_norm`` is the
     ``norm_type``-norm of all gradients as if concatenated. With ``error_if_nonfinite=True`` a NaN
     or infinite norm raises (after one host synchronization) and leaves the gradients untouched.
+
+    AMP (``fusedclip.amp``): with ``scaler=`` (a ``torch.amp.GradScaler``) and ``optimizer=`` (one
+    optimizer or a list), this call replaces ``scaler.unscale_(optimizer)`` followed by the clip:
+    the gradients are unscaled, checked for inf/NaN, measured and clipped in two passes, the
+    returned norm is that of the unscaled gradients, and the scaler is left as ``unscale_`` leaves
+    it, so ``scaler.step(optimizer)`` and ``scaler.update()`` follow as usual. fp16 gradients are
+    refused, as ``unscale_`` refuses them. With ``error_if_nonfinite=True`` the gradients are
+    unscaled (not clipped) before the error, as in torch's recipe.
+
+    ``fold_into_optimizer=True`` (with torch's fused Adam/AdamW/SGD/Adagrad, ``fused=True``) leaves
+    the gradients as they are and hands the factor that would unscale and clip them to the
+    optimizer's next step (its ``grad_scale``): one read of the gradients in all. Until that step
+    the gradients are neither unscaled nor clipped.
     """
     params = collect_tensors(
         parameters, name="parameters", warn_empty_generator=True, check_items=False
     )
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
+    if scaler is not None or optimizer is not None or fold_into_optimizer:
+        backends.check_name(backend)
+        if scaler is None and not fold_into_optimizer:
+            raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
+        norm = amp.clip_grad_norm_scaled_(params, limit, p, error_if_nonfinite, scaler, optimizer,
+                                          fold_into_optimizer, backend)
+        if norm is not None:
+            return norm
     skip_fast = error_if_nonfinite or torch.compiler.is_compiling()
     fast = None if skip_fast else backends.fast_path(backend)
     if fast is not None:
