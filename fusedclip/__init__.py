@@ -6,6 +6,7 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``, ``get_total_norm``,
 """
 
 from fusedclip import ops  # noqa: F401  (registers the fake implementations of fusedclip._C)
+from fusedclip.amp import ClippingGradScaler
 from fusedclip.api import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from fusedclip.backends import BackendStatus, available_backends
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "ClippingGradScaler",
     "available_backends",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -17,6 +17,8 @@ pass 2 goes: the gradients stay as they are and the optimizer gets the combined 
 read. ``scaler.step`` hands both over and removes them after the step; without a scaler a
 one-shot step hook removes ``grad_scale``.
 
+``ClippingGradScaler`` is the same as a GradScaler method, ``scaler.unscale_and_clip_(opt, max_norm)``.
+
 This module reads GradScaler's per-optimizer state (``_per_optimizer_states``, ``OptState``,
 ``_scale``), private to torch but unchanged since torch 1.6; the tests run torch's own recipe
 beside this one to catch a change.
@@ -24,6 +26,7 @@ beside this one to catch a change.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Sequence
@@ -42,7 +45,7 @@ from fusedclip.inputs import (
     raise_if_nonfinite,
 )
 
-__all__ = ["clip_grad_norm_scaled_"]
+__all__ = ["ClippingGradScaler", "clip_grad_norm_scaled_"]
 
 FP16_MESSAGE = (
     "Attempting to unscale FP16 gradients. (torch.amp.GradScaler refuses to, and so does "
@@ -121,19 +124,59 @@ def _check_fold_gradients(owned: list[list[Tensor]], clipped: list[Tensor]) -> N
         )
 
 
-def _hand_over_grad_scale(opt: torch.optim.Optimizer, grad_scale: Tensor, one_shot: bool) -> None:
-    """``opt.grad_scale`` for its next step (times one the user set, as ``GradScaler.step``
-    does); with ``one_shot`` a step hook removes it after that step."""
-    previous = getattr(opt, "grad_scale", None)
-    opt.grad_scale = grad_scale if previous is None else previous * grad_scale
-    if one_shot and getattr(opt, "_fusedclip_fold_hook", None) is None:
+@dataclasses.dataclass(frozen=True)
+class _Handover:
+    """A factor handed to a fused optimizer's next step: what ``grad_scale`` was set to, the
+    user's own ``grad_scale`` under it (None if there was none), and whether the step hook puts
+    that back (without a scaler; with one, ``GradScaler.step`` deletes ``grad_scale`` itself)."""
 
-        def remove(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-            optimizer.__dict__.pop("grad_scale", None)
-            optimizer._fusedclip_fold_hook.remove()
-            optimizer._fusedclip_fold_hook = None
+    handed: Tensor
+    base: Tensor | None
+    restore: bool
 
-        opt._fusedclip_fold_hook = opt.register_step_post_hook(remove)
+
+def _hand_over_grad_scale(opt: torch.optim.Optimizer, grad_scale: Tensor, restore: bool) -> None:
+    """``opt.grad_scale`` for its next step: the factor, times a ``grad_scale`` the user set (as
+    ``GradScaler.step`` multiplies them). A factor an earlier call handed over and no step
+    consumed (a skipped iteration, a step that raised) is replaced, never compounded."""
+    current = getattr(opt, "grad_scale", None)
+    pending = opt.__dict__.get("_fusedclip_handover")
+    base = pending.base if pending is not None and current is pending.handed else current
+    handed = grad_scale if base is None else base * grad_scale
+    opt.grad_scale = handed
+    opt._fusedclip_handover = _Handover(handed, base, restore)
+    if not opt.__dict__.get("_fusedclip_step_hook"):
+        # Registered once and never removed: removing a hook while the step runs its hooks
+        # would mutate the dict torch is iterating.
+        opt.register_step_post_hook(_after_step)
+        opt._fusedclip_step_hook = True
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    """After a step: the handed-over factor is consumed; without a scaler, the user's own
+    ``grad_scale`` (or none) is put back."""
+    pending = optimizer.__dict__.pop("_fusedclip_handover", None)
+    if pending is None or not pending.restore:
+        return
+    if getattr(optimizer, "grad_scale", None) is pending.handed:
+        if pending.base is None:
+            del optimizer.grad_scale
+        else:
+            optimizer.grad_scale = pending.base
+
+
+def _check_scaler(scaler: object) -> None:
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    for name in ("unscale_", "_unscale_grads_"):
+        if getattr(type(scaler), name) is not getattr(GradScaler, name):
+            # Its own unscale_ would be skipped (FSDP's ShardedGradScaler all-reduces found_inf
+            # across ranks there): refuse rather than leave the ranks disagreeing.
+            raise TypeError(
+                f"{type(scaler).__name__} overrides GradScaler.{name}, which fusedclip would "
+                "skip; call scaler.unscale_(optimizer), then fusedclip.clip_grad_norm_ without "
+                "scaler="
+            )
 
 
 def _scaler_state(scaler: GradScaler, opt: torch.optim.Optimizer) -> dict:
@@ -174,8 +217,8 @@ def clip_grad_norm_scaled_(
     """``clip_grad_norm_(params, max_norm, ..., scaler=, optimizer=, fold_into_optimizer=)``
     (max_norm and norm_type validated by the caller); None when there is nothing to unscale or
     fold (a disabled scaler), meaning: clip as usual."""
-    if scaler is not None and not isinstance(scaler, GradScaler):
-        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if scaler is not None:
+        _check_scaler(scaler)
     optimizers = _optimizers(optimizer)
     if scaler is not None and not scaler.is_enabled():
         # A disabled scaler neither unscales nor removes grad_scale after a step: clip as usual.
@@ -209,7 +252,7 @@ def clip_grad_norm_scaled_(
     norm, grad_scale = result
     if grad_scale is not None:
         for opt in optimizers:
-            _hand_over_grad_scale(opt, grad_scale, one_shot=not unscaling)
+            _hand_over_grad_scale(opt, grad_scale, restore=not unscaling)
     _set_unscaled(states, flags)
     return norm
 
@@ -331,3 +374,37 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
     impl.scale_(clipped, factor)
     unscale_extra()
     return norm.to(result_dtype), None
+
+
+class ClippingGradScaler(GradScaler):
+    """``torch.amp.GradScaler`` with the fused unscale + clip as a method: a second door to
+    ``fusedclip.clip_grad_norm_(..., scaler=, optimizer=)``, for code that passes a scaler around.
+
+    >>> scaler = fusedclip.ClippingGradScaler("cuda")
+    >>> scaler.scale(loss).backward()
+    >>> norm = scaler.unscale_and_clip_(optimizer, max_norm=1.0)
+    >>> scaler.step(optimizer)
+    >>> scaler.update()
+    """
+
+    def unscale_and_clip_(
+        self,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        parameters: object = None,
+        error_if_nonfinite: bool = False,
+        fold_into_optimizer: bool = False,
+        backend: str | None = None,
+    ) -> Tensor:
+        """``unscale_(optimizer)`` and ``clip_grad_norm_(parameters, max_norm, norm_type)`` in
+        the fused passes; ``parameters`` defaults to every parameter of ``optimizer``."""
+        from fusedclip.api import clip_grad_norm_
+
+        if parameters is None:
+            opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+            parameters = [p for opt in opts for group in opt.param_groups for p in group["params"]]
+        return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
+                               backend=backend, scaler=self, optimizer=optimizer,
+                               fold_into_optimizer=fold_into_optimizer)

@@ -21,16 +21,20 @@ from torch import Tensor
 NORM_EPS = 1e-6
 
 
-def _values(t: Tensor) -> Tensor:
-    """The elements that count towards the norm (for sparse COO tensors the coalesced values);
-    complex ones widened first, since |z| of a complex64 is a rounded result."""
-    v = t.detach().coalesce().values() if t.is_sparse else t.detach()
+def _values(t: Tensor, coalesce: bool = True) -> Tensor:
+    """The elements that count towards the norm (for sparse COO tensors the coalesced values, or
+    the values as stored without ``coalesce``); complex ones widened first, since |z| of a
+    complex64 is a rounded result."""
+    if t.is_sparse:
+        v = t.detach().coalesce().values() if coalesce else t.detach()._values()
+    else:
+        v = t.detach()
     return v.to(torch.complex128) if v.is_complex() else v
 
 
-def _peak(t: Tensor) -> Tensor:
+def _peak(t: Tensor, coalesce: bool = True) -> Tensor:
     """max |t| as 0-dim fp64 (exact in t's own dtype; NaN if any element is NaN; 0 if empty)."""
-    v = _values(t)
+    v = _values(t, coalesce)
     if v.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=t.device)
     return torch.linalg.vector_norm(v, math.inf).to(torch.float64)
@@ -53,10 +57,16 @@ def total_norm(
     element is inf or NaN and left as it is otherwise.
     """
     device = tensors[0].device
-    peak = torch.stack([_peak(t).to(device) for t in tensors]).amax()
+    peaks = [_peak(t).to(device) for t in tensors]
+    peak = torch.stack(peaks).amax()
     if found_inf is not None:
-        # The largest magnitude is inf or NaN exactly when some element is.
-        found_inf.masked_fill_(~torch.isfinite(peak).to(found_inf.device), 1.0)
+        # The largest magnitude is inf or NaN exactly when some element is. Sparse gradients are
+        # checked as stored, before coalescing (which could add finite duplicates up to inf), as
+        # torch's unscale_ checks them.
+        stored = [_peak(t, coalesce=False).to(device) if t.is_sparse else m
+                  for t, m in zip(tensors, peaks)]
+        found_inf.masked_fill_(~torch.isfinite(torch.stack(stored).amax()).to(found_inf.device),
+                               1.0)
     norm = _norm_from_peak(tensors, norm_type, peak)
     if inv_scale is not None:
         norm = norm * inv_scale.to(device=device, dtype=torch.float64).reshape(())

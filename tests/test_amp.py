@@ -68,8 +68,9 @@ def test_unscale_clip_matches_oracle(cpu_backend, dtype, norm_type, sizes, inv):
     found = torch.zeros(())
     norm = _impl(cpu_backend, tensors).clip_(tensors, 0.5, norm_type, inv_t, found)
     assert float(found) == 0.0
+    # The fp64 norm, not rounded to the gradients' dtype: as close as two fp64 sums can be.
     torch.testing.assert_close(norm.double(), torch.tensor(norm_exp, dtype=torch.float64),
-                               rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+                               rtol=1e-12, atol=0)
     for t, e in zip(tensors, expected):
         # Every element moved (the factor is far from 1), so matching proves it was written.
         fi = torch.finfo(dtype)
@@ -94,7 +95,7 @@ def test_unscaled_norm_without_writing(cpu_backend, dtype, norm_type):
 @pytest.mark.parametrize("dtype", AMP_DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("where", [0, 1, 2], ids=["first", "middle", "last"])
-@pytest.mark.parametrize("norm_type", [2.0, math.inf, 0.5])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 0.5])
 def test_found_inf_per_element(cpu_backend, dtype, bad, where, norm_type):
     tensors = random_tensors([40, 70001, 9], dtype, scale=100.0)
     tensors[where][-1 if where == 1 else 3] = bad
@@ -103,17 +104,18 @@ def test_found_inf_per_element(cpu_backend, dtype, bad, where, norm_type):
     assert float(found) == 1.0
 
 
-def test_found_inf_is_per_element_not_the_norm(cpu_backend):
-    """Finite fp32 gradients whose norm overflows fp32: torch's dtype returns inf for the norm,
-    but no element is inf, so the flag stays 0 (a check through the rounded norm would skip)."""
-    tensors = [torch.full((64,), 3.0e38), torch.full((3,), -3.0e38)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_found_inf_is_per_element_not_the_norm(cpu_backend, dtype, norm_type):
+    """Finite gradients near their dtype's largest value, whose norm overflows that dtype: torch
+    returns an inf norm, but no element is inf, so the flag stays 0 (a check through the rounded
+    norm would skip the step)."""
+    top = torch.finfo(dtype).max
+    tensors = [torch.full((64,), top * 0.9, dtype=dtype), torch.full((3,), -top, dtype=dtype)]
     found = torch.zeros(())
-    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors]
-    for p, t in zip(params, tensors):
-        p.grad = t
-    norm = _impl(cpu_backend, tensors).total_norm(tensors, 2.0, torch.tensor(1.0), found)
+    norm = _impl(cpu_backend, tensors).total_norm(tensors, norm_type, torch.tensor(1.0), found)
     assert float(found) == 0.0
-    assert math.isfinite(float(norm)) and float(norm) > torch.finfo(torch.float32).max
+    assert math.isfinite(float(norm)) and float(norm) > top
 
 
 def test_found_inf_is_never_cleared(cpu_backend):
@@ -277,6 +279,27 @@ def test_matches_recipe_one_step(cpu_backend):
     _close_grads(m0, m1)
 
 
+def test_clipping_grad_scaler_method(cpu_backend):
+    """The GradScaler subclass: same scale handling as torch's, and the method is the fused call."""
+    results = []
+    for fused in (False, True):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = fusedclip.ClippingGradScaler("cpu", init_scale=2.0**14, growth_interval=4)
+        _backward(model, scaler, 0)
+        if fused:
+            norm = scaler.unscale_and_clip_(opt, 0.05, backend=cpu_backend)
+        else:
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+        results.append((model, norm))
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=0)
+    for p, q in zip(results[0][0].parameters(), results[1][0].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-8)
+
+
 def test_subset_clip_unscales_the_rest(cpu_backend):
     """parameters a subset of the optimizer's: the rest is unscaled (not clipped), as by unscale_."""
     (m0, _, _, n0), (m1, _, _, n1) = _recipe_twins(
@@ -343,6 +366,56 @@ def test_fp16_gradients_refused_like_torch(cpu_backend):
         fusedclip.clip_grad_norm_(params, 1.0, scaler=scaler, optimizer=opt, backend=cpu_backend)
     assert_bitwise_equal(grads(params), before)
     assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
+
+
+def test_scaler_with_its_own_unscale_refused():
+    """A GradScaler subclass whose unscale_ does more (FSDP's ShardedGradScaler all-reduces
+    found_inf there) cannot be stood in for: a clear error, nothing touched."""
+
+    class Reducing(torch.amp.GradScaler):
+        def unscale_(self, optimizer):
+            super().unscale_(optimizer)
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = Reducing("cpu")
+    _backward(model, scaler, 0)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="overrides GradScaler.unscale_"):
+        fusedclip.clip_grad_norm_(model.parameters(), 1.0, scaler=scaler, optimizer=opt)
+    assert_bitwise_equal([p.grad for p in model.parameters()], before)
+    assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
+
+
+@pytest.mark.parametrize("values", ["random", "duplicates-sum-to-inf"])
+def test_sparse_gradients_with_scaler(values):
+    """Sparse gradients (reference backend): unscaled, checked as stored (as torch's unscale_
+    checks them, before duplicates are summed) and clipped like torch's recipe."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+        scaler = _scaler()
+        idx = torch.tensor([1, 3, 3, 7])
+        scaler.scale(emb(idx).sum() * 1000).backward()
+        if values != "random":
+            big = torch.finfo(torch.float32).max
+            emb.weight.grad = torch.sparse_coo_tensor(
+                torch.tensor([[3, 3]]), torch.full((2, 4), big), (10, 4), check_invariants=True)
+        if fused:
+            norm = fusedclip.clip_grad_norm_(emb.parameters(), 0.5, scaler=scaler, optimizer=opt,
+                                             backend="reference")
+        else:
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(emb.parameters(), 0.5)
+        found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+        results.append((float(found[torch.device("cpu")]), norm,
+                        emb.weight.grad.coalesce().to_dense()))
+    assert results[1][0] == results[0][0] == 0.0
+    if values == "random":
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-6, atol=0)
 
 
 def test_unowned_gradients_refused(cpu_backend):
@@ -433,6 +506,7 @@ FUSED_OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, fused=True),
 }
 
 
@@ -510,6 +584,105 @@ def test_fold_without_scaler(cpu_backend):
         opt.step()
         assert not hasattr(opt, "grad_scale")
         opt.step()  # a second step sees no stale factor
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+def test_fold_twice_before_step_does_not_compound(cpu_backend):
+    """Without a scaler: a second call before the step replaces the factor (torch's clip would
+    find nothing left to clip), and the step uses it once."""
+    models = []
+    for calls in (1, 2):
+        model = _model()
+        opt = FUSED_OPTIMIZERS["adamw"](model.parameters())
+        _backward(model, torch.amp.GradScaler("cpu", enabled=False), 0)
+        for _ in range(calls):
+            fusedclip.clip_grad_norm_(model.parameters(), 0.05, optimizer=opt,
+                                      fold_into_optimizer=True, backend=cpu_backend)
+        models.append((model, opt.grad_scale.clone()))
+        opt.step()
+    assert torch.equal(models[0][1], models[1][1])
+    for p, q in zip(models[0][0].parameters(), models[1][0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fold_after_a_skipped_iteration_does_not_compound(cpu_backend):
+    """With a scaler: an iteration that folds but never steps (then update()) leaves grad_scale
+    behind; the next fold replaces it."""
+    model = _model()
+    opt = FUSED_OPTIMIZERS["adamw"](model.parameters())
+    scaler = _scaler()
+    handed = []
+    for step in range(2):
+        opt.zero_grad()
+        _backward(model, scaler, 0)
+        fusedclip.clip_grad_norm_(model.parameters(), 0.05, scaler=scaler, optimizer=opt,
+                                  fold_into_optimizer=True, backend=cpu_backend)
+        handed.append(float(opt.grad_scale))
+        scaler.update()
+    torch.testing.assert_close(handed[1], handed[0], rtol=1e-6, atol=0)
+
+
+def test_fold_keeps_a_grad_scale_the_user_set(cpu_backend):
+    """Without a scaler: the step divides the clipped gradients by the user's grad_scale (the
+    factor handed over is the product), and the user's grad_scale is put back afterwards."""
+    models = []
+    for fold in (False, True):
+        model = _model()
+        opt = FUSED_OPTIMIZERS["adam"](model.parameters())
+        _backward(model, torch.amp.GradScaler("cpu", enabled=False), 0)
+        user = torch.tensor(4.0)
+        if fold:
+            opt.grad_scale = user
+            fusedclip.clip_grad_norm_(model.parameters(), 0.05, optimizer=opt,
+                                      fold_into_optimizer=True, backend=cpu_backend)
+            opt.step()
+            assert opt.grad_scale is user
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.grad_scale = user
+            opt.step()
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+def test_fold_hook_leaves_other_step_hooks_alone(cpu_backend):
+    """A step post-hook registered after the fold's own one still runs, step after step."""
+    model = _model()
+    opt = FUSED_OPTIMIZERS["adamw"](model.parameters())
+    calls = []
+    for step in range(3):
+        opt.zero_grad()
+        _backward(model, torch.amp.GradScaler("cpu", enabled=False), step)
+        fusedclip.clip_grad_norm_(model.parameters(), 0.05, optimizer=opt,
+                                  fold_into_optimizer=True, backend=cpu_backend)
+        if step == 0:
+            opt.register_step_post_hook(lambda o, a, k: calls.append(step))
+        opt.step()
+        assert not hasattr(opt, "grad_scale")
+    assert calls == [0, 1, 2]
+
+
+def test_fold_with_two_optimizers(cpu_backend):
+    models = []
+    for fold in (False, True):
+        model = _model()
+        opts = [FUSED_OPTIMIZERS["adamw"](model[0].parameters()),
+                FUSED_OPTIMIZERS["sgd"](list(model[2].parameters()) + list(model[4].parameters()))]
+        scaler = _scaler()
+        _backward(model, scaler, 0)
+        if fold:
+            fusedclip.clip_grad_norm_(model.parameters(), 0.05, scaler=scaler, optimizer=opts,
+                                      fold_into_optimizer=True, backend=cpu_backend)
+        else:
+            for opt in opts:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        for opt in opts:
+            scaler.step(opt)
+        scaler.update()
         models.append(model)
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
@@ -622,6 +795,30 @@ def test_training_matches_torch_recipe_cuda(backend, opt_name):
     ref = _train("torch", make_opt, fold, device="cuda")
     got = _train("fused", make_opt, fold, backend, device="cuda")
     _assert_same_training(ref, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fold", [False, True], ids=["clip", "fold"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync_cuda(backend, fold):
+    """The AMP call never waits for the device (after a first call has built the plan)."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} unavailable")
+    model = _model().cuda()
+    opt = FUSED_OPTIMIZERS["adamw"](model.parameters())
+    scaler = _scaler("cuda")
+    for step in range(2):
+        opt.zero_grad()
+        _backward(model, scaler, step, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            fusedclip.clip_grad_norm_(model.parameters(), 0.05, scaler=scaler, optimizer=opt,
+                                      fold_into_optimizer=fold, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.step(opt)
+        scaler.update()
 
 
 @pytest.mark.gpu
