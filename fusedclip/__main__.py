@@ -74,10 +74,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--scenario",
         type=_csv,
-        default=["clip", "noclip"],
+        default=["clip", "noclip", "amp", "amp-fold"],
         metavar="S,..",
         help="clip: max_norm = 0.1 x the norm, so gradients are rescaled; noclip: max_norm = "
-        "10 x the norm (default: both)",
+        "10 x the norm; amp: GradScaler-scaled gradients unscaled, checked and clipped (torch: "
+        "scaler.unscale_ + clip_grad_norm_); amp-fold: the same with the multiply handed to a "
+        "fused AdamW (default: all four)",
     )
     bench.add_argument(
         "--iters",

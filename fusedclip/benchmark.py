@@ -36,12 +36,18 @@ from fusedclip.param_sets import BUILTIN_SETS, ParamSet, sets_for_device
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# max_norm as a multiple of the gradients' true norm.
-SCENARIOS: dict[str, float] = {"clip": 0.1, "noclip": 10.0}
+# max_norm as a multiple of the gradients' true norm (for the AMP scenarios, of the unscaled one).
+SCENARIOS: dict[str, float] = {"clip": 0.1, "noclip": 10.0, "amp": 0.1, "amp-fold": 0.1}
 
 # Gradient bytes an ideal implementation moves, per gradient byte: "clip" reads for the norm, then
-# reads and writes to scale; "noclip" reads for the norm and may skip the scale.
-FLOOR_PASSES: dict[str, int] = {"clip": 3, "noclip": 1}
+# reads and writes to scale; "noclip" reads for the norm and may skip the scale. "amp" unscales,
+# checks for inf/NaN and clips GradScaler-scaled gradients (torch's recipe: unscale_ then the
+# clip, 5 passes; the floor is 3); "amp-fold" leaves the multiply to a fused optimizer's step
+# (not timed), so it only has to read the gradients once.
+FLOOR_PASSES: dict[str, int] = {"clip": 3, "noclip": 1, "amp": 3, "amp-fold": 1}
+AMP_SCENARIOS = ("amp", "amp-fold")
+# The loss scale the AMP scenarios' gradients carry (GradScaler's default initial scale).
+AMP_SCALE = 2.0**16
 
 BASELINE = "torch-foreach"
 DEFAULT_ITERS = 20
@@ -56,30 +62,59 @@ CPU_NOTE = (
 )
 
 ClipFn = Callable[[list[Tensor], float], Tensor]
+# amp(params, max_norm, scaler, optimizer, fold) -> the unscaled norm
+AmpFn = Callable[[list[Tensor], float, torch.amp.GradScaler, torch.optim.Optimizer, bool], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One implementation under test: ``clip(params, max_norm)`` clips in place."""
+    """One implementation under test: ``clip(params, max_norm)`` clips in place; ``amp`` unscales
+    and clips GradScaler-scaled gradients (folding the multiply into the optimizer when asked and
+    able to)."""
 
     name: str
     clip: ClipFn
+    amp: AmpFn | None = None
 
 
 def _torch_clip(foreach: bool) -> ClipFn:
     return functools.partial(torch.nn.utils.clip_grad_norm_, foreach=foreach)
 
 
+def _torch_amp(foreach: bool) -> AmpFn:
+    def amp(params, max_norm, scaler, optimizer, fold):
+        # torch has no fold: its recipe is the same whatever the optimizer.
+        scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+
+    return amp
+
+
 def _fusedclip_clip(backend: str) -> ClipFn:
     return functools.partial(api.clip_grad_norm_, backend=backend)
+
+
+def _fusedclip_amp(backend: str) -> AmpFn:
+    def amp(params, max_norm, scaler, optimizer, fold):
+        return api.clip_grad_norm_(params, max_norm, scaler=scaler, optimizer=optimizer,
+                                   fold_into_optimizer=fold, backend=backend)
+
+    return amp
+
+
+def _candidate(name: str, backend_or_foreach: str | bool) -> Candidate:
+    if isinstance(backend_or_foreach, bool):
+        return Candidate(name, _torch_clip(backend_or_foreach), _torch_amp(backend_or_foreach))
+    return Candidate(name, _fusedclip_clip(backend_or_foreach),
+                     _fusedclip_amp(backend_or_foreach))
 
 
 def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, str]]]:
     """The candidates that can run on ``device``, and a skip reason for each one that cannot."""
     chosen = [
-        Candidate("torch-foreach", _torch_clip(foreach=True)),
-        Candidate("torch-loop", _torch_clip(foreach=False)),
-        Candidate("fusedclip-reference", _fusedclip_clip("reference")),
+        _candidate("torch-foreach", True),
+        _candidate("torch-loop", False),
+        _candidate("fusedclip-reference", "reference"),
     ]
     skipped = []
     status = backends.available_backends()
@@ -90,7 +125,7 @@ def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, st
         elif not status[backend].available:
             skipped.append({"implementation": name, "reason": status[backend].reason})
         else:
-            chosen.append(Candidate(name, _fusedclip_clip(backend)))
+            chosen.append(_candidate(name, backend))
     return chosen, skipped
 
 
@@ -101,6 +136,7 @@ class Workload:
     params: list[Tensor]
     pristine: list[Tensor]
     norm: float
+    _amp: tuple[torch.amp.GradScaler, torch.optim.Optimizer] | None = None
 
     @classmethod
     def create(
@@ -125,6 +161,30 @@ class Workload:
     def restore(self) -> None:
         """Put the pristine gradients back (a previous clip has scaled them)."""
         torch._foreach_copy_(self.grads, self.pristine)
+
+    def amp_state(self) -> tuple[torch.amp.GradScaler, torch.optim.Optimizer]:
+        """A GradScaler at ``AMP_SCALE`` and a fused AdamW over the parameters (never stepped),
+        with the scaler's per-optimizer state reset as ``scaler.update()`` resets it, so the
+        next call may unscale. The gradients stand for scaled ones: their norm is ``norm``, the
+        unscaled norm ``norm / AMP_SCALE``."""
+        if self._amp is None:
+            device = self.params[0].device
+            scaler = torch.amp.GradScaler(device.type, init_scale=AMP_SCALE)
+            scaler.scale(torch.ones((), device=device))  # creates the scale tensor
+            self._amp = scaler, torch.optim.AdamW(self.params, fused=True)
+        scaler, optimizer = self._amp
+        scaler._per_optimizer_states.clear()
+        return scaler, optimizer
+
+    def call(self, candidate: Candidate, scenario: str, max_norm: float) -> Tensor:
+        """One call of ``candidate`` in ``scenario``."""
+        if scenario not in AMP_SCENARIOS:
+            return candidate.clip(self.params, max_norm)
+        scaler, optimizer = self.amp_state()
+        return candidate.amp(self.params, max_norm, scaler, optimizer, scenario == "amp-fold")
+
+    def true_norm(self, scenario: str) -> float:
+        return self.norm / AMP_SCALE if scenario in AMP_SCENARIOS else self.norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +278,7 @@ def measure(
     warmup: int,
     device: torch.device,
     flush: Callable[[], None] | None = None,
+    scenario: str = "clip",
 ) -> tuple[Timing, float]:
     """Time one candidate on one workload; also returns the norm the candidate reported."""
     flush = flush or (lambda: None)
@@ -227,9 +288,9 @@ def measure(
         flush()
 
     prepare()
-    reported = float(candidate.clip(workload.params, max_norm))
+    reported = float(workload.call(candidate, scenario, max_norm))
     timing = time_calls(
-        lambda: candidate.clip(workload.params, max_norm),
+        lambda: workload.call(candidate, scenario, max_norm),
         prepare=prepare,
         iters=iters,
         warmup=warmup,
@@ -268,7 +329,7 @@ def _numbers(
         "gbps": floor_bytes / (timing.ms_median / 1e3) / 1e9,
         "ratio_to_floor": timing.ms_median / floor_ms,
         "speedup_vs_torch_foreach": None,
-        "true_norm": workload.norm,
+        "true_norm": workload.true_norm(scenario),
         "reported_norm": reported_norm,
         "max_norm": max_norm,
     }
@@ -289,7 +350,7 @@ def _bench_case(
     candidate: Candidate, workload: Workload, scenario: str, settings: _Settings
 ) -> dict[str, Any]:
     """One row's numbers, or ``{"error": ...}`` when the candidate fails (the run goes on)."""
-    max_norm = SCENARIOS[scenario] * workload.norm
+    max_norm = SCENARIOS[scenario] * workload.true_norm(scenario)
     try:
         timing, reported = measure(
             candidate,
@@ -299,6 +360,7 @@ def _bench_case(
             warmup=settings.warmup,
             device=settings.device,
             flush=settings.flush,
+            scenario=scenario,
         )
     except Exception as exc:  # a broken backend must not hide the other results
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -437,7 +499,7 @@ def _progress(console: Any, enabled: bool) -> Any:
 def run(
     sets: Iterable[str | ParamSet] | None = None,
     dtypes: Sequence[str] = ("bf16", "fp32"),
-    scenarios: Sequence[str] = ("clip", "noclip"),
+    scenarios: Sequence[str] = ("clip", "noclip", "amp", "amp-fold"),
     iters: int = DEFAULT_ITERS,
     warmup: int = DEFAULT_WARMUP,
     device: str | torch.device | None = None,
@@ -531,10 +593,10 @@ def print_table(results: Mapping[str, Any], console: Any) -> None:
     title = _title(meta)
     if meta["cpu_numbers"]:
         title = f"[bold red]{title}[/]"
+    floors = " / ".join(f"{n}x ({scenario})" for scenario, n in FLOOR_PASSES.items())
     caption = (
-        f"median (min) of {meta['iters']} calls after {meta['warmup']} warmup; floor = "
-        f"{FLOOR_PASSES['clip']}x (clip) / {FLOOR_PASSES['noclip']}x (noclip) gradient bytes at "
-        f"the measured copy bandwidth of {meta['copy_bandwidth_gbps']:.1f} GB/s"
+        f"median (min) of {meta['iters']} calls after {meta['warmup']} warmup; floor = {floors} "
+        f"gradient bytes at the measured copy bandwidth of {meta['copy_bandwidth_gbps']:.1f} GB/s"
     )
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
     for header in ("set", "dtype", "scenario", "implementation"):
