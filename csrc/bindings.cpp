@@ -88,9 +88,9 @@ const at::Tensor* optional_tensor(py::handle obj, at::ScalarType dtype, const at
 // Pass 1 (and, with `scale`, pass 2) of clip_grad_norm_ over `params` through the cached plan:
 // (the norm as torch returns it, the fp64 factor pass 2 multiplies by), or None to say "take the
 // general path". Raises, touching nothing, when two gradients share memory. inv_scale/found_inf:
-// the AMP path (NormRequest).
+// the AMP path (NormRequest); soft: the soft coefficient.
 py::object run_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
-                      py::handle inv_scale, py::handle found_inf, bool scale) {
+                      py::handle inv_scale, py::handle found_inf, bool soft, bool scale) {
   constexpr const char* op = "fusedclip.clip_grad_norm_";
   PlainGrads grads;
   // Unscaling GradScaler's gradients: fp16 ones take the general path, which refuses them.
@@ -106,6 +106,7 @@ py::object run_params(py::handle params, double max_norm, double norm_type, bool
   NormRequest r;
   r.p = norm_type;
   r.max_norm = max_norm;
+  r.mode = soft ? ClipMode::kSoft : ClipMode::kHard;
   r.inv_scale = inv ? inv->const_data_ptr<float>() : nullptr;
   r.found_inf = found ? found->data_ptr<float>() : nullptr;
   r.coef = coef.data_ptr<double>();
@@ -120,10 +121,10 @@ py::object run_params(py::handle params, double max_norm, double norm_type, bool
 
 // clip_grad_norm_ over `params`: the norm as torch returns it, or None for the general path.
 py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
-                       py::handle inv_scale, py::handle found_inf) {
+                       py::handle inv_scale, py::handle found_inf, bool soft) {
   HANDLE_TH_ERRORS
   py::object result = run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
-                                 true);
+                                 soft, true);
   return result.is_none() ? result : py::object(result.cast<py::tuple>()[0]);
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -131,9 +132,9 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
 // Pass 1 only: (norm as torch returns it, fp64 factor), or None for the general path. The
 // gradients are not written (the factor goes to a fused optimizer instead).
 py::object norm_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
-                       py::handle inv_scale, py::handle found_inf) {
+                       py::handle inv_scale, py::handle found_inf, bool soft) {
   HANDLE_TH_ERRORS
-  return run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, false);
+  return run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, false);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -163,12 +164,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedclip operators (registered as torch.ops.fusedclip) and the clip fast path";
   m.def("clip_params", &fusedclip::clip_params, py::arg("params"), py::arg("max_norm"),
         py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
-        py::arg("found_inf") = py::none(),
+        py::arg("found_inf") = py::none(), py::arg("soft") = false,
         "clip_grad_norm_ on a list of parameters through the cached plan (unscaling too, given "
         "inv_scale), or None when the gradients need the general path");
   m.def("norm_params", &fusedclip::norm_params, py::arg("params"), py::arg("max_norm"),
         py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
-        py::arg("found_inf") = py::none(),
+        py::arg("found_inf") = py::none(), py::arg("soft") = false,
         "pass 1 only: (norm, fp64 factor that would unscale and clip), or None when the "
         "gradients need the general path");
   m.def("plan_of_params", &fusedclip::plan_of_params, py::arg("params"),

@@ -15,9 +15,6 @@ namespace fusedclip {
 namespace {
 
 template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T>
 Partial chunk_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
   using M = math_t<T>;
   if (kind == NormKind::kInf) {
@@ -61,7 +58,7 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   Partial total{0.0, 0.0};
   for (const Partial& part : partials) total = combine(total, part, r.p, kind);
   const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
-  const Finished f = finish_total(total, r.p, kind, r.max_norm, inv);
+  const Finished f = finish_total(total, r.p, kind, r.max_norm, r.mode, inv);
   const double norm = f.norm;
   if (r.norm) *r.norm = norm;
   if (r.coef) *r.coef = f.coef;
@@ -70,28 +67,42 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
     FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
                                 [&] { store_as<scalar_t>(r.norm_out, norm); });
   }
-  if (r.per_tensor) {
+  if (r.per_tensor || r.per_tensor_coef) {
     for (int64_t t = 0; t < table.num_tensors; ++t) {
       Partial own{0.0, 0.0};
       const int64_t first = table.first_chunk[t];
       for (int64_t c = first; c < first + chunks_of(table.numel[t]); ++c) {
         own = combine(own, partials[c], r.p, kind);
       }
-      r.per_tensor[t] = finish_norm(own, r.p, kind) * inv;
+      write_tensor_outputs(r, t, finish_norm(own, r.p, kind) * inv, inv);
     }
   }
 }
 
-void scale_pass_cpu(const Plan& plan, const double* coef) {
-  const double c = *coef;
-  if (c == 1.0) return;
+void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
   const TableView table = plan.view();
   for (const Group& g : plan.groups) {
     FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::scale_", [&] {
       for (int64_t chunk = g.chunk_lo; chunk < g.chunk_hi; ++chunk) {
         const ChunkSpan span = table.span(chunk);
+        const double c = coef[per_tensor ? span.tensor : 0];
+        if (c == 1.0) continue;  // nothing to write
         scalar_t* data = table.data<scalar_t>(span.tensor);
         for (int64_t k = span.begin; k < span.end; ++k) data[k] = scaled(data[k], c);
+      }
+    });
+  }
+}
+
+void clamp_pass_cpu(const Plan& plan, double clip_value) {
+  const TableView table = plan.view();
+  for (const Group& g : plan.groups) {
+    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::clamp_", [&] {
+      const double bound = bound_as<scalar_t>(clip_value);
+      for (int64_t chunk = g.chunk_lo; chunk < g.chunk_hi; ++chunk) {
+        const ChunkSpan span = table.span(chunk);
+        scalar_t* data = table.data<scalar_t>(span.tensor);
+        for (int64_t k = span.begin; k < span.end; ++k) data[k] = clamped(data[k], bound);
       }
     });
   }

@@ -12,7 +12,6 @@
 // (max, sum of (|x| / max)^p) per thread.
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -29,10 +28,6 @@
 
 namespace fusedclip {
 namespace {
-
-// The precision the per-element work of T is done in.
-template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Per-thread accumulation of one chunk, one specialisation per way of accumulating.
 enum class Accum { kPlain, kMax, kScaled };
@@ -136,7 +131,7 @@ __device__ void finish(const Pass1Args& a, NormKind kind) {
   acc = block_reduce(acc, p, kind);
   const double inv = a.out.inv_scale ? static_cast<double>(*a.out.inv_scale) : 1.0;
   if (threadIdx.x == 0) {
-    const Finished f = finish_total(acc, p, kind, a.out.max_norm, inv);
+    const Finished f = finish_total(acc, p, kind, a.out.max_norm, a.out.mode, inv);
     const double norm = f.norm;
     if (a.out.norm) *a.out.norm = norm;
     if (a.out.coef) *a.out.coef = f.coef;
@@ -151,18 +146,27 @@ __device__ void finish(const Pass1Args& a, NormKind kind) {
       }
     }
   }
-  if (a.out.per_tensor) {
-    // A warp per tensor: its lanes stride over the tensor's chunks, then a fixed shuffle tree.
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int64_t t = warp; t < a.table.num_tensors; t += kWarps) {
-      const int64_t first = a.table.first_chunk[t], end = first + chunks_of(a.table.numel[t]);
-      Partial own{0.0, 0.0};
-      for (int64_t c = first + lane; c < end; c += 32) {
-        own = combine(own, load_partial(a.partials, c), p, kind);
-      }
-      own = warp_reduce(own, p, kind);
-      if (lane == 0) a.out.per_tensor[t] = finish_norm(own, p, kind) * inv;
+}
+
+// Each tensor's own outputs (its norm, its coefficient for per-tensor clipping), after pass 1 on
+// the same stream: a warp per tensor, its lanes striding over the tensor's chunk partials, then
+// a fixed shuffle tree. A launch of its own, so that many tensors (AGC's units: every row of
+// every weight) are finished by the whole GPU rather than by pass 1's last block.
+__global__ void __launch_bounds__(kBlockThreads)
+    tensor_outputs_kernel(const TableView table, const double* __restrict__ partials,
+                          const NormRequest out, NormKind kind) {
+  const double p = out.p;
+  const double inv = out.inv_scale ? static_cast<double>(*out.inv_scale) : 1.0;
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = blockIdx.x * kWarps + threadIdx.x / 32; t < table.num_tensors; t += stride) {
+    const int64_t first = table.first_chunk[t], end = first + chunks_of(table.numel[t]);
+    Partial own{0.0, 0.0};
+    for (int64_t c = first + lane; c < end; c += 32) {
+      own = combine(own, {partials[2 * c], partials[2 * c + 1]}, p, kind);
     }
+    own = warp_reduce(own, p, kind);
+    if (lane == 0) write_tensor_outputs(out, t, finish_norm(own, p, kind) * inv, inv);
   }
 }
 
@@ -192,14 +196,6 @@ __global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) 
   finish(a, K);
 }
 
-template <typename T, NormKind K>
-int grid_limit(int device) {
-  static std::atomic<int> cached[64] = {};
-  if (device >= 64) return persistent_grid(norm_kernel<T, K>, device);
-  if (cached[device].load() == 0) cached[device].store(persistent_grid(norm_kernel<T, K>, device));
-  return cached[device].load();
-}
-
 template <typename T>
 void launch(const Pass1Args& a, int grid, NormKind kind, cudaStream_t stream) {
   switch (kind) {
@@ -215,14 +211,14 @@ void launch(const Pass1Args& a, int grid, NormKind kind, cudaStream_t stream) {
 
 template <typename T>
 int grid_for(NormKind kind, int device, int64_t chunks) {
-  int limit = 0;
   switch (kind) {
-    case NormKind::kOne: limit = grid_limit<T, NormKind::kOne>(device); break;
-    case NormKind::kTwo: limit = grid_limit<T, NormKind::kTwo>(device); break;
-    case NormKind::kInf: limit = grid_limit<T, NormKind::kInf>(device); break;
-    case NormKind::kGeneral: limit = grid_limit<T, NormKind::kGeneral>(device); break;
+    case NormKind::kOne: return grid_for_chunks<norm_kernel<T, NormKind::kOne>>(device, chunks);
+    case NormKind::kTwo: return grid_for_chunks<norm_kernel<T, NormKind::kTwo>>(device, chunks);
+    case NormKind::kInf: return grid_for_chunks<norm_kernel<T, NormKind::kInf>>(device, chunks);
+    case NormKind::kGeneral:
+      return grid_for_chunks<norm_kernel<T, NormKind::kGeneral>>(device, chunks);
   }
-  return static_cast<int>(chunks < limit ? chunks : limit);
+  return 1;
 }
 
 }  // namespace
@@ -260,6 +256,14 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
     a.chunk_hi = groups[i].chunk_hi;
     FUSEDCLIP_DISPATCH_FLOATING(groups[i].dtype, "fusedclip::total_norm",
                                 [&] { launch<scalar_t>(a, grids[i], kind, stream); });
+  }
+  if ((request.per_tensor || request.per_tensor_coef) && plan.keys.size() > 0) {
+    const int64_t blocks = (static_cast<int64_t>(plan.keys.size()) + kWarps - 1) / kWarps;
+    const int grid = static_cast<int>(std::min<int64_t>(
+        blocks, cached_persistent_grid<tensor_outputs_kernel>(device)));
+    tensor_outputs_kernel<<<grid, kBlockThreads, 0, stream>>>(plan.view(), partials, request,
+                                                              kind);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -13,10 +13,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "table.h"
 
 namespace fusedclip {
+
+// The precision the per-element work of T is done in: fp64 for fp64, fp32 for the rest (which
+// holds every fp16/bf16 value exactly).
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Norm types with their own code paths; any other p > 0 is kGeneral.
 enum class NormKind : int32_t { kOne = 0, kTwo = 1, kInf = 2, kGeneral = 3 };
@@ -94,8 +100,23 @@ FUSEDCLIP_HD double finish_norm(Partial t, double p, NormKind kind) {
   return t.m * pow(t.s, 1.0 / p);
 }
 
-// min(1, max_norm / (norm + 1e-6)), with torch's clamp semantics: a NaN coefficient stays NaN.
-FUSEDCLIP_HD double clip_coef(double norm, double max_norm) {
+// How a norm becomes a coefficient: torch's hard min(1, max_norm / (norm + 1e-6)); the soft
+// max_norm / (norm + max_norm), below 1 for every positive norm and smooth in it; or adaptive
+// clipping's (AGC, as timm's adaptive_clip_grad): 1 under max_norm, else
+// max_norm / max(norm, 1e-6).
+enum class ClipMode : int32_t { kHard = 0, kSoft = 1, kAdaptive = 2 };
+
+// The coefficient for `norm` under `max_norm`. A NaN norm gives NaN (torch's clamp keeps it) and an
+// infinite one 0. Soft: 1 when there is nothing to shrink (norm 0) or no limit (max_norm inf).
+FUSEDCLIP_HD double clip_coef(double norm, double max_norm, ClipMode mode = ClipMode::kHard) {
+  if (mode == ClipMode::kAdaptive) {
+    return norm < max_norm ? 1.0 : max_norm / (norm < 1e-6 ? 1e-6 : norm);
+  }
+  if (mode == ClipMode::kSoft) {
+    if (is_nan(norm)) return norm;
+    if (norm == 0.0 || is_inf(max_norm)) return 1.0;
+    return max_norm / (norm + max_norm);
+  }
   const double c = max_norm / (norm + kNormEps);
   return c > 1.0 ? 1.0 : c;
 }
@@ -113,9 +134,9 @@ struct Finished {
 };
 
 FUSEDCLIP_HD Finished finish_total(Partial total, double p, NormKind kind, double max_norm,
-                                   double inv) {
+                                   ClipMode mode, double inv) {
   const double norm = finish_norm(total, p, kind) * inv;
-  return {norm, clip_coef(norm, max_norm) * inv, is_nonfinite(total)};
+  return {norm, clip_coef(norm, max_norm, mode) * inv, is_nonfinite(total)};
 }
 
 // x * c formed in fp64 and rounded to T through float, which is also how the reference (torch's
@@ -128,6 +149,28 @@ FUSEDCLIP_HD T scaled(T x, double c) {
 template <>
 FUSEDCLIP_HD double scaled<double>(double x, double c) {
   return x * c;
+}
+
+// A Python float bound as torch converts it for a T tensor (through fp32 for fp16/bf16), returned
+// exactly as fp64.
+template <typename T>
+FUSEDCLIP_HD double bound_as(double v) {
+  return static_cast<double>(static_cast<float>(static_cast<T>(static_cast<float>(v))));
+}
+template <>
+FUSEDCLIP_HD double bound_as<double>(double v) {
+  return v;
+}
+
+// x clamped to [-b, b], b exactly representable in T, as torch's clamp_min then clamp_max: NaN
+// stays NaN and an element inside the bounds keeps its bits.
+template <typename T>
+FUSEDCLIP_HD T clamped(T x, double b) {
+  using M = math_t<T>;
+  const M v = static_cast<M>(x), hi = static_cast<M>(b);
+  if (v < -hi) return static_cast<T>(-hi);
+  if (v > hi) return static_cast<T>(hi);
+  return x;
 }
 
 }  // namespace fusedclip

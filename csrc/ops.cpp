@@ -23,11 +23,19 @@ void norm_pass(const Plan& plan, const NormRequest& request) {
   }
 }
 
-void scale_pass(const Plan& plan, const double* coef) {
+void scale_pass(const Plan& plan, const double* coef, bool per_tensor) {
   if (plan.device.is_cuda()) {
-    scale_pass_cuda(plan, coef);
+    scale_pass_cuda(plan, coef, per_tensor);
   } else {
-    scale_pass_cpu(plan, coef);
+    scale_pass_cpu(plan, coef, per_tensor);
+  }
+}
+
+void clamp_pass(const Plan& plan, double clip_value) {
+  if (plan.device.is_cuda()) {
+    clamp_pass_cuda(plan, clip_value);
+  } else {
+    clamp_pass_cpu(plan, clip_value);
   }
 }
 
@@ -79,19 +87,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(const Plan& plan, NormRe
   return {norm, coef, per};
 }
 
-NormRequest request(double norm_type, double max_norm, const char* op) {
+NormRequest request(double norm_type, double max_norm, bool soft, const char* op) {
   check_norm_args(norm_type, max_norm, op);
   NormRequest r;
   r.p = norm_type;
   r.max_norm = max_norm;
+  r.mode = soft ? ClipMode::kSoft : ClipMode::kHard;
   return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> total_norm(
     at::TensorList tensors, double norm_type, double max_norm, bool per_tensor,
-    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
+    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
+    bool soft) {
   constexpr const char* op = "fusedclip::total_norm";
-  NormRequest r = request(norm_type, max_norm, op);
+  NormRequest r = request(norm_type, max_norm, soft, op);
   const auto plan = plan_for(tensors, op);
   set_unscale(r, *plan, inv_scale, found_inf, op);
   return run_norm(*plan, r, per_tensor);
@@ -100,15 +110,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> total_norm(
 std::tuple<at::Tensor, at::Tensor> clip_(at::TensorList tensors, double max_norm,
                                          double norm_type, bool per_tensor,
                                          const std::optional<at::Tensor>& inv_scale,
-                                         const std::optional<at::Tensor>& found_inf) {
+                                         const std::optional<at::Tensor>& found_inf, bool soft) {
   constexpr const char* op = "fusedclip::clip_";
-  NormRequest r = request(norm_type, max_norm, op);
+  NormRequest r = request(norm_type, max_norm, soft, op);
   const auto plan = plan_for(tensors, op);
   set_unscale(r, *plan, inv_scale, found_inf, op);
   bump_versions(tensors);
   auto [norm, coef, per] = run_norm(*plan, r, per_tensor);
   scale_pass(*plan, coef.const_data_ptr<double>());
   return {norm, per};
+}
+
+// Per-tensor clipping: tensor t scaled by clip_coef(its norm, max_norms[t]) in the same two passes;
+// returns the per-tensor norms before clipping.
+at::Tensor clip_per_tensor_(at::TensorList tensors, const at::Tensor& max_norms, double norm_type,
+                            bool soft) {
+  constexpr const char* op = "fusedclip::clip_per_tensor_";
+  NormRequest r = request(norm_type, 0.0, soft, op);
+  const auto plan = plan_for(tensors, op);
+  const auto n = static_cast<int64_t>(plan->keys.size());
+  TORCH_CHECK(max_norms.dim() == 1 && max_norms.size(0) == n, op, ": max_norms must have one "
+              "threshold per tensor (", n, "), got shape ", max_norms.sizes());
+  TORCH_CHECK(max_norms.scalar_type() == at::kDouble && max_norms.device() == plan->device &&
+                  max_norms.is_contiguous(),
+              op, ": max_norms must be a contiguous float64 tensor on ", plan->device);
+  auto per = at::empty({n}, max_norms.options());
+  auto coefs = at::empty({n}, max_norms.options());
+  r.per_tensor = per.data_ptr<double>();
+  r.per_tensor_max_norm = max_norms.const_data_ptr<double>();
+  r.per_tensor_coef = coefs.data_ptr<double>();
+  bump_versions(tensors);
+  norm_pass(*plan, r);
+  scale_pass(*plan, coefs.const_data_ptr<double>(), true);
+  return per;
+}
+
+// The units of adaptive clipping of t (as timm's unitwise_norm): each row (index of dim 0) of a
+// tensor of two or more dims, the whole tensor otherwise; none for an empty tensor. As keys of
+// plan entries: the units are laid out, chunked and reduced as tensors of their own.
+void append_units(const at::Tensor& t, std::vector<TensorKey>& keys) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  const int64_t rows = t.dim() > 1 ? t.size(0) : 1, row = n / rows;
+  const auto base = reinterpret_cast<int64_t>(t.const_data_ptr());
+  for (int64_t i = 0; i < rows; ++i) {
+    keys.push_back({base + i * row * static_cast<int64_t>(t.element_size()), row,
+                    t.scalar_type()});
+  }
+}
+
+// Adaptive gradient clipping: one read of the parameters (their unit norms), one read of the
+// gradients (their unit norms, and each unit's coefficient from both), and one write of the
+// units that are over their threshold.
+void adaptive_clip_(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
+                    double norm_type) {
+  constexpr const char* op = "fusedclip::adaptive_clip_";
+  TORCH_CHECK_VALUE(grads.size() == params.size(), op, ": ", grads.size(), " gradients but ",
+                    params.size(), " parameters");
+  TORCH_CHECK_VALUE(norm_type > 0.0, op, ": norm_type must be > 0 or inf, got ", norm_type);
+  TORCH_CHECK_VALUE(clip_factor >= 0.0, op, ": clip_factor must be >= 0, got ", clip_factor);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  if (grads.empty()) return;
+  const at::Device device = grads[0].device();
+  std::vector<TensorKey> grad_units, param_units;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_plain(grads[i], device, op, i);
+    check_plain(params[i], device, op, i);
+    TORCH_CHECK_VALUE(grads[i].sizes() == params[i].sizes(), op, ": gradient ", i, " has shape ",
+                      grads[i].sizes(), " but its parameter ", params[i].sizes());
+    TORCH_CHECK_VALUE(grads[i].is_contiguous() && params[i].is_contiguous(), op, ": tensor ", i,
+                      " is not contiguous (units are rows in memory order)");
+    append_units(grads[i], grad_units);
+    append_units(params[i], param_units);
+  }
+  if (grad_units.empty()) return;
+  const auto grad_plan = plan_for(grad_units, device, op);
+  const auto param_plan = plan_for(param_units, device, op);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  const auto units = static_cast<int64_t>(grad_units.size());
+  at::Tensor param_norms = at::empty({units}, f64), coefs = at::empty({units}, f64);
+  NormRequest of_params;
+  of_params.p = norm_type;
+  of_params.per_tensor = param_norms.data_ptr<double>();
+  norm_pass(*param_plan, of_params);
+  NormRequest of_grads;
+  of_grads.p = norm_type;
+  of_grads.mode = ClipMode::kAdaptive;
+  of_grads.per_tensor_max_norm = param_norms.const_data_ptr<double>();
+  of_grads.per_tensor_coef = coefs.data_ptr<double>();
+  of_grads.agc_eps = eps;
+  of_grads.agc_clip_factor = clip_factor;
+  norm_pass(*grad_plan, of_grads);
+  bump_versions(grads);
+  scale_pass(*grad_plan, coefs.const_data_ptr<double>(), true);
+}
+
+void clamp_(at::TensorList tensors, double clip_value) {
+  constexpr const char* op = "fusedclip::clamp_";
+  TORCH_CHECK_VALUE(clip_value >= 0.0, op, ": clip_value must be >= 0, got ", clip_value);
+  if (tensors.empty()) return;
+  const auto plan = plan_for(tensors, op);
+  bump_versions(tensors);
+  clamp_pass(*plan, clip_value);
 }
 
 }  // namespace
@@ -126,22 +229,43 @@ TORCH_LIBRARY(fusedclip, m) {
   // unscales and clips in one multiply. found_inf (fp32, one element) is set to 1 when any element
   // is inf or NaN and left as it is otherwise, as torch's _amp_foreach_non_finite_check_and_unscale_
   // does.
+  // soft: the coefficient is max_norm / (norm + max_norm) instead.
   m.def("total_norm(Tensor[] tensors, float norm_type, float max_norm, bool per_tensor, "
-        "Tensor? inv_scale=None, Tensor(a!)? found_inf=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? inv_scale=None, Tensor(a!)? found_inf=None, bool soft=False) -> "
+        "(Tensor, Tensor, Tensor)");
   // Both passes: global-norm clipping in place (unscaling too, given inv_scale); returns
   // (norm, per-tensor norms) as total_norm.
   m.def("clip_(Tensor(a!)[] tensors, float max_norm, float norm_type, bool per_tensor, "
-        "Tensor? inv_scale=None, Tensor(b!)? found_inf=None) -> (Tensor, Tensor)");
+        "Tensor? inv_scale=None, Tensor(b!)? found_inf=None, bool soft=False) -> (Tensor, Tensor)");
+  // Per-tensor clipping in the same two passes: tensor t is scaled by its own coefficient from
+  // its own norm and max_norms[t] (fp64, one per tensor, on the tensors' device); returns the
+  // per-tensor norms before clipping (fp64).
+  m.def("clip_per_tensor_(Tensor(a!)[] tensors, Tensor max_norms, float norm_type, bool soft) -> "
+        "Tensor");
+  // Value clipping in one read and one write: every element clamped to [-clip_value,
+  // clip_value] (the bound rounded to each tensor's dtype, as torch rounds it; NaN stays NaN).
+  m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
+  // Adaptive gradient clipping (NFNets; timm's adaptive_clip_grad): each unit of a gradient (a
+  // row, or the whole tensor below two dims) is scaled to at most clip_factor * max(the norm of
+  // the parameter's unit, eps). grads[i] and params[i]: same shape, contiguous.
+  m.def("adaptive_clip_(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps, "
+        "float norm_type) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("scale_", &fusedclip::scale_);
   m.impl("total_norm", &fusedclip::total_norm);
   m.impl("clip_", &fusedclip::clip_);
+  m.impl("clip_per_tensor_", &fusedclip::clip_per_tensor_);
+  m.impl("clamp_", &fusedclip::clamp_);
+  m.impl("adaptive_clip_", &fusedclip::adaptive_clip_);
 }
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("scale_", &fusedclip::scale_);
   m.impl("total_norm", &fusedclip::total_norm);
   m.impl("clip_", &fusedclip::clip_);
+  m.impl("clip_per_tensor_", &fusedclip::clip_per_tensor_);
+  m.impl("clamp_", &fusedclip::clamp_);
+  m.impl("adaptive_clip_", &fusedclip::adaptive_clip_);
 }

@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "norm_math.h"
 #include "plan.h"
 
 namespace fusedclip {
@@ -32,18 +33,48 @@ struct NormRequest {
   void* norm_out = nullptr;      // [1] of norm_out_dtype: the norm as torch returns it
   at::ScalarType norm_out_dtype = at::kDouble;
   double* per_tensor = nullptr;  // fp64 [T]: each tensor's own norm
+  ClipMode mode = ClipMode::kHard;  // how norms become coefficients (coef, per_tensor_coef)
+  // Per-tensor clipping: each tensor's own coefficient, [inv_scale *] clip_coef(its norm, its
+  // threshold), fp64 [T]; the thresholds are per_tensor_max_norm (fp64 [T]) or max_norm for all.
+  const double* per_tensor_max_norm = nullptr;
+  double* per_tensor_coef = nullptr;
+  // Adaptive clipping (mode kAdaptive): the threshold of tensor (unit) t is
+  // max(per_tensor_max_norm[t], agc_eps) * agc_clip_factor, per_tensor_max_norm holding the
+  // norms of the parameters' units.
+  double agc_eps = 0.0;
+  double agc_clip_factor = 1.0;
 };
+
+// Tensor t's outputs of pass 1 from its (unscaled) norm: the norm and, for per-tensor clipping,
+// its coefficient. Shared by the CUDA finish and the CPU mirror.
+FUSEDCLIP_HD void write_tensor_outputs(const NormRequest& r, int64_t t, double norm,
+                                              double inv) {
+  if (r.per_tensor) r.per_tensor[t] = norm;
+  if (r.per_tensor_coef) {
+    double limit = r.per_tensor_max_norm ? r.per_tensor_max_norm[t] : r.max_norm;
+    if (r.mode == ClipMode::kAdaptive) {
+      limit = (limit < r.agc_eps ? r.agc_eps : limit) * r.agc_clip_factor;  // NaN stays NaN
+    }
+    r.per_tensor_coef[t] = clip_coef(norm, limit, r.mode) * inv;
+  }
+}
 
 // Pass 1: one read of every element; partials per chunk, and the last block to finish reduces
 // them in a fixed order and writes the request's outputs. Deterministic, no host synchronization.
 void norm_pass(const Plan& plan, const NormRequest& request);
-// Pass 2: every element times *coef (fp64, on the device), in place; no writes when it is 1.
-void scale_pass(const Plan& plan, const double* coef);
+// Pass 2: every element times its coefficient (fp64, on the device), in place: *coef, or with
+// per_tensor coef[t] for the elements of tensor t. No writes to a chunk whose coefficient is 1.
+void scale_pass(const Plan& plan, const double* coef, bool per_tensor = false);
+// Value clipping in one pass: every element clamped to [-bound, bound], bound = clip_value rounded
+// to the element's dtype (as torch converts a Python bound); NaN stays NaN.
+void clamp_pass(const Plan& plan, double clip_value);
 
 void norm_pass_cuda(const Plan& plan, const NormRequest& request);
-void scale_pass_cuda(const Plan& plan, const double* coef);
+void scale_pass_cuda(const Plan& plan, const double* coef, bool per_tensor);
+void clamp_pass_cuda(const Plan& plan, double clip_value);
 void norm_pass_cpu(const Plan& plan, const NormRequest& request);
-void scale_pass_cpu(const Plan& plan, const double* coef);
+void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor);
+void clamp_pass_cpu(const Plan& plan, double clip_value);
 
 // Copies n int64 values from host memory to dst (device memory of the current device) through
 // kernel arguments, on the current stream; capturable.

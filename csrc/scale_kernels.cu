@@ -1,4 +1,5 @@
-// Pass 2 of the clip: rescale every tensor of a plan in place by a coefficient on the device.
+// Pass 2 of the clip: rescale every tensor of a plan in place by a coefficient on the device; and
+// value clipping, the other in-place pass of one read and one write.
 //
 // One read and one write of each element when the coefficient is below 1; no memory traffic at all
 // when it is exactly 1 (each block reads the coefficient and returns), which is the steady state
@@ -6,7 +7,6 @@
 // The coefficient is read on the device, so the host never waits for pass 1.
 
 #include <algorithm>
-#include <atomic>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,25 +21,33 @@
 namespace fusedclip {
 namespace {
 
+// Pass 2 (see the top of this file). coef_stride 0: one coefficient for every tensor, and the whole
+// launch returns at once when it is 1; coef_stride 1: per-tensor clipping, coef[t] for tensor t,
+// and a chunk whose tensor's coefficient is 1 is skipped.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     scale_kernel(const TableView table, int64_t chunk_lo, int64_t chunk_hi,
-                 const double* __restrict__ coef) {
-  const double c = *coef;
-  if (c == 1.0) return;  // nothing to write
+                 const double* __restrict__ coef, int64_t coef_stride) {
+  if (coef_stride == 0 && *coef == 1.0) return;  // nothing to write
   for (int64_t chunk = chunk_lo + blockIdx.x; chunk < chunk_hi; chunk += gridDim.x) {
     const ChunkSpan span = table.span(chunk);
+    const double c = coef[span.tensor * coef_stride];
+    if (c == 1.0) continue;
     update_chunk(table.data<T>(span.tensor), span.begin, span.end,
                  [c](T x) { return scaled(x, c); });
   }
 }
 
+// Value clipping: every element clamped to [-bound, bound] in one read and one write (torch's
+// foreach path makes two: clamp_min, then clamp_max). bound is exact in T (bound_as).
 template <typename T>
-int grid_limit(int device) {
-  static std::atomic<int> cached[64] = {};
-  if (device >= 64) return persistent_grid(scale_kernel<T>, device);
-  if (cached[device].load() == 0) cached[device].store(persistent_grid(scale_kernel<T>, device));
-  return cached[device].load();
+__global__ void __launch_bounds__(kBlockThreads)
+    clamp_kernel(const TableView table, int64_t chunk_lo, int64_t chunk_hi, double bound) {
+  for (int64_t chunk = chunk_lo + blockIdx.x; chunk < chunk_hi; chunk += gridDim.x) {
+    const ChunkSpan span = table.span(chunk);
+    update_chunk(table.data<T>(span.tensor), span.begin, span.end,
+                 [bound](T x) { return clamped(x, bound); });
+  }
 }
 
 // The table in slices of kSlice values, each slice an argument of one launch (4 KiB: under every
@@ -55,17 +63,31 @@ __global__ void upload_kernel(int64_t* __restrict__ dst, const Slice slice, int 
 
 }  // namespace
 
-void scale_pass_cuda(const Plan& plan, const double* coef) {
+void scale_pass_cuda(const Plan& plan, const double* coef, bool per_tensor) {
   const c10::cuda::CUDAGuard guard(plan.device);
   const int device = plan.device.index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const TableView table = plan.view();
   for (const Group& g : plan.groups) {
     FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::scale_", [&] {
-      const int grid = static_cast<int>(
-          std::min<int64_t>(g.chunk_hi - g.chunk_lo, grid_limit<scalar_t>(device)));
+      const int grid = grid_for_chunks<scale_kernel<scalar_t>>(device, g.chunk_hi - g.chunk_lo);
       scale_kernel<scalar_t><<<grid, kBlockThreads, 0, stream>>>(table, g.chunk_lo, g.chunk_hi,
-                                                                  coef);
+                                                                  coef, per_tensor ? 1 : 0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+}
+
+void clamp_pass_cuda(const Plan& plan, double clip_value) {
+  const c10::cuda::CUDAGuard guard(plan.device);
+  const int device = plan.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  const TableView table = plan.view();
+  for (const Group& g : plan.groups) {
+    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::clamp_", [&] {
+      const int grid = grid_for_chunks<clamp_kernel<scalar_t>>(device, g.chunk_hi - g.chunk_lo);
+      clamp_kernel<scalar_t><<<grid, kBlockThreads, 0, stream>>>(
+          table, g.chunk_lo, g.chunk_hi, bound_as<scalar_t>(clip_value));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

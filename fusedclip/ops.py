@@ -36,6 +36,7 @@ if _extension.loaded():
         per_tensor: bool,
         inv_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        soft: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         return _norm_outputs(tensors, per_tensor)
 
@@ -47,9 +48,27 @@ if _extension.loaded():
         per_tensor: bool,
         inv_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        soft: bool = False,
     ) -> tuple[Tensor, Tensor]:
         norm, _, per = _norm_outputs(tensors, per_tensor)
         return norm, per
+
+    @torch.library.register_fake("fusedclip::clip_per_tensor_")
+    def _clip_per_tensor_fake(
+        tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool
+    ) -> Tensor:
+        return _norm_outputs(tensors, True)[2]
+
+    @torch.library.register_fake("fusedclip::adaptive_clip_")
+    def _adaptive_clip_fake(
+        grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float,
+        norm_type: float,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("fusedclip::clamp_")
+    def _clamp_fake(tensors: list[Tensor], clip_value: float) -> None:
+        return None
 
 
 def scale_(tensors: list[Tensor], coef: Tensor) -> None:
@@ -65,13 +84,15 @@ def total_norm(
     per_tensor: bool = False,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1: (norm, clip coefficient, per-tensor norms) as fp64 device tensors; the per-tensor
     norms are an empty tensor unless ``per_tensor``. AMP: with ``inv_scale`` (one fp32 element)
     the norms are those of the unscaled values and the coefficient also unscales; ``found_inf``
-    (one fp32 element) is set to 1 when any element is inf or NaN."""
+    (one fp32 element) is set to 1 when any element is inf or NaN. ``soft``: the coefficient is
+    ``max_norm / (norm + max_norm)``."""
     return torch.ops.fusedclip.total_norm(tensors, norm_type, max_norm, per_tensor, inv_scale,
-                                          found_inf)
+                                          found_inf, soft)
 
 
 def clip_(
@@ -81,8 +102,22 @@ def clip_(
     per_tensor: bool = False,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Both passes: clip (and, given ``inv_scale``, unscale) in place; returns (fp64 norm,
     per-tensor norms or an empty tensor)."""
     return torch.ops.fusedclip.clip_(tensors, max_norm, norm_type, per_tensor, inv_scale,
-                                     found_inf)
+                                     found_inf, soft)
+
+
+def clip_per_tensor_(
+    tensors: list[Tensor], max_norms: Tensor, norm_type: float = 2.0, soft: bool = False
+) -> Tensor:
+    """Per-tensor clipping, both passes: tensor i scaled by its own coefficient under
+    ``max_norms[i]`` (fp64, one per tensor, on their device); returns the fp64 per-tensor norms."""
+    return torch.ops.fusedclip.clip_per_tensor_(tensors, max_norms, norm_type, soft)
+
+
+def clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    """Value clipping in one pass: every element clamped to ``[-clip_value, clip_value]``."""
+    torch.ops.fusedclip.clamp_(tensors, clip_value)

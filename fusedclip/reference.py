@@ -93,9 +93,18 @@ def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Te
     return torch.where(torch.isfinite(peak), norm, peak)
 
 
-def clip_coef(max_norm: float, norm: Tensor) -> Tensor:
-    """``min(1, max_norm / (norm + 1e-6))`` in fp64; NaN for a NaN norm, 0 for an infinite one."""
-    return (max_norm / (norm.to(torch.float64) + NORM_EPS)).clamp(max=1.0)
+def clip_coef(max_norm: float | Tensor, norm: Tensor, soft: bool = False) -> Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` in fp64; NaN for a NaN norm, 0 for an infinite one.
+
+    ``soft``: ``max_norm / (norm + max_norm)``, below 1 for every positive norm and smooth in it;
+    1 where there is nothing to shrink (a zero norm) or no limit (``max_norm`` inf), NaN for a NaN
+    norm. ``max_norm`` may be a tensor (one threshold per norm, per-tensor clipping)."""
+    norm = norm.to(torch.float64)
+    if not soft:
+        return (max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+    limit = torch.as_tensor(max_norm, dtype=torch.float64, device=norm.device)
+    coef = torch.where((norm == 0) | torch.isinf(limit), 1.0, limit / (norm + limit))
+    return torch.where(torch.isnan(norm), norm, coef)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -111,9 +120,11 @@ def scale_(tensors: list[Tensor], coef: Tensor) -> None:
         target.copy_(_wide(target) * c)
 
 
-def clip_with_norm_(tensors: list[Tensor], max_norm: float, norm: Tensor) -> None:
+def clip_with_norm_(
+    tensors: list[Tensor], max_norm: float, norm: Tensor, soft: bool = False
+) -> None:
     """Rescale ``tensors`` in place given a precomputed total norm."""
-    scale_(tensors, clip_coef(max_norm, norm))
+    scale_(tensors, clip_coef(max_norm, norm, soft))
 
 
 def clip_(
@@ -122,17 +133,69 @@ def clip_(
     norm_type: float,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> Tensor:
     """Global-norm clipping: returns the fp64 total norm and rescales ``tensors`` in place. With
     ``inv_scale`` (AMP) the tensors are unscaled and clipped in one multiply by
     ``inv_scale * min(1, max_norm / (norm + 1e-6))``, the norm being that of the unscaled values;
     ``found_inf`` as in ``total_norm``."""
     norm = total_norm(tensors, norm_type, inv_scale, found_inf)
-    coef = clip_coef(max_norm, norm)
+    coef = clip_coef(max_norm, norm, soft)
     if inv_scale is not None:
         coef = coef * inv_scale.to(device=coef.device, dtype=torch.float64).reshape(())
     scale_(tensors, coef)
     return norm
+
+
+def clip_stats_(
+    tensors: list[Tensor], max_norm: float, norm_type: float, soft: bool, per_tensor: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``clip_`` that also returns (fp64 norm, fp64 coefficient, per-tensor norms or None)."""
+    per = None
+    if per_tensor:
+        device = tensors[0].device
+        per = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
+    norm = total_norm(tensors, norm_type)
+    coef = clip_coef(max_norm, norm, soft)
+    scale_(tensors, coef)
+    return norm, coef, per
+
+
+def clip_per_tensor_(
+    tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool = False
+) -> Tensor:
+    """Per-tensor clipping: tensor i scaled in place by the coefficient of its own norm under
+    ``max_norms[i]``; returns the per-tensor norms (fp64, on ``tensors[0]``'s device)."""
+    device = tensors[0].device
+    norms = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
+    coefs = clip_coef(max_norms.to(device=device, dtype=torch.float64), norms, soft)
+    for i, t in enumerate(tensors):
+        scale_([t], coefs[i])
+    return norms
+
+
+def _unit_norms(t: Tensor, norm_type: float) -> Tensor:
+    """The norms of t's units in fp64, as timm's unitwise_norm: over all dims but the first for
+    tensors of two or more dims (kept for broadcasting), else over the whole tensor."""
+    v = t.detach().to(torch.float64)
+    if v.dim() <= 1:
+        return torch.linalg.vector_norm(v, norm_type)
+    return torch.linalg.vector_norm(v, norm_type, dim=tuple(range(1, v.dim())), keepdim=True)
+
+
+def adaptive_clip_(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
+) -> None:
+    """Adaptive gradient clipping as timm's ``adaptive_clip_grad`` (NFNets), in fp64: each unit
+    of ``grads[i]`` whose norm reaches ``clip_factor * max(norm of the unit of params[i], eps)``
+    is scaled down to it (``max_norm / max(grad_norm, 1e-6)``); the others keep their bits."""
+    for g, p in zip(grads, params):
+        if g.numel() == 0:
+            continue
+        limit = _unit_norms(p, norm_type).to(g.device).clamp(min=eps) * clip_factor
+        norm = _unit_norms(g, norm_type)
+        coef = torch.where(norm < limit, 1.0, limit / norm.clamp(min=1e-6))
+        g.copy_(g.to(torch.float64) * coef)
 
 
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:

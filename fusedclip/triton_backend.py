@@ -37,8 +37,9 @@ from fusedclip import _extension
 from fusedclip.fused import FusedOps
 
 __all__ = [
-    "clamp_", "clip_", "clip_params", "clip_with_norm_", "interpreting", "norm_params", "scale_",
-    "total_norm",
+    "adaptive_clip_", "clamp_", "clip_", "clip_params", "clip_per_tensor_", "clip_stats_",
+    "clip_with_norm_", "interpreting",
+    "norm_params", "scale_", "total_norm",
 ]
 
 _CACHE_SIZE = 8
@@ -140,16 +141,33 @@ def _build(keys: list[tuple[int, int, torch.dtype]], device: torch.device) -> Pl
     return Plan(device, table, n, len(chunk_tensor), tuple(groups), result_dtype)
 
 
-def plan_for(tensors: list[Tensor]) -> Plan:
-    """The cached plan of ``tensors`` (dense, kernel dtypes, one device), or a new one."""
+def _unit_keys(tensors: list[Tensor]) -> list[tuple[int, int, torch.dtype]]:
+    """Adaptive clipping's units as plan entries (csrc/ops.cpp append_units): each row of a
+    tensor of two or more dims, the whole tensor otherwise, none for an empty one."""
+    keys = []
+    for t in tensors:
+        n = t.numel()
+        if n:
+            rows = t.shape[0] if t.dim() > 1 else 1
+            step, base = n // rows * t.element_size(), t.data_ptr()
+            keys += [(base + i * step, n // rows, t.dtype) for i in range(rows)]
+    return keys
+
+
+def plan_for(tensors: list[Tensor], units: bool = False) -> Plan:
+    """The cached plan of ``tensors`` (dense, kernel dtypes, one device), or a new one. With
+    ``units`` its entries are adaptive clipping's units (``_unit_keys``, contiguous tensors)."""
     device = tensors[0].device
-    keys = [_key(t) for t in tensors]
-    key = (device, tuple(keys))
+    if units:
+        key = (device, "units", tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors))
+    else:
+        keys = [_key(t) for t in tensors]
+        key = (device, tuple(keys))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     with _LOCK:
         plan = _PLANS.get(key) or _PINNED.get(key)
         if plan is None:
-            plan = _build(keys, device)
+            plan = _build(_unit_keys(tensors) if units else keys, device)
             _PLANS[key] = plan
             while len(_PLANS) > _CACHE_SIZE:
                 _PLANS.popitem(last=False)
@@ -197,39 +215,63 @@ def _check_scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device, na
         )
 
 
-def norm_pass(
-    plan: Plan,
-    norm_type: float,
-    max_norm: float,
-    per_tensor: bool,
-    out_dtype: torch.dtype,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1: (fp64 norm, fp64 coefficient, norm in ``out_dtype``, per-tensor norms or empty).
-    ``inv_scale``/``found_inf``: the AMP path (see ``fusedclip.reference.total_norm``); the
-    coefficient then also unscales."""
-    _check_args(norm_type, max_norm)
-    _check_scalar(inv_scale, torch.float32, plan.device, "inv_scale")
-    _check_scalar(found_inf, torch.float32, plan.device, "found_inf")
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What pass 1 computes (csrc/passes.h's NormRequest): the norm and coefficient, the norm in
+    ``out_dtype``, per-tensor norms when ``per_tensor``; AMP: ``inv_scale``/``found_inf`` (see
+    ``fusedclip.reference.total_norm``); ``soft`` coefficients; per-tensor clipping: one
+    coefficient per tensor from ``max_norms`` (fp64, one per tensor) or, with ``per_tensor_coef``,
+    from ``max_norm``; ``adaptive`` (AGC): the coefficients of adaptive clipping, ``max_norms``
+    being the parameters' unit norms."""
+
+    norm_type: float
+    max_norm: float = math.inf
+    per_tensor: bool = False
+    out_dtype: torch.dtype = torch.float64
+    inv_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    soft: bool = False
+    max_norms: Tensor | None = None
+    per_tensor_coef: bool = False
+    adaptive: tuple[float, float] | None = None  # (eps, clip_factor): max_norms are unit norms
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass1:
+    """Pass 1's outputs: fp64 norm and coefficient, the norm in the requested dtype, per-tensor
+    norms and coefficients (empty unless requested)."""
+
+    norm: Tensor
+    coef: Tensor
+    out: Tensor
+    per_tensor: Tensor
+    per_tensor_coef: Tensor
+
+
+def norm_pass(plan: Plan, req: Request) -> Pass1:
+    """Pass 1 over a plan, on its device."""
+    _check_args(req.norm_type, req.max_norm)
+    _check_scalar(req.inv_scale, torch.float32, plan.device, "inv_scale")
+    _check_scalar(req.found_inf, torch.float32, plan.device, "found_inf")
+    if req.max_norms is not None and (
+        req.max_norms.dtype != torch.float64 or req.max_norms.shape != (plan.num_tensors,)
+        or req.max_norms.device != plan.device or not req.max_norms.is_contiguous()
+    ):
+        raise RuntimeError(
+            f"max_norms must be a contiguous float64 tensor of {plan.num_tensors} thresholds on "
+            f"{plan.device}, got {req.max_norms.dtype} {tuple(req.max_norms.shape)} on "
+            f"{req.max_norms.device}"
+        )
     with _on(plan.device):
-        return _norm_pass(plan, norm_type, max_norm, per_tensor, out_dtype, inv_scale, found_inf)
+        return _norm_pass(plan, req)
 
 
-def _norm_pass(
-    plan: Plan,
-    norm_type: float,
-    max_norm: float,
-    per_tensor: bool,
-    out_dtype: torch.dtype,
-    inv_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _norm_pass(plan: Plan, req: Request) -> Pass1:
     norm_k, _, chunk, tl_dtype = _kernels()
-    kind = norm_k.norm_kind(norm_type)
+    kind = norm_k.norm_kind(req.norm_type)
     f64 = dict(dtype=torch.float64, device=plan.device)
     partials = torch.empty(2 * max(plan.num_chunks, 1), **f64)
-    p_bits = _f64_bits(norm_type if math.isfinite(norm_type) else 0.0)
+    p_bits = _f64_bits(req.norm_type if math.isfinite(req.norm_type) else 0.0)
     for g in plan.groups:
         plain = kind in (norm_k.KIND_ONE, norm_k.KIND_TWO) and g.dtype != torch.float64
         norm_k.chunk_partials[(g.chunk_hi - g.chunk_lo,)](
@@ -239,44 +281,68 @@ def _norm_pass(
         )
     norm = torch.empty((), **f64)
     coef = torch.empty((), **f64)
-    out = torch.empty((), dtype=out_dtype, device=plan.device)
-    unscale = inv_scale is not None
-    # Without a scale the kernels never touch these pointers (UNSCALE is a compile-time constant).
-    inv_ptr = inv_scale if unscale else partials
-    found_ptr = found_inf if found_inf is not None else partials
+    out = torch.empty((), dtype=req.out_dtype, device=plan.device)
+    unscale = req.inv_scale is not None
+    # Pointers a variant never touches (its flags are compile-time constants) get a stand-in.
+    inv_ptr = req.inv_scale if unscale else partials
+    found_ptr = req.found_inf if req.found_inf is not None else partials
+    max_norm_bits = _f64_bits(req.max_norm)
     norm_k.finish[(1,)](
-        partials, plan.num_chunks, p_bits, _f64_bits(max_norm), norm, coef, out, inv_ptr,
-        found_ptr, KIND=kind, OUT_DT=tl_dtype[out_dtype], FBLOCK=norm_k.FBLOCK,
-        UNSCALE=unscale, FLAG=found_inf is not None, num_warps=_NUM_WARPS,
+        partials, plan.num_chunks, p_bits, max_norm_bits, norm, coef, out, inv_ptr,
+        found_ptr, KIND=kind, OUT_DT=tl_dtype[req.out_dtype], FBLOCK=norm_k.FBLOCK,
+        UNSCALE=unscale, FLAG=req.found_inf is not None, MODE=int(req.soft), num_warps=_NUM_WARPS,
     )
-    per = torch.empty(plan.num_tensors if per_tensor else 0, **f64)
-    if per_tensor and plan.num_tensors:
-        norm_k.per_tensor_norms[(plan.num_tensors,)](
-            plan.table, plan.num_tensors, partials, p_bits, per, inv_ptr,
-            KIND=kind, CHUNK=chunk, FBLOCK=norm_k.FBLOCK, UNSCALE=unscale, num_warps=4,
+    coefs_wanted = req.max_norms is not None or req.per_tensor_coef
+    n = plan.num_tensors
+    per = torch.empty(n if req.per_tensor or coefs_wanted else 0, **f64)
+    per_coef = torch.empty(n if coefs_wanted else 0, **f64)
+    if per.numel():
+        norm_k.per_tensor_norms[(n,)](
+            plan.table, n, partials, p_bits, per, inv_ptr,
+            req.max_norms if req.max_norms is not None else partials,
+            per_coef if coefs_wanted else partials, max_norm_bits,
+            _f64_bits(req.adaptive[0] if req.adaptive else 0.0),
+            _f64_bits(req.adaptive[1] if req.adaptive else 1.0),
+            KIND=kind, CHUNK=chunk, FBLOCK=norm_k.FBLOCK, UNSCALE=unscale,
+            COEF=(2 if req.max_norms is not None else 1) if coefs_wanted else 0,
+            MODE=2 if req.adaptive else int(req.soft), num_warps=4,
         )
-    return norm, coef, out, per
+    return Pass1(norm, coef, out, per if req.per_tensor or coefs_wanted else per[:0], per_coef)
 
 
-def scale_pass(plan: Plan, coef: Tensor) -> None:
-    """Pass 2: every tensor times ``coef`` (fp64 0-dim on the device), in place."""
-    if coef.dtype != torch.float64 or coef.numel() != 1 or coef.device != plan.device:
+def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
+    """Pass 2: every tensor times ``coef`` (fp64 0-dim on the device), or with ``per_tensor``
+    tensor t times ``coef[t]``, in place."""
+    count = plan.num_tensors if per_tensor else 1
+    if coef.dtype != torch.float64 or coef.numel() != count or coef.device != plan.device:
         raise RuntimeError(
-            f"coef must be one float64 element on {plan.device}, got {coef.dtype} "
+            f"coef must be {count} float64 element(s) on {plan.device}, got {coef.dtype} "
             f"{tuple(coef.shape)} on {coef.device}"
         )
     norm_k, scale_k, chunk, tl_dtype = _kernels()
     with _on(plan.device):
-        _scale_groups(plan, coef, norm_k, scale_k, chunk, tl_dtype)
+        for g in plan.groups:
+            scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
+                plan.table, plan.num_tensors, g.chunk_lo, coef,
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
+                PER_TENSOR=per_tensor, num_warps=_NUM_WARPS,
+            )
 
 
-def _scale_groups(plan: Plan, coef: Tensor, norm_k, scale_k, chunk: int, tl_dtype) -> None:
-    for g in plan.groups:
-        scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
-            plan.table, plan.num_tensors, g.chunk_lo, coef,
-            DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
-            num_warps=_NUM_WARPS,
-        )
+def clamp_pass(plan: Plan, clip_value: float) -> None:
+    """Value clipping: every element clamped to [-clip_value, clip_value] in place, the bound
+    rounded to each group's dtype as torch rounds a Python bound."""
+    if not clip_value >= 0:
+        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+    norm_k, scale_k, chunk, tl_dtype = _kernels()
+    with _on(plan.device):
+        for g in plan.groups:
+            bound = float(torch.tensor(clip_value, dtype=g.dtype))
+            scale_k.clamp[(g.chunk_hi - g.chunk_lo,)](
+                plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound),
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
+                num_warps=_NUM_WARPS,
+            )
 
 
 # ---- operators ---------------------------------------------------------------------------------
@@ -289,14 +355,15 @@ def _total_norm_op(
     per_tensor: bool,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    norm, coef, _, per = norm_pass(plan_for(tensors), norm_type, max_norm, per_tensor,
-                                   torch.float64, inv_scale, found_inf)
-    return norm, coef, per
+    r = norm_pass(plan_for(tensors), Request(norm_type, max_norm, per_tensor, torch.float64,
+                                             inv_scale, found_inf, soft))
+    return r.norm, r.coef, r.per_tensor
 
 
 @_total_norm_op.register_fake
-def _(tensors, norm_type, max_norm, per_tensor, inv_scale=None, found_inf=None):
+def _(tensors, norm_type, max_norm, per_tensor, inv_scale=None, found_inf=None, soft=False):
     like = tensors[0].new_empty((), dtype=torch.float64)
     return like, like.clone(), tensors[0].new_empty((len(tensors) if per_tensor else 0,),
                                                     dtype=torch.float64)
@@ -309,17 +376,57 @@ def _clip_op(
     norm_type: float,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> Tensor:
     plan = plan_for(tensors)
-    norm, coef, _, _ = norm_pass(plan, norm_type, max_norm, False, torch.float64, inv_scale,
-                                 found_inf)
-    scale_pass(plan, coef)
-    return norm
+    r = norm_pass(plan, Request(norm_type, max_norm, False, torch.float64, inv_scale, found_inf,
+                                soft))
+    scale_pass(plan, r.coef)
+    return r.norm
 
 
 @_clip_op.register_fake
-def _(tensors, max_norm, norm_type, inv_scale=None, found_inf=None):
+def _(tensors, max_norm, norm_type, inv_scale=None, found_inf=None, soft=False):
     return tensors[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.custom_op("fusedclip::triton_clip_per_tensor_", mutates_args=("tensors",))
+def _clip_per_tensor_op(
+    tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool
+) -> Tensor:
+    plan = plan_for(tensors)
+    r = norm_pass(plan, Request(norm_type, soft=soft, max_norms=max_norms))
+    scale_pass(plan, r.per_tensor_coef, per_tensor=True)
+    return r.per_tensor
+
+
+@_clip_per_tensor_op.register_fake
+def _(tensors, max_norms, norm_type, soft):
+    return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
+
+
+@torch.library.custom_op("fusedclip::triton_adaptive_clip_", mutates_args=("grads",))
+def _adaptive_clip_op(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
+) -> None:
+    if len(grads) != len(params):
+        raise ValueError(f"{len(grads)} gradients but {len(params)} parameters")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.shape != p.shape or not (g.is_contiguous() and p.is_contiguous()):
+            raise ValueError(f"gradient {i} and its parameter must have one shape and be "
+                             "contiguous (units are rows in memory order)")
+    if not any(g.numel() for g in grads):
+        return
+    grad_plan, param_plan = plan_for(grads, units=True), plan_for(params, units=True)
+    of_params = norm_pass(param_plan, Request(norm_type, per_tensor=True))
+    of_grads = norm_pass(grad_plan, Request(norm_type, max_norms=of_params.per_tensor,
+                                            adaptive=(eps, clip_factor)))
+    scale_pass(grad_plan, of_grads.per_tensor_coef, per_tensor=True)
+
+
+@_adaptive_clip_op.register_fake
+def _(grads, params, clip_factor, eps, norm_type):
+    return None
 
 
 @torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
@@ -332,20 +439,36 @@ def _(tensors, coef):
     return None
 
 
+@torch.library.custom_op("fusedclip::triton_clamp_", mutates_args=("tensors",))
+def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
+    clamp_pass(plan_for(tensors), clip_value)
+
+
+@_clamp_op.register_fake
+def _(tensors, clip_value):
+    return None
+
+
 # ---- the backend interface (fusedclip.reference's) ---------------------------------------------
 
 _OPS = FusedOps(
     "triton",
-    norm=lambda ts, p, inv, found: _total_norm_op(ts, p, math.inf, False, inv, found)[0],
+    norm=_total_norm_op,
     clip=_clip_op,
     scale=_scale_op,
+    clip_per_tensor=_clip_per_tensor_op,
+    clamp=_clamp_op,
+    adaptive_clip=_adaptive_clip_op,
     check_device=_check_device,
 )
 total_norm = _OPS.total_norm
 scale_ = _OPS.scale_
 clip_with_norm_ = _OPS.clip_with_norm_
 clip_ = _OPS.clip_
+clip_per_tensor_ = _OPS.clip_per_tensor_
+clip_stats_ = _OPS.clip_stats_
 clamp_ = _OPS.clamp_
+adaptive_clip_ = _OPS.adaptive_clip_
 
 
 def _params_plan(
@@ -365,6 +488,15 @@ def _params_plan(
                 tuple(Group(*g) for g in groups), result_dtype)
 
 
+def _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, writing):
+    plan = _params_plan(params, cuda_only, writing, inv_scale is not None)
+    if plan is None:
+        return None, None
+    r = norm_pass(plan, Request(norm_type, max_norm, False, plan.result_dtype, inv_scale,
+                                found_inf, soft))
+    return plan, r
+
+
 def clip_params(
     params: list[Tensor],
     max_norm: float,
@@ -373,18 +505,18 @@ def clip_params(
     cuda_only: bool = True,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> Tensor | None:
     """``clip_grad_norm_`` on ``params`` with the plan of ``fusedclip._C`` (its C++ loop over the
     ``.grad``s and its cache) and these kernels; the norm in torch's dtype, or None when
     ``fusedclip._C`` is not built or some gradient needs the general path. ``inv_scale`` and
-    ``found_inf``: the AMP path."""
-    plan = _params_plan(params, cuda_only, True, inv_scale is not None)
+    ``found_inf``: the AMP path; ``soft``: the soft coefficient."""
+    plan, r = _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft,
+                            True)
     if plan is None:
         return None
-    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, plan.result_dtype, inv_scale,
-                                found_inf)
-    scale_pass(plan, coef)
-    return out
+    scale_pass(plan, r.coef)
+    return r.out
 
 
 def norm_params(
@@ -395,11 +527,9 @@ def norm_params(
     cuda_only: bool = True,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[Tensor, Tensor] | None:
     """Pass 1 of ``clip_params`` alone: (norm in torch's dtype, fp64 factor), or None."""
-    plan = _params_plan(params, cuda_only, False, inv_scale is not None)
-    if plan is None:
-        return None
-    _, coef, out, _ = norm_pass(plan, norm_type, max_norm, False, plan.result_dtype, inv_scale,
-                                found_inf)
-    return out, coef
+    plan, r = _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft,
+                            False)
+    return None if plan is None else (r.out, r.coef)

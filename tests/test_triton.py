@@ -77,7 +77,9 @@ def test_clip_matches_oracle(device, dtype, norm_type):
 def test_per_tensor_norms_and_coefficient(device, norm_type):
     tensors = tensors_for(torch.float32, device, seed=2)
     plan = triton_backend.plan_for(tensors)
-    norm, coef, out, per = triton_backend.norm_pass(plan, norm_type, 0.5, True, torch.bfloat16)
+    r = triton_backend.norm_pass(
+        plan, triton_backend.Request(norm_type, 0.5, per_tensor=True, out_dtype=torch.bfloat16))
+    norm, coef, out, per = r.norm, r.coef, r.out, r.per_tensor
     expected = oracle_norm(tensors, norm_type)
     assert_norm_close(norm, expected)
     assert out.dtype == torch.bfloat16
@@ -105,8 +107,9 @@ def test_nonfinite_norm(device, norm_type, bad):
         tensors[0][66000] = -math.inf
     if bad in ("nan", "both"):
         tensors[2][17] = math.nan
-    norm, coef, _, per = triton_backend.norm_pass(
-        triton_backend.plan_for(tensors), norm_type, 1.0, True, torch.float32)
+    r = triton_backend.norm_pass(triton_backend.plan_for(tensors), triton_backend.Request(
+        norm_type, 1.0, per_tensor=True, out_dtype=torch.float32))
+    norm, coef, per = r.norm, r.coef, r.per_tensor
     assert_norm_close(norm, math.inf if bad == "inf" else math.nan)
     assert_norm_close(coef, 0.0 if bad == "inf" else math.nan)
     assert_norm_close(per[1], oracle_norm([tensors[1]], norm_type))
@@ -185,8 +188,9 @@ def test_scalars_that_are_integers_one_in_bits(norm_type, max_norm):
     # 5e-324 is the fp64 whose bits are the integer 1, which Triton would compile as a constant.
     tensors = tensors_for(torch.float32, "cuda" if torch.cuda.is_available() else "cpu", seed=13,
                           sizes=[300, 7])
-    norm, coef, _, _ = triton_backend.norm_pass(triton_backend.plan_for(tensors), norm_type,
-                                                max_norm, False, torch.float32)
+    r = triton_backend.norm_pass(triton_backend.plan_for(tensors),
+                                 triton_backend.Request(norm_type, max_norm))
+    norm, coef = r.norm, r.coef
     assert_norm_close(norm, oracle_norm(tensors, norm_type))
     torch.testing.assert_close(float(coef), min(1.0, max_norm / (float(norm) + 1e-6)), rtol=1e-12,
                                atol=0)
@@ -254,21 +258,31 @@ def test_kernels_compile_for_sm90():
         fin = {"partials": "*fp64", "num_chunks": "i32", "p_bits": "i64", "max_norm_bits": "i64",
                "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16",
                "inv_ptr": "*fp64", "found_ptr": "*fp64"}
-        plain = {"UNSCALE": False, "FLAG": False}
+        plain = {"UNSCALE": False, "FLAG": False, "MODE": 0}
         ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK, **plain})
         amp = {**fin, "out_ptr": "*fp32", "inv_ptr": "*fp32", "found_ptr": "*fp32"}
         code = ptx(norm.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": norm.FBLOCK,
-                                      "UNSCALE": True, "FLAG": True})
+                                      "UNSCALE": True, "FLAG": True, "MODE": 1})
         assert "cvt.f64.f32" in code  # the AMP variant reads the fp32 inverse scale
         per = {"table": "*i64", "n_tensors": "i32", "partials": "*fp64", "p_bits": "i64",
-               "out_ptr": "*fp64", "inv_ptr": "*fp32"}
-        for unscale in (False, True):
-            ptx(norm.per_tensor_norms, per, {"KIND": 2, "CHUNK": CHUNK, "FBLOCK": norm.FBLOCK,
-                                             "UNSCALE": unscale}, warps=4)
+               "out_ptr": "*fp64", "inv_ptr": "*fp32", "max_norms_ptr": "*fp64",
+               "coef_ptr": "*fp64", "max_norm_bits": "i64", "eps_bits": "i64",
+               "factor_bits": "i64"}
+        for unscale, coef, mode in ((False, 0, 0), (True, 1, 1), (False, 2, 0), (False, 2, 2)):
+            ptx(norm.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
+                                             "FBLOCK": norm.FBLOCK, "UNSCALE": unscale,
+                                             "COEF": coef, "MODE": mode}, warps=4)
         sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
-        code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True, **tile})
-        assert "st.global.v4" in code and "ld.global.v4" in code
-        ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, **tile})
+        for per_tensor in (False, True):
+            code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True,
+                                         "PER_TENSOR": per_tensor, **tile})
+            assert "st.global.v4" in code and "ld.global.v4" in code
+        ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile})
+        cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64"}
+        for dt in (tl.bfloat16, tl.float16, tl.float32):
+            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, **tile})
+            assert "st.global.v4" in code and "ld.global.v4" in code, dt
+        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, **tile})
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

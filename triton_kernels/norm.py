@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fusedclip.triton_kernels.convert import round_fp32_to
-from fusedclip.triton_kernels.table import program_chunk
+from fusedclip.triton_kernels.table import f64, program_chunk
 
 BLOCK = 4096  # elements per tile of a chunk
 FBLOCK = 1024  # partials per tile of the final reduction
@@ -38,12 +38,6 @@ def norm_kind(p: float) -> int:
     if p == float("inf"):
         return KIND_INF
     return KIND_GENERAL
-
-
-@triton.jit
-def _f64(bits):
-    """The fp64 whose bits are the int64 ``bits`` (Triton passes Python floats as fp32)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -117,8 +111,8 @@ def chunk_partials(
     DT: tl.constexpr, KIND: tl.constexpr, PLAIN: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    p = _f64(p_bits)
-    c, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
+    p = f64(p_bits)
+    c, _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([BLOCK], tl.float64)
     m = tl.zeros((), tl.float64)
@@ -190,23 +184,43 @@ def _inverse_scale(inv_ptr, UNSCALE: tl.constexpr):
     return inv
 
 
+MODE_HARD, MODE_SOFT, MODE_ADAPTIVE = 0, 1, 2
+
+
+@triton.jit
+def _clip_coef(norm, max_norm, MODE: tl.constexpr):
+    """The coefficient of ``norm`` under ``max_norm`` (csrc/norm_math.h clip_coef): hard
+    min(1, max_norm / (norm + 1e-6)), NaN staying NaN as with torch's clamp; soft
+    max_norm / (norm + max_norm), 1 where the norm is 0 or max_norm inf; adaptive (AGC) 1 under
+    max_norm, else max_norm / max(norm, 1e-6)."""
+    if MODE == 2:
+        c = tl.where(norm < max_norm, 1.0, max_norm / tl.where(norm < 1e-6, 1e-6, norm))
+    elif MODE == 1:
+        c = max_norm / (norm + max_norm)
+        c = tl.where((norm == 0.0) | (max_norm == float("inf")), 1.0, c)
+        c = tl.where(norm != norm, norm, c)
+    else:
+        c = max_norm / (norm + 1e-6)
+        c = tl.where(c > 1.0, 1.0, c)
+    return c
+
+
 @triton.jit(do_not_specialize=["num_chunks", "p_bits", "max_norm_bits"])
 def finish(
     partials, num_chunks, p_bits, max_norm_bits, norm_ptr, coef_ptr, out_ptr, inv_ptr, found_ptr,
     KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr, UNSCALE: tl.constexpr,
-    FLAG: tl.constexpr,
+    FLAG: tl.constexpr, MODE: tl.constexpr,
 ):
     """With UNSCALE (the AMP path) the gradients hold loss-scaled values: the norm is that of the
     unscaled ones and the coefficient also unscales (inv * min(1, ...)). With FLAG, found_ptr
     (fp32) is set to 1 when any element was inf or NaN and left alone otherwise."""
-    p = _f64(p_bits)
-    max_norm = _f64(max_norm_bits)
+    p = f64(p_bits)
+    max_norm = f64(max_norm_bits)
     inv = _inverse_scale(inv_ptr, UNSCALE)
     raw, big = _combine_range(partials, 0, num_chunks, p, KIND, FBLOCK)
     norm = raw * inv
     tl.store(norm_ptr, norm)
-    c = max_norm / (norm + 1e-6)
-    tl.store(coef_ptr, tl.where(c > 1.0, 1.0, c) * inv)  # NaN stays NaN, as torch's clamp
+    tl.store(coef_ptr, _clip_coef(norm, max_norm, MODE) * inv)
     if FLAG:
         nonfinite = (big != big) | (big == float("inf"))
         tl.store(found_ptr, tl.full((), 1.0, tl.float32), mask=nonfinite)
@@ -216,15 +230,30 @@ def finish(
         tl.store(out_ptr, round_fp32_to(norm.to(tl.float32), OUT_DT))
 
 
-@triton.jit(do_not_specialize=["n_tensors", "p_bits"])
+@triton.jit(do_not_specialize=["n_tensors", "p_bits", "max_norm_bits", "eps_bits", "factor_bits"])
 def per_tensor_norms(
-    table, n_tensors, partials, p_bits, out_ptr, inv_ptr, KIND: tl.constexpr, CHUNK: tl.constexpr,
-    FBLOCK: tl.constexpr, UNSCALE: tl.constexpr,
+    table, n_tensors, partials, p_bits, out_ptr, inv_ptr, max_norms_ptr, coef_ptr, max_norm_bits,
+    eps_bits, factor_bits, KIND: tl.constexpr, CHUNK: tl.constexpr, FBLOCK: tl.constexpr,
+    UNSCALE: tl.constexpr, COEF: tl.constexpr, MODE: tl.constexpr,
 ):
-    p = _f64(p_bits)
+    """Tensor t's norm into out_ptr[t]; COEF 1 (one threshold, max_norm_bits) or 2 (thresholds
+    max_norms_ptr[t]) also writes its clip coefficient into coef_ptr[t]. MODE 2 (adaptive
+    clipping): max_norms_ptr holds the parameters' unit norms, and the threshold is
+    max(that, eps) * factor."""
+    p = f64(p_bits)
     t = tl.program_id(0).to(tl.int64)
     numel = tl.load(table + n_tensors + t)
     first = tl.load(table + 2 * n_tensors + t)
     n_chunks = (numel + CHUNK - 1) // CHUNK
     norm, _ = _combine_range(partials, first, first + n_chunks, p, KIND, FBLOCK)
-    tl.store(out_ptr + t, norm * _inverse_scale(inv_ptr, UNSCALE))
+    inv = _inverse_scale(inv_ptr, UNSCALE)
+    norm = norm * inv
+    tl.store(out_ptr + t, norm)
+    if COEF == 1:
+        tl.store(coef_ptr + t, _clip_coef(norm, f64(max_norm_bits), MODE) * inv)
+    elif COEF == 2:
+        limit = tl.load(max_norms_ptr + t)
+        if MODE == 2:
+            eps = f64(eps_bits)
+            limit = tl.where(limit < eps, eps, limit) * f64(factor_bits)  # NaN stays NaN
+        tl.store(coef_ptr + t, _clip_coef(norm, limit, MODE) * inv)

@@ -1,4 +1,5 @@
-"""Pass 2 of the clip in Triton: rescale every tensor of a dtype group in place.
+"""Pass 2 of the clip in Triton: rescale every tensor of a dtype group in place; and value
+clipping, the other in-place pass of one read and one write.
 
 ``scale``: one program per chunk (the table of csrc/table.h). It reads the fp64 coefficient on
 the device; when it is exactly 1 the program returns without touching the gradients (the whole
@@ -12,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from fusedclip.triton_kernels.convert import round_fp32_to
-from fusedclip.triton_kernels.table import program_chunk
+from fusedclip.triton_kernels.table import f64, program_chunk
 
 
 @triton.jit
@@ -28,10 +29,16 @@ def _scaled(x, c, DT: tl.constexpr):
 def scale(
     table, n_tensors, chunk_lo, coef_ptr,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    PER_TENSOR: tl.constexpr,
 ):
-    c = tl.load(coef_ptr)
+    """Pass 2: the chunk times its coefficient, coef_ptr[0], or with PER_TENSOR coef_ptr[t] for
+    the chunk's tensor t; a chunk whose coefficient is exactly 1 is left untouched."""
+    _, t, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
+    if PER_TENSOR:
+        c = tl.load(coef_ptr + t)
+    else:
+        c = tl.load(coef_ptr)
     if c != 1.0:
-        _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
         offs = tl.arange(0, BLOCK).to(tl.int64)
         for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets alike
             idx = begin + i + offs
@@ -41,3 +48,41 @@ def scale(
                 mask = i + offs < n
                 x = tl.load(ptr + idx, mask=mask, other=0.0)
                 tl.store(ptr + idx, _scaled(x, c, DT), mask=mask)
+
+
+@triton.jit
+def _clamped(x, bound, DT: tl.constexpr):
+    """x clamped to [-bound, bound] (bound exact in DT) as torch's clamp_min then clamp_max: NaN
+    stays NaN and an element inside the bounds keeps its bits."""
+    if DT == tl.float64:
+        v = x
+        hi = bound
+    else:
+        v = x.to(tl.float32)
+        hi = bound.to(tl.float32)
+    # Both bounds converted from the wider type (exact): Triton's interpreter negates a bf16 +0
+    # into +0, not -0, and torch clamps to -0.0 when clip_value is 0.
+    top = hi.to(DT)
+    bottom = (-hi).to(DT)
+    return tl.where(v < -hi, bottom, tl.where(v > hi, top, x))
+
+
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "bound_bits"])
+def clamp(
+    table, n_tensors, chunk_lo, bound_bits,
+    DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Value clipping: one read and one write of each element of the chunk (torch's foreach path
+    makes two passes, clamp_min then clamp_max). bound_bits: the fp64 bits of the bound, already
+    rounded to DT as torch rounds a Python bound."""
+    bound = f64(bound_bits)
+    _, _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    for i in range(0, CHUNK, BLOCK):
+        idx = begin + i + offs
+        if i + BLOCK <= n:
+            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, DT))
+        elif i < n:
+            mask = i + offs < n
+            x = tl.load(ptr + idx, mask=mask, other=0.0)
+            tl.store(ptr + idx, _clamped(x, bound, DT), mask=mask)

@@ -14,10 +14,16 @@ CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
 
 
 @triton.jit
+def f64(bits):
+    """The fp64 whose bits are the int64 ``bits`` (Triton passes Python floats as fp32)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def program_chunk(table, n_tensors, chunk_lo, DT: tl.constexpr, ALIGNED: tl.constexpr,
                   CHUNK: tl.constexpr):
-    """This program's chunk: its index, its tensor's base pointer (with a 16-byte alignment hint
-    when the group is ALIGNED), its first element and its element count."""
+    """This program's chunk: its index, its tensor's index and base pointer (with a 16-byte
+    alignment hint when the group is ALIGNED), its first element and its element count."""
     c = chunk_lo + tl.program_id(0).to(tl.int64)
     t = tl.load(table + 3 * n_tensors + c)
     begin = (c - tl.load(table + 2 * n_tensors + t)) * CHUNK
@@ -25,4 +31,4 @@ def program_chunk(table, n_tensors, chunk_lo, DT: tl.constexpr, ALIGNED: tl.cons
     ptr = tl.load(table + t).to(tl.pointer_type(DT))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
-    return c, ptr, begin, n
+    return c, t, ptr, begin, n
