@@ -27,7 +27,8 @@ bench_rc=$?
 # slow under the tools / not supported by them), memcheck then racecheck.
 san_rc=0
 if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
-  SAN_TESTS=(tests/test_engine.py tests/test_triton.py tests/test_extension.py tests/test_amp.py -m gpu
+  SAN_TESTS=(tests/test_engine.py tests/test_triton.py tests/test_extension.py tests/test_amp.py
+             tests/test_modes.py -m gpu
              -k "not 2_31 and not graph")
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
@@ -51,11 +52,11 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 m = r["metadata"]
 print(f"{m['device']} | torch {m['torch_version']} | copy {m['copy_bandwidth_gbps']:.0f} GB/s")
-print(f"{'set':12} {'dtype':5} {'scen':8} {'impl':20} {'ms':>9} {'host us':>8} {'x floor':>8} "
+print(f"{'set':12} {'dtype':5} {'scen':10} {'impl':20} {'ms':>9} {'host us':>8} {'x floor':>8} "
       f"{'vs torch':>8}")
 for x in r["rows"]:
     s = x["speedup_vs_torch_foreach"]
-    print(f"{x['set']:12} {x['dtype']:5} {x['scenario']:8} {x['implementation']:20} "
+    print(f"{x['set']:12} {x['dtype']:5} {x['scenario']:10} {x['implementation']:20} "
           f"{x['ms_median']:9.3f} {x.get('host_us', float('nan')):8.1f} {x['ratio_to_floor']:8.2f} "
           f"{s if s is None else round(s, 2)!s:>8}")
 for e in r["errors"]:

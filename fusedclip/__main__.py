@@ -74,12 +74,13 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--scenario",
         type=_csv,
-        default=["clip", "noclip", "amp", "amp-fold"],
+        default=list(benchmark.DEFAULT_SCENARIOS),
         metavar="S,..",
         help="clip: max_norm = 0.1 x the norm, so gradients are rescaled; noclip: max_norm = "
         "10 x the norm; amp: GradScaler-scaled gradients unscaled, checked and clipped (torch: "
         "scaler.unscale_ + clip_grad_norm_); amp-fold: the same with the multiply handed to a "
-        "fused AdamW (default: all four)",
+        "fused AdamW; soft, stats, per-tensor, value, agc: the other clipping modes against "
+        "their unfused torch equivalents (default: all)",
     )
     bench.add_argument(
         "--iters",

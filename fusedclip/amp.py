@@ -17,7 +17,8 @@ pass 2 goes: the gradients stay as they are and the optimizer gets the combined 
 read. ``scaler.step`` hands both over and removes them after the step; without a scaler a
 one-shot step hook removes ``grad_scale``.
 
-``ClippingGradScaler`` is the same as a GradScaler method, ``scaler.unscale_and_clip_(opt, max_norm)``.
+``ClippingGradScaler`` is the same as a GradScaler method,
+``scaler.unscale_and_clip_(opt, max_norm)``.
 
 This module reads GradScaler's per-optimizer state (``_per_optimizer_states``, ``OptState``,
 ``_scale``), private to torch but unchanged since torch 1.6; the tests run torch's own recipe
@@ -213,6 +214,7 @@ def clip_grad_norm_scaled_(
     optimizer: object,
     fold_into_optimizer: bool,
     backend: str | None,
+    soft: bool = False,
 ) -> Tensor | None:
     """``clip_grad_norm_(params, max_norm, ..., scaler=, optimizer=, fold_into_optimizer=)``
     (max_norm and norm_type validated by the caller); None when there is nothing to unscale or
@@ -244,11 +246,11 @@ def clip_grad_norm_scaled_(
     result = None
     if not error_if_nonfinite:
         result = _fast(params, optimizers, max_norm, norm_type, fold_into_optimizer, backend,
-                       inv_for, flags)
+                       inv_for, flags, soft)
     if result is None:
         result = _general(params, optimizers, max_norm, norm_type, error_if_nonfinite,
                           fold_into_optimizer, backend, unscaling, inv_for, flags,
-                          lambda: _set_unscaled(states, flags))
+                          lambda: _set_unscaled(states, flags), soft)
     norm, grad_scale = result
     if grad_scale is not None:
         for opt in optimizers:
@@ -268,7 +270,7 @@ def _set_unscaled(states: list[dict], flags: _Flags) -> None:
         state["stage"] = OptState.UNSCALED
 
 
-def _fast(params, optimizers, max_norm, norm_type, fold, backend, inv_for, flags):
+def _fast(params, optimizers, max_norm, norm_type, fold, backend, inv_for, flags, soft):
     """One optimizer over exactly ``params``, plain gradients on one device: one C++ call reads
     the ``.grad``s and checks the cached plan. (norm, grad_scale or None), or None for the general
     path (which checks everything and raises where it must; the C++ side declines fp16 gradients
@@ -286,7 +288,7 @@ def _fast(params, optimizers, max_norm, norm_type, fold, backend, inv_for, flags
         return None
     module, cuda_only = impl
     kwargs = dict(cuda_only=cuda_only, inv_scale=inv_for(first.device),
-                  found_inf=flags.get(0, first.device))
+                  found_inf=flags.get(0, first.device), soft=soft)
     if not fold:
         norm = module.clip_params(params, max_norm, norm_type, **kwargs)
         return None if norm is None else (norm, None)
@@ -317,7 +319,7 @@ def _collect(params, optimizers, unscaling, fold) -> tuple[list[list[Tensor]], l
 
 
 def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, backend,
-             unscaling, inv_for, flags, mark_unscaled):
+             unscaling, inv_for, flags, mark_unscaled, soft):
     """Any number of optimizers and devices, every check: pass 1 per (optimizer, device) group,
     the norms combined on the device, then pass 2 over every gradient (or the fold).
     (norm, grad_scale for the fold or None)."""
@@ -333,7 +335,8 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
     if clipped and one_group and not fold and not error_if_nonfinite and \
             len(owned[0]) == len(clipped):
         device = clipped[0].device
-        norm = impl.clip_(clipped, max_norm, norm_type, inv_for(device), flags.get(0, device))
+        norm = impl.clip_(clipped, max_norm, norm_type, inv_for(device), flags.get(0, device),
+                          soft)
         return norm.to(norm_result_dtype(clipped)), None
 
     norms, extra = [], []
@@ -366,7 +369,7 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
             impl.scale_(clipped, inv_for(first).double())
         mark_unscaled()
         raise_if_nonfinite(norm.to(result_dtype), norm_type)
-    factor = reference.clip_coef(max_norm, norm)
+    factor = reference.clip_coef(max_norm, norm, soft)
     if inv_for(first) is not None:
         factor = factor * inv_for(first).double()
     if fold:

@@ -27,7 +27,9 @@ from fusedclip import amp, backends
 from fusedclip.inputs import (
     TensorOrTensors,
     as_norm_type,
+    as_soft,
     as_threshold,
+    as_thresholds,
     as_total_norm,
     check_grad_dtypes,
     check_tensor_items,
@@ -37,8 +39,16 @@ from fusedclip.inputs import (
     norm_result_dtype,
     raise_if_nonfinite,
 )
+from fusedclip.stats import ClipStats
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "clip_grad_norm_per_tensor_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
 
 
 @torch.no_grad()
@@ -95,15 +105,25 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    mode: str = "hard",
+    return_stats: bool | str = False,
     scaler: torch.amp.GradScaler | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     fold_into_optimizer: bool = False,
-) -> Tensor:
+) -> Tensor | ClipStats:
     """Clip the global gradient norm in place; returns the norm before clipping.
 
     Gradients are scaled by ``min(1, max_norm / (total_norm + 1e-6))`` where ``total_norm`` is the
     ``norm_type``-norm of all gradients as if concatenated. With ``error_if_nonfinite=True`` a NaN
     or infinite norm raises (after one host synchronization) and leaves the gradients untouched.
+
+    ``mode="soft"`` scales by ``max_norm / (total_norm + max_norm)`` instead: below 1 for every
+    positive norm, smooth in it, and near 1 for norms far under ``max_norm``.
+
+    ``return_stats=True`` returns a ``fusedclip.stats.ClipStats`` of device tensors (the norm, the
+    coefficient, whether it clipped, whether the norm was finite) instead of the bare norm, with no
+    host synchronization; ``return_stats="per_tensor"`` adds every gradient's own norm, from the
+    same read. ``fusedclip.stats.StatsWindow`` turns them into logger dicts.
 
     AMP (``fusedclip.amp``): with ``scaler=`` (a ``torch.amp.GradScaler``) and ``optimizer=`` (one
     optimizer or a list), this call replaces ``scaler.unscale_(optimizer)`` followed by the clip:
@@ -123,27 +143,35 @@ def clip_grad_norm_(
     )
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
+    soft = as_soft(mode)
+    per_tensor = _stats_request(return_stats)
     if scaler is not None or optimizer is not None or fold_into_optimizer:
         backends.check_name(backend)
         if scaler is None and not fold_into_optimizer:
             raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
+        if return_stats:
+            raise ValueError("return_stats is not available with scaler= or fold_into_optimizer=")
         norm = amp.clip_grad_norm_scaled_(params, limit, p, error_if_nonfinite, scaler, optimizer,
-                                          fold_into_optimizer, backend)
+                                          fold_into_optimizer, backend, soft)
         if norm is not None:
             return norm
-    skip_fast = error_if_nonfinite or torch.compiler.is_compiling()
+    skip_fast = error_if_nonfinite or bool(return_stats) or torch.compiler.is_compiling()
     fast = None if skip_fast else backends.fast_path(backend)
     if fast is not None:
         # One C++ call reads the grads and reuses the cached plan, then both passes launch; None
         # means some gradient needs the general path below (which validates everything).
-        norm = fast(params, limit, p)
+        norm = fast(params, limit, p, soft=soft)
         if norm is not None:
             return norm
     check_tensor_items(params, "parameters")
     grads = grads_of(params)
     backends.check_name(backend)
     if not grads:
-        return torch.tensor(0.0)
+        norm = torch.tensor(0.0)
+        if not return_stats:
+            return norm
+        return ClipStats.of(norm, torch.tensor(1.0, dtype=torch.float64), norm.dtype,
+                            torch.zeros(0, dtype=torch.float64) if per_tensor else None)
     check_writable_grads(grads)
     impl = backends.select(backend, grads)
     result_dtype = norm_result_dtype(grads)
@@ -151,10 +179,79 @@ def clip_grad_norm_(
         # torch tests the norm it returns (in the gradients' dtype): an fp16 norm past 65504 raises.
         norm = impl.total_norm(grads, p)
         raise_if_nonfinite(norm.to(result_dtype), p)
-        impl.clip_with_norm_(grads, limit, norm)
-    else:
-        norm = impl.clip_(grads, limit, p)
-    return norm.to(result_dtype)
+        if not return_stats:
+            impl.clip_with_norm_(grads, limit, norm, soft)
+            return norm.to(result_dtype)
+    if return_stats:
+        norm, coef, per = impl.clip_stats_(grads, limit, p, soft, per_tensor)
+        return ClipStats.of(norm, coef, result_dtype, per)
+    return impl.clip_(grads, limit, p, soft=soft).to(result_dtype)
+
+
+def _stats_request(return_stats: object) -> bool:
+    """Whether per-tensor norms are asked for; validates ``return_stats``."""
+    if return_stats not in (False, True, "per_tensor"):
+        raise ValueError(f"return_stats must be False, True or 'per_tensor', got {return_stats!r}")
+    return return_stats == "per_tensor"
+
+
+@torch.no_grad()
+def clip_grad_norm_per_tensor_(
+    parameters: TensorOrTensors,
+    max_norm: float | Sequence[float] | Tensor,
+    norm_type: float = 2.0,
+    *,
+    mode: str = "hard",
+    backend: str | None = None,
+) -> Tensor:
+    """Clip every gradient to its own norm threshold, in place (layer-wise clipping).
+
+    ``max_norm`` is one threshold for all, or one per parameter that has a gradient (a sequence or
+    a 1-D tensor, read on the host). Gradient i is scaled by ``min(1, max_norm[i] / (norm_i +
+    1e-6))`` (``mode="soft"``: ``max_norm[i] / (norm_i + max_norm[i])``), in the same two passes
+    as global clipping. Returns the per-gradient norms before clipping, a 1-D tensor on the first
+    gradient's device in torch's norm dtype (empty, on the CPU, when there are no gradients).
+    """
+    grads = grads_of(collect_tensors(parameters, name="parameters"))
+    p = as_norm_type(norm_type)
+    soft = as_soft(mode)
+    limits = as_thresholds(max_norm, len(grads))
+    backends.check_name(backend)
+    if not grads:
+        return torch.zeros(0)
+    check_writable_grads(grads)
+    norms = backends.select(backend, grads).clip_per_tensor_(grads, limits, p, soft)
+    return norms.to(norm_result_dtype(grads))
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: TensorOrTensors,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float = 2.0,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Adaptive gradient clipping (NFNets), with the semantics of timm's ``adaptive_clip_grad``.
+
+    For every parameter with a gradient, each unit (a row: all dims but the first, or the whole
+    tensor below two dims) of the gradient whose norm reaches ``clip_factor * max(norm of the
+    parameter's unit, eps)`` is scaled down to that norm; the other units are untouched. The fused
+    backends read each parameter and each gradient once and write only the clipped units; norms
+    are accumulated in fp64 (timm's are in the parameters' dtype).
+    """
+    params = [p for p in collect_tensors(parameters, name="parameters") if p.grad is not None]
+    factor = as_threshold(clip_factor, "clip_factor")
+    floor = as_threshold(eps, "eps")
+    p = as_norm_type(norm_type)
+    backends.check_name(backend)
+    if not params:
+        return
+    grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
+    check_writable_grads(grads)
+    backends.select(backend, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
+                                                   floor, p)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import gc
 import importlib.metadata
 import itertools
 import json
+import math
 import platform
 import statistics
 import time
@@ -36,16 +37,31 @@ from fusedclip.param_sets import BUILTIN_SETS, ParamSet, sets_for_device
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# max_norm as a multiple of the gradients' true norm (for the AMP scenarios, of the unscaled one).
-SCENARIOS: dict[str, float] = {"clip": 0.1, "noclip": 10.0, "amp": 0.1, "amp-fold": 0.1}
+# max_norm as a multiple of the gradients' true norm (for the AMP scenarios, of the unscaled one;
+# for "per-tensor", of the root-mean-square tensor norm; for "value", the clip value itself, in
+# units of the gradients' standard deviation of 1; unused by "agc").
+SCENARIOS: dict[str, float] = {
+    "clip": 0.1, "noclip": 10.0, "amp": 0.1, "amp-fold": 0.1,
+    "soft": 1.0, "stats": 0.1, "per-tensor": 1.0, "value": 1.0, "agc": 0.0,
+}
 
 # Gradient bytes an ideal implementation moves, per gradient byte: "clip" reads for the norm, then
 # reads and writes to scale; "noclip" reads for the norm and may skip the scale. "amp" unscales,
 # checks for inf/NaN and clips GradScaler-scaled gradients (torch's recipe: unscale_ then the
 # clip, 5 passes; the floor is 3); "amp-fold" leaves the multiply to a fused optimizer's step
 # (not timed), so it only has to read the gradients once.
-FLOOR_PASSES: dict[str, int] = {"clip": 3, "noclip": 1, "amp": 3, "amp-fold": 1}
+#
+# The other modes (issue 6): "soft" and "stats" clip as "clip" does (3); "per-tensor" clips each
+# tensor to its own threshold in the same two passes (3); "value" clamps every element in one
+# read and write (2; torch's foreach path makes 4: clamp_min, then clamp_max); "agc" reads the
+# parameters and the gradients and writes the gradients (3, parameters and gradients of one dtype).
+FLOOR_PASSES: dict[str, int] = {
+    "clip": 3, "noclip": 1, "amp": 3, "amp-fold": 1,
+    "soft": 3, "stats": 3, "per-tensor": 3, "value": 2, "agc": 3,
+}
 AMP_SCENARIOS = ("amp", "amp-fold")
+MODE_SCENARIOS = ("soft", "stats", "per-tensor", "value", "agc")
+DEFAULT_SCENARIOS = ("clip", "noclip", "amp", "amp-fold", *MODE_SCENARIOS)
 # The loss scale the AMP scenarios' gradients carry (GradScaler's default initial scale).
 AMP_SCALE = 2.0**16
 
@@ -66,15 +82,81 @@ ClipFn = Callable[[list[Tensor], float], Tensor]
 AmpFn = Callable[[list[Tensor], float, torch.amp.GradScaler, torch.optim.Optimizer, bool], Tensor]
 
 
+# mode(params, threshold) -> the norm the call reports, or None
+ModeFn = Callable[[list[Tensor], float], Tensor | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """One implementation under test: ``clip(params, max_norm)`` clips in place; ``amp`` unscales
     and clips GradScaler-scaled gradients (folding the multiply into the optimizer when asked and
-    able to)."""
+    able to); ``modes`` runs the other clipping modes (``MODE_SCENARIOS``)."""
 
     name: str
     clip: ClipFn
     amp: AmpFn | None = None
+    modes: Mapping[str, ModeFn] = dataclasses.field(default_factory=dict)
+
+
+def _torch_modes(foreach: bool) -> dict[str, ModeFn]:
+    """The unfused torch equivalent of every mode: what a user writes without fusedclip."""
+
+    def soft(params, max_norm):
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+        coef = max_norm / (norm + max_norm)
+        if foreach:
+            torch._foreach_mul_(grads, coef)
+        else:
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def per_tensor(params, max_norm):
+        grads = [p.grad for p in params]
+        norms = (torch._foreach_norm(grads) if foreach else [g.norm() for g in grads])
+        coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+        if foreach:
+            torch._foreach_mul_(grads, coefs)
+        else:
+            for g, c in zip(grads, coefs):
+                g.mul_(c)
+        return None
+
+    def agc(params, _):
+        for p in params:
+            dims = tuple(range(1, p.dim())) if p.dim() > 1 else None
+            keep = dims is not None
+            limit = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=keep).clamp(min=1e-3)
+            g = p.grad
+            norm = torch.linalg.vector_norm(g, dim=dims, keepdim=keep)
+            g.copy_(torch.where(norm < limit * 0.01, g, g * (limit * 0.01 / norm.clamp(min=1e-6))))
+        return None
+
+    return {
+        "soft": soft,
+        "stats": lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm,
+                                                                          foreach=foreach),
+        "per-tensor": per_tensor,
+        "value": lambda params, v: torch.nn.utils.clip_grad_value_(params, v, foreach=foreach),
+        "agc": agc,
+    }
+
+
+def _none(_: object) -> None:
+    """Per-tensor norms are no single norm to report."""
+    return None
+
+
+def _fusedclip_modes(backend: str) -> dict[str, ModeFn]:
+    return {
+        "soft": lambda ps, m: api.clip_grad_norm_(ps, m, mode="soft", backend=backend),
+        "stats": lambda ps, m: api.clip_grad_norm_(ps, m, return_stats=True,
+                                                   backend=backend).total_norm,
+        "per-tensor": lambda ps, m: _none(api.clip_grad_norm_per_tensor_(ps, m, backend=backend)),
+        "value": lambda ps, v: api.clip_grad_value_(ps, v, backend=backend),
+        "agc": lambda ps, _: api.adaptive_clip_grad_(ps, backend=backend),
+    }
 
 
 def _torch_clip(foreach: bool) -> ClipFn:
@@ -104,9 +186,10 @@ def _fusedclip_amp(backend: str) -> AmpFn:
 
 def _candidate(name: str, backend_or_foreach: str | bool) -> Candidate:
     if isinstance(backend_or_foreach, bool):
-        return Candidate(name, _torch_clip(backend_or_foreach), _torch_amp(backend_or_foreach))
+        return Candidate(name, _torch_clip(backend_or_foreach), _torch_amp(backend_or_foreach),
+                         _torch_modes(backend_or_foreach))
     return Candidate(name, _fusedclip_clip(backend_or_foreach),
-                     _fusedclip_amp(backend_or_foreach))
+                     _fusedclip_amp(backend_or_foreach), _fusedclip_modes(backend_or_foreach))
 
 
 def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, str]]]:
@@ -145,8 +228,9 @@ class Workload:
         gen = torch.Generator(device=device).manual_seed(seed)
         params = []
         for shape in param_set.shapes():
-            # The parameter values are never read by clipping, so they can stay uninitialized.
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            # Random values: adaptive clipping ("agc") reads the parameters.
+            param = torch.nn.Parameter(
+                torch.randn(shape, dtype=dtype, device=device, generator=gen))
             param.grad = torch.randn(shape, dtype=dtype, device=device, generator=gen)
             params.append(param)
         grads = [p.grad for p in params]
@@ -176,8 +260,10 @@ class Workload:
         scaler._per_optimizer_states.clear()
         return scaler, optimizer
 
-    def call(self, candidate: Candidate, scenario: str, max_norm: float) -> Tensor:
+    def call(self, candidate: Candidate, scenario: str, max_norm: float) -> Tensor | None:
         """One call of ``candidate`` in ``scenario``."""
+        if scenario in MODE_SCENARIOS:
+            return candidate.modes[scenario](self.params, max_norm)
         if scenario not in AMP_SCENARIOS:
             return candidate.clip(self.params, max_norm)
         scaler, optimizer = self.amp_state()
@@ -185,6 +271,14 @@ class Workload:
 
     def true_norm(self, scenario: str) -> float:
         return self.norm / AMP_SCALE if scenario in AMP_SCENARIOS else self.norm
+
+    def threshold(self, scenario: str) -> float:
+        """The max_norm (or clip value) of ``scenario`` (see ``SCENARIOS``)."""
+        if scenario == "value":
+            return SCENARIOS[scenario]
+        if scenario == "per-tensor":
+            return SCENARIOS[scenario] * self.norm / math.sqrt(len(self.params))
+        return SCENARIOS[scenario] * self.true_norm(scenario)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +382,8 @@ def measure(
         flush()
 
     prepare()
-    reported = float(workload.call(candidate, scenario, max_norm))
+    result = workload.call(candidate, scenario, max_norm)
+    reported = math.nan if result is None else float(result)
     timing = time_calls(
         lambda: workload.call(candidate, scenario, max_norm),
         prepare=prepare,
@@ -350,7 +445,7 @@ def _bench_case(
     candidate: Candidate, workload: Workload, scenario: str, settings: _Settings
 ) -> dict[str, Any]:
     """One row's numbers, or ``{"error": ...}`` when the candidate fails (the run goes on)."""
-    max_norm = SCENARIOS[scenario] * workload.true_norm(scenario)
+    max_norm = workload.threshold(scenario)
     try:
         timing, reported = measure(
             candidate,
@@ -499,7 +594,7 @@ def _progress(console: Any, enabled: bool) -> Any:
 def run(
     sets: Iterable[str | ParamSet] | None = None,
     dtypes: Sequence[str] = ("bf16", "fp32"),
-    scenarios: Sequence[str] = ("clip", "noclip", "amp", "amp-fold"),
+    scenarios: Sequence[str] = DEFAULT_SCENARIOS,
     iters: int = DEFAULT_ITERS,
     warmup: int = DEFAULT_WARMUP,
     device: str | torch.device | None = None,

@@ -108,6 +108,40 @@ def as_threshold(value: object, name: str) -> float:
     return x
 
 
+CLIP_MODES = ("hard", "soft")
+
+
+def as_soft(mode: object) -> bool:
+    """``mode``: ``"hard"`` (torch's ``min(1, max_norm / (norm + 1e-6))``) or ``"soft"``
+    (``max_norm / (norm + max_norm)``); True for soft."""
+    if mode not in CLIP_MODES:
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    return mode == "soft"
+
+
+def as_thresholds(value: object, count: int, name: str = "max_norm") -> Tensor:
+    """One non-negative, non-NaN threshold per tensor, as fp64 on the CPU: a number for all, or a
+    sequence (or 1-D tensor, read on the host) of ``count`` numbers."""
+    if isinstance(value, Tensor) and value.dim() == 1 or isinstance(value, (list, tuple)):
+        if isinstance(value, Tensor):
+            if value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"{name} must be real, got {value.dtype}")
+            limits = value.detach().to(device="cpu", dtype=torch.float64)
+        else:
+            limits = torch.tensor([_as_float(v, name) for v in value], dtype=torch.float64)
+        if limits.numel() != count:
+            raise ValueError(
+                f"{name} has {limits.numel()} thresholds, but there are {count} gradients (one "
+                "threshold per parameter that has a gradient)"
+            )
+        bad = torch.isnan(limits) | (limits < 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{i}] must be a non-negative number, got {float(limits[i])}")
+        return limits
+    return torch.full((count,), as_threshold(value, name), dtype=torch.float64)
+
+
 def as_norm_type(value: object) -> float:
     """A p > 0 or ``inf``; ``'inf'`` as a string is accepted as in torch."""
     p = _as_float(value, "norm_type")

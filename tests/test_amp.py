@@ -3,7 +3,8 @@ integration, and the fold into torch's fused optimizers.
 
 Everything runs on the CPU through every CPU backend (the reference, the Triton kernels in the
 interpreter, and the CUDA engine's CPU operators), against an fp64 oracle and against torch's own
-recipe (``scaler.unscale_`` + ``torch.nn.utils.clip_grad_norm_``) with ``torch.amp.GradScaler("cpu")``.
+recipe (``scaler.unscale_`` + ``torch.nn.utils.clip_grad_norm_``) with
+``torch.amp.GradScaler("cpu")``.
 The ``gpu`` tests repeat the training comparison on CUDA with the cuda and triton backends.
 """
 
@@ -53,7 +54,7 @@ def _expected(tensors, inv: float, max_norm: float, norm_type: float):
     return norm, [(w * coef).to(t.dtype) for w, t in zip(wide, tensors)]
 
 
-# ---- the fused passes against the oracle ----------------------------------------------------------
+# ---- the fused passes against the oracle ---------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", AMP_DTYPES, ids=str)
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 1.5])
@@ -174,7 +175,7 @@ def test_op_argument_checks(cpu_backend):
     assert_bitwise_equal(tensors, before)
 
 
-# ---- GradScaler integration ------------------------------------------------------------------------
+# ---- GradScaler integration ----------------------------------------------------------------------
 
 def _model(seed=0, width=32):
     torch.manual_seed(seed)
@@ -301,7 +302,7 @@ def test_clipping_grad_scaler_method(cpu_backend):
 
 
 def test_subset_clip_unscales_the_rest(cpu_backend):
-    """parameters a subset of the optimizer's: the rest is unscaled (not clipped), as by unscale_."""
+    """parameters a subset of the optimizer's: the rest is unscaled, not clipped, as by unscale_."""
     (m0, _, _, n0), (m1, _, _, n1) = _recipe_twins(
         cpu_backend, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), clip_all=False)
     torch.testing.assert_close(n1, n0, rtol=1e-5, atol=0)
@@ -500,7 +501,7 @@ def test_no_gradients(cpu_backend):
         scaler.step(opt)
 
 
-# ---- the fold into fused optimizers ----------------------------------------------------------------
+# ---- the fold into fused optimizers --------------------------------------------------------------
 
 FUSED_OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
@@ -614,7 +615,7 @@ def test_fold_after_a_skipped_iteration_does_not_compound(cpu_backend):
     opt = FUSED_OPTIMIZERS["adamw"](model.parameters())
     scaler = _scaler()
     handed = []
-    for step in range(2):
+    for _ in range(2):
         opt.zero_grad()
         _backward(model, scaler, 0)
         fusedclip.clip_grad_norm_(model.parameters(), 0.05, scaler=scaler, optimizer=opt,
@@ -659,7 +660,7 @@ def test_fold_hook_leaves_other_step_hooks_alone(cpu_backend):
         fusedclip.clip_grad_norm_(model.parameters(), 0.05, optimizer=opt,
                                   fold_into_optimizer=True, backend=cpu_backend)
         if step == 0:
-            opt.register_step_post_hook(lambda o, a, k: calls.append(step))
+            opt.register_step_post_hook(lambda o, a, k: calls.append(len(calls)))
         opt.step()
         assert not hasattr(opt, "grad_scale")
     assert calls == [0, 1, 2]
@@ -704,7 +705,7 @@ def test_fold_refusals(case):
     assert not hasattr(opt, "grad_scale")
 
 
-# ---- end to end: tens of steps of fp16 AMP training ------------------------------------------------
+# ---- end to end: tens of steps of fp16 AMP training ----------------------------------------------
 
 OPTIMIZERS = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), False),
@@ -779,7 +780,7 @@ def test_training_comparison_can_fail():
         _assert_same_training(ref, control)
 
 
-# ---- GPU ---------------------------------------------------------------------------------------------
+# ---- GPU -----------------------------------------------------------------------------------------
 
 def _gpu_backends():
     return [name for name in ("cuda", "triton") if fusedclip.available_backends()[name].available]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,9 @@ def test_reference_rows_report_the_true_norm(results: tuple[dict, Path, str]) ->
     rows = [r for r in results[0]["rows"] if r["implementation"] == "fusedclip-reference"]
     assert rows
     for r in rows:
+        if r["scenario"] in ("per-tensor", "value", "agc"):  # no global norm to report
+            assert math.isnan(r["reported_norm"])
+            continue
         assert r["reported_norm"] == pytest.approx(r["true_norm"], rel=1e-2)  # bf16 rounding
 
 
