@@ -56,7 +56,9 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
     });
   }
   Partial total{0.0, 0.0};
-  for (const Partial& part : partials) total = combine(total, part, r.p, kind);
+  if (r.wants_total()) {
+    for (const Partial& part : partials) total = combine(total, part, r.p, kind);
+  }
   const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
   const Finished f = finish_total(total, r.p, kind, r.max_norm, r.mode, inv);
   const double norm = f.norm;
@@ -102,7 +104,9 @@ void clamp_pass_cpu(const Plan& plan, double clip_value) {
       for (int64_t chunk = g.chunk_lo; chunk < g.chunk_hi; ++chunk) {
         const ChunkSpan span = table.span(chunk);
         scalar_t* data = table.data<scalar_t>(span.tensor);
-        for (int64_t k = span.begin; k < span.end; ++k) data[k] = clamped(data[k], bound);
+        for (int64_t k = span.begin; k < span.end; ++k) {
+          data[k] = clamped<false>(data[k], bound);
+        }
       }
     });
   }

@@ -123,6 +123,7 @@ __device__ void store_as(void* dst, double v) {
 
 // Run by the last block only: combine every chunk partial and write the outputs.
 __device__ void finish(const Pass1Args& a, NormKind kind) {
+  if (!a.out.wants_total()) return;  // the same for every thread of the block
   const double p = a.out.p;
   Partial acc{0.0, 0.0};
   for (int64_t c = threadIdx.x; c < a.table.num_chunks; c += kBlockThreads) {

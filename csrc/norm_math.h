@@ -162,15 +162,27 @@ FUSEDCLIP_HD double bound_as<double>(double v) {
   return v;
 }
 
-// x clamped to [-b, b], b exactly representable in T, as torch's clamp_min then clamp_max: NaN
-// stays NaN and an element inside the bounds keeps its bits.
-template <typename T>
+// x clamped to [-b, b], b exactly representable in T, as torch's clip_grad_value_ does it on each
+// device (clamp_min, then clamp_max): NaN stays NaN and an element inside the bounds keeps its
+// bits. The devices differ only in the sign of a zero result when b is 0: torch's CPU kernels
+// keep x where it equals a bound (a negative x gives -0.0), its CUDA foreach kernels take the
+// bound (every result is +0.0); kCudaRule selects the latter.
+template <bool kCudaRule, typename T>
 FUSEDCLIP_HD T clamped(T x, double b) {
   using M = math_t<T>;
   const M v = static_cast<M>(x), hi = static_cast<M>(b);
-  if (v < -hi) return static_cast<T>(-hi);
-  if (v > hi) return static_cast<T>(hi);
-  return x;
+  if constexpr (kCudaRule) {
+    // maximum(x, -b), then minimum(., b), with the operands in torch's CUDA foreach order.
+    const bool nan = v != v;
+    const M low = (nan || v > -hi) ? v : -hi;
+    if (nan) return x;
+    if (!(low < hi)) return static_cast<T>(hi);
+    return low == v ? x : static_cast<T>(low);
+  } else {
+    if (v < -hi) return static_cast<T>(-hi);
+    if (v > hi) return static_cast<T>(hi);
+    return x;
+  }
 }
 
 }  // namespace fusedclip

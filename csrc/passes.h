@@ -43,6 +43,10 @@ struct NormRequest {
   // norms of the parameters' units.
   double agc_eps = 0.0;
   double agc_clip_factor = 1.0;
+
+  // Whether any total (over all tensors) is asked for: per-tensor clipping and AGC ask for none,
+  // and the combination of every chunk partial in one block is then skipped.
+  FUSEDCLIP_HD bool wants_total() const { return norm || coef || norm_out || found_inf; }
 };
 
 // Tensor t's outputs of pass 1 from its (unscaled) norm: the norm and, for per-tensor clipping,

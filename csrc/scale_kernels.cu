@@ -39,14 +39,15 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // Value clipping: every element clamped to [-bound, bound] in one read and one write (torch's
-// foreach path makes two: clamp_min, then clamp_max). bound is exact in T (bound_as).
+// foreach path makes two: clamp_min, then clamp_max), bitwise as torch's CUDA foreach kernels
+// (clamped<true>). bound is exact in T (bound_as).
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     clamp_kernel(const TableView table, int64_t chunk_lo, int64_t chunk_hi, double bound) {
   for (int64_t chunk = chunk_lo + blockIdx.x; chunk < chunk_hi; chunk += gridDim.x) {
     const ChunkSpan span = table.span(chunk);
     update_chunk(table.data<T>(span.tensor), span.begin, span.end,
-                 [bound](T x) { return clamped(x, bound); });
+                 [bound](T x) { return clamped<true>(x, bound); });
   }
 }
 

@@ -6,10 +6,14 @@ the threshold from the history on the device, and rescales (pass 2, nothing writ
 is under the threshold). No host synchronization: the history lives in device tensors and the
 only host state is the step count.
 
-- ``method="zscore"``, as in ZClip: exponential moving averages of the norm's mean and variance
-  (``alpha``). After ``warmup_steps``, a norm above ``mean + z_thresh * std`` is clipped to that
-  bound. The averages are then updated with the norm after clipping, so a spike does not inflate
-  them; non-finite norms leave them unchanged.
+- ``method="zscore"``, ZClip's rule: the first ``warmup_steps`` norms are only recorded; their
+  mean and (population) variance start exponential moving averages (``alpha``). Then a norm whose
+  z-score ``(norm - mean) / (std + 1e-6)`` exceeds ``z_thresh`` is clipped to
+  ``mean + z_thresh * std / (z / z_thresh)`` (ZClip's default "adaptive scaling"; with
+  ``clip_option="mean"``, to the mean), and the averages are updated with the norm after clipping
+  (``mean <- alpha * mean + (1 - alpha) * x``, ``var <- alpha * var + (1 - alpha) * (x - mean)^2``),
+  so a spike does not inflate them. Non-finite norms are left out of the warmup statistics and
+  of the updates (ZClip does not handle them).
 - ``method="percentile"``, as in AutoClip: the ``percentile``-th percentile of the last ``window``
   total norms (the current one included, non-finite ones left out) is the threshold.
 """
@@ -56,7 +60,8 @@ class AutoClipper:
         *,
         z_thresh: float = 2.5,
         alpha: float = 0.97,
-        warmup_steps: int = 25,
+        clip_option: str = "adaptive_scaling",
+        warmup_steps: int | None = None,
         percentile: float = 10.0,
         window: int = 1000,
         norm_type: float = 2.0,
@@ -65,17 +70,23 @@ class AutoClipper:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be 'zscore' or 'percentile', got {method!r}")
+        if warmup_steps is None:  # ZClip's default; AutoClip clips from the second step on
+            warmup_steps = 25 if method == "zscore" else 1
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(
+                f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
         if not z_thresh > 0:
             raise ValueError(f"z_thresh must be > 0, got {z_thresh}")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if warmup_steps < 0 or window < 1:
+        if warmup_steps < 1 or window < 1:
             raise ValueError(
-                f"need warmup_steps >= 0 and window >= 1, got {warmup_steps} and {window}")
+                f"need warmup_steps >= 1 and window >= 1, got {warmup_steps} and {window}")
         if not 0 <= percentile <= 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         self.params = collect_tensors(parameters, name="parameters")
         self.method, self.z_thresh, self.alpha = method, float(z_thresh), float(alpha)
+        self.clip_option = clip_option
         self.warmup_steps, self.percentile, self.window = warmup_steps, float(percentile), window
         self.norm_type = as_norm_type(norm_type)
         self.soft = as_soft(mode)
@@ -89,40 +100,54 @@ class AutoClipper:
         if not self._state:
             f64 = dict(dtype=torch.float64, device=device)
             if self.method == "zscore":
-                self._state = {"mean": torch.zeros((), **f64), "var": torch.zeros((), **f64)}
+                self._state = {"mean": torch.zeros((), **f64), "var": torch.zeros((), **f64),
+                               "warmup": torch.full((self.warmup_steps,), math.nan, **f64)}
             else:
                 self._state = {"history": torch.full((self.window,), math.nan, **f64)}
             self._state["threshold"] = torch.full((), math.inf, **f64)
+        elif self._state["threshold"].device != device:  # e.g. loaded with map_location="cpu"
+            self._state = {k: v.to(device) for k, v in self._state.items()}
         return self._state
 
     @property
     def threshold(self) -> Tensor | None:
-        """The last step's threshold (fp64, on the device; inf while warming up)."""
+        """The last step's threshold (fp64, on the device; inf where it did not clip)."""
         return self._state.get("threshold")
 
-    def _threshold(self, state: dict[str, Tensor], norm: Tensor) -> Tensor:
-        if self.method == "percentile":
-            history = state["history"]
-            history[self.steps % self.window] = torch.where(torch.isfinite(norm), norm, math.nan)
-            if self.steps < self.warmup_steps:
-                return torch.full_like(norm, math.inf)
-            threshold = torch.nanquantile(history, self.percentile / 100)
-            return torch.where(torch.isnan(threshold), math.inf, threshold)
-        if self.steps < max(self.warmup_steps, 1):
+    def _percentile(self, state: dict[str, Tensor], norm: Tensor) -> Tensor:
+        history = state["history"]
+        history[self.steps % self.window] = torch.where(torch.isfinite(norm), norm, math.nan)
+        if self.steps < self.warmup_steps:
             return torch.full_like(norm, math.inf)
-        return state["mean"] + self.z_thresh * state["var"].sqrt()
+        threshold = torch.nanquantile(history, self.percentile / 100)
+        return torch.where(torch.isnan(threshold), math.inf, threshold)
 
-    def _update_zscore(self, state: dict[str, Tensor], norm: Tensor, threshold: Tensor) -> None:
-        seen = torch.minimum(norm, threshold)  # the norm after clipping
-        finite = torch.isfinite(seen)
-        if self.steps == 0:
-            mean, var = seen, torch.zeros_like(seen)
+    def _zscore(self, state: dict[str, Tensor], norm: Tensor) -> Tensor:
+        """This step's threshold (inf: no clipping), updating the statistics."""
+        finite = torch.isfinite(norm)
+        if self.steps < self.warmup_steps:
+            warmup = state["warmup"]
+            warmup[self.steps] = torch.where(finite, norm, math.nan)
+            if self.steps == self.warmup_steps - 1:
+                mean = warmup.nanmean()
+                state["mean"].copy_(mean)
+                state["var"].copy_((warmup - mean).square().nanmean())
+            return torch.full_like(norm, math.inf)
+        mean, var = state["mean"], state["var"]
+        std = var.sqrt()
+        z = (norm - mean) / (std + 1e-6)
+        spike = z > self.z_thresh
+        if self.clip_option == "mean":
+            bound = mean
         else:
-            delta = seen - state["mean"]
-            mean = state["mean"] + (1 - self.alpha) * delta
-            var = self.alpha * (state["var"] + (1 - self.alpha) * delta * delta)
-        state["mean"].copy_(torch.where(finite, mean, state["mean"]))
-        state["var"].copy_(torch.where(finite, var, state["var"]))
+            bound = mean + self.z_thresh * std / (z / self.z_thresh)
+        threshold = torch.where(spike, bound, math.inf)
+        seen = torch.where(spike, bound, norm)  # the norm after clipping
+        new_mean = self.alpha * mean + (1 - self.alpha) * seen
+        new_var = self.alpha * var + (1 - self.alpha) * (seen - new_mean).square()
+        mean.copy_(torch.where(finite, new_mean, mean))
+        var.copy_(torch.where(finite, new_var, var))
+        return threshold
 
     # ---- stepping --------------------------------------------------------------------------------
 
@@ -137,10 +162,15 @@ class AutoClipper:
         impl = backends.select(self.backend, grads)
         norm = impl.total_norm(grads, self.norm_type)
         state = self._tensors(norm.device)
-        threshold = self._threshold(state, norm)
-        impl.scale_(grads, reference.clip_coef(threshold, norm, self.soft))
         if self.method == "zscore":
-            self._update_zscore(state, norm, threshold)
+            threshold = self._zscore(state, norm)
+            # ZClip scales only a norm above its threshold: by threshold / (norm + 1e-6).
+            coef = (reference.clip_coef(threshold, norm, True) if self.soft else
+                    torch.where(norm > threshold, threshold / (norm + 1e-6), 1.0))
+        else:
+            threshold = self._percentile(state, norm)
+            coef = reference.clip_coef(threshold, norm, self.soft)
+        impl.scale_(grads, coef)
         state["threshold"].copy_(threshold)
         self.steps += 1
         return norm.to(norm_result_dtype(grads))
@@ -151,9 +181,10 @@ class AutoClipper:
         """The history and settings: tensors stay on their device, as an optimizer's do."""
         return {
             "method": self.method, "steps": self.steps, "z_thresh": self.z_thresh,
-            "alpha": self.alpha, "warmup_steps": self.warmup_steps,
-            "percentile": self.percentile, "window": self.window, "norm_type": self.norm_type,
-            "soft": self.soft, "state": dict(self._state),
+            "alpha": self.alpha, "clip_option": self.clip_option,
+            "warmup_steps": self.warmup_steps, "percentile": self.percentile,
+            "window": self.window, "norm_type": self.norm_type, "soft": self.soft,
+            "state": {k: v.clone() for k, v in self._state.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -162,8 +193,8 @@ class AutoClipper:
                 f"state_dict is for method {state_dict['method']!r}, this clipper uses "
                 f"{self.method!r}"
             )
-        for key in ("z_thresh", "alpha", "warmup_steps", "percentile", "window", "norm_type",
-                    "soft"):
+        for key in ("z_thresh", "alpha", "clip_option", "warmup_steps", "percentile", "window",
+                    "norm_type", "soft"):
             setattr(self, key, state_dict[key])
         self.steps = int(state_dict["steps"])
         self._state = {k: v.clone() for k, v in state_dict["state"].items()}

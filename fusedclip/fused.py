@@ -229,15 +229,21 @@ class FusedOps:
         order: dict[torch.device, list[int]] = {}
         for i, t in enumerate(tensors):
             order.setdefault(t.device, []).append(i)
-        norms = torch.empty(len(tensors), dtype=torch.float64, device=first)
+        per_device = []
         for device, idx in order.items():
             limits = _to_device(max_norms[idx].to(torch.float64).contiguous(), device)
             per = self._in_place(
                 [tensors[i] for i in idx],
                 lambda staged, limits=limits: self._clip_per_tensor(staged, limits, norm_type,
                                                                     soft))
-            norms[idx] = per.to(first)
-        return norms
+            per_device.append((idx, per))
+        if len(per_device) == 1:
+            return per_device[0][1]
+        # Several devices: concatenated in device order, then put back in the tensors' order by
+        # a permutation built on the device (a host index would be a blocking copy).
+        merged = torch.cat([per.to(first, non_blocking=True) for _, per in per_device])
+        where = _to_device(torch.tensor([i for idx, _ in per_device for i in idx]), first)
+        return torch.empty_like(merged).index_copy_(0, where, merged)
 
     def adaptive_clip_(
         self, grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float,

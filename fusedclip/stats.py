@@ -62,19 +62,22 @@ class StatsWindow:
         self._rows: list[Tensor] = []
 
     def add(self, stats: ClipStats) -> dict[str, float] | None:
-        """Keep this step's stats (on the device); the summary when the window is full."""
-        row = torch.stack([stats.total_norm.double(), stats.clip_coef.double(),
-                           stats.clipped.double(), stats.nonfinite.double()])
-        if self._rows and row.device != self._rows[0].device:
-            row = row.to(self._rows[0].device, non_blocking=True)
-        self._rows.append(row)
+        """Keep this step's stats (on their device); the summary when the window is full."""
+        self._rows.append(torch.stack([stats.total_norm.double(), stats.clip_coef.double(),
+                                       stats.clipped.double(), stats.nonfinite.double()]))
         return self.summary() if len(self._rows) >= self.every else None
 
     def summary(self) -> dict[str, float]:
-        """The window so far as plain floats (one device-to-host transfer), then an empty one."""
+        """The window so far as plain floats (one device-to-host transfer per device the rows
+        are on: one, normally), then an empty window."""
         if not self._rows:
             return {}
-        window = torch.stack(self._rows).cpu()
+        on: dict[torch.device, list[int]] = {}
+        for i, row in enumerate(self._rows):
+            on.setdefault(row.device, []).append(i)
+        window = torch.empty(len(self._rows), 4, dtype=torch.float64)
+        for idx in on.values():
+            window[idx] = torch.stack([self._rows[i] for i in idx]).cpu()
         self._rows = []
         norms, coefs, clipped, nonfinite = window.unbind(1)
         finite = norms[torch.isfinite(norms)]

@@ -234,6 +234,7 @@ class Request:
     max_norms: Tensor | None = None
     per_tensor_coef: bool = False
     adaptive: tuple[float, float] | None = None  # (eps, clip_factor): max_norms are unit norms
+    totals: bool = True  # the norm and coefficient over all tensors (finish); else left unset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,11 +288,13 @@ def _norm_pass(plan: Plan, req: Request) -> Pass1:
     inv_ptr = req.inv_scale if unscale else partials
     found_ptr = req.found_inf if req.found_inf is not None else partials
     max_norm_bits = _f64_bits(req.max_norm)
-    norm_k.finish[(1,)](
-        partials, plan.num_chunks, p_bits, max_norm_bits, norm, coef, out, inv_ptr,
-        found_ptr, KIND=kind, OUT_DT=tl_dtype[req.out_dtype], FBLOCK=norm_k.FBLOCK,
-        UNSCALE=unscale, FLAG=req.found_inf is not None, MODE=int(req.soft), num_warps=_NUM_WARPS,
-    )
+    if req.totals:
+        norm_k.finish[(1,)](
+            partials, plan.num_chunks, p_bits, max_norm_bits, norm, coef, out, inv_ptr,
+            found_ptr, KIND=kind, OUT_DT=tl_dtype[req.out_dtype], FBLOCK=norm_k.FBLOCK,
+            UNSCALE=unscale, FLAG=req.found_inf is not None, MODE=int(req.soft),
+            num_warps=_NUM_WARPS,
+        )
     coefs_wanted = req.max_norms is not None or req.per_tensor_coef
     n = plan.num_tensors
     per = torch.empty(n if req.per_tensor or coefs_wanted else 0, **f64)
@@ -329,9 +332,10 @@ def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
             )
 
 
-def clamp_pass(plan: Plan, clip_value: float) -> None:
+def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> None:
     """Value clipping: every element clamped to [-clip_value, clip_value] in place, the bound
-    rounded to each group's dtype as torch rounds a Python bound."""
+    rounded to each group's dtype as torch rounds a Python bound, bitwise as torch's kernels on
+    the plan's device (``cuda_rule``: force the CUDA ones' zero signs, for tests)."""
     if not clip_value >= 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
     norm_k, scale_k, chunk, tl_dtype = _kernels()
@@ -341,6 +345,7 @@ def clamp_pass(plan: Plan, clip_value: float) -> None:
             scale_k.clamp[(g.chunk_hi - g.chunk_lo,)](
                 plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound),
                 DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
+                CUDA_RULE=plan.device.type == "cuda" if cuda_rule is None else cuda_rule,
                 num_warps=_NUM_WARPS,
             )
 
@@ -395,7 +400,7 @@ def _clip_per_tensor_op(
     tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool
 ) -> Tensor:
     plan = plan_for(tensors)
-    r = norm_pass(plan, Request(norm_type, soft=soft, max_norms=max_norms))
+    r = norm_pass(plan, Request(norm_type, soft=soft, max_norms=max_norms, totals=False))
     scale_pass(plan, r.per_tensor_coef, per_tensor=True)
     return r.per_tensor
 
@@ -411,6 +416,8 @@ def _adaptive_clip_op(
 ) -> None:
     if len(grads) != len(params):
         raise ValueError(f"{len(grads)} gradients but {len(params)} parameters")
+    if not (clip_factor >= 0 and eps >= 0):
+        raise ValueError(f"clip_factor and eps must be >= 0, got {clip_factor} and {eps}")
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.shape != p.shape or not (g.is_contiguous() and p.is_contiguous()):
             raise ValueError(f"gradient {i} and its parameter must have one shape and be "
@@ -418,9 +425,9 @@ def _adaptive_clip_op(
     if not any(g.numel() for g in grads):
         return
     grad_plan, param_plan = plan_for(grads, units=True), plan_for(params, units=True)
-    of_params = norm_pass(param_plan, Request(norm_type, per_tensor=True))
+    of_params = norm_pass(param_plan, Request(norm_type, per_tensor=True, totals=False))
     of_grads = norm_pass(grad_plan, Request(norm_type, max_norms=of_params.per_tensor,
-                                            adaptive=(eps, clip_factor)))
+                                            adaptive=(eps, clip_factor), totals=False))
     scale_pass(grad_plan, of_grads.per_tensor_coef, per_tensor=True)
 
 

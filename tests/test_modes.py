@@ -56,6 +56,31 @@ def test_clip_grad_value_bitwise_torch(cpu_backend, dtype, clip_value, layout):
     assert_bitwise_equal(grads(params), grads(twin))
 
 
+def _torch_cuda_clamp(x: torch.Tensor, v: float) -> torch.Tensor:
+    """torch's CUDA foreach clamp_min then clamp_max, emulated on the CPU: the bound in the
+    compute type (fp32 for 16-bit dtypes), ``maximum(a, b) = a if isnan(a) or a > b else b`` and
+    ``minimum`` likewise, so a tie takes the bound (with bound 0, every zero is +0.0)."""
+    op = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a, lo, hi = x.to(op), torch.tensor(-v, dtype=op), torch.tensor(v, dtype=op)
+    m = torch.where(a.isnan() | (a > lo), a, lo)
+    return torch.where(m.isnan() | (m < hi), m, hi).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clip_value", [0.0, 1.005, 0.5])
+def test_clamp_cuda_rule_in_the_interpreter(dtype, clip_value):
+    """The Triton kernel's CUDA variant (what runs on a GPU) against torch's CUDA rule."""
+    from fusedclip import triton_backend
+
+    if not triton_backend.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    tensors = random_tensors([70001, 5], dtype, seed=21)
+    tensors[1].copy_(torch.tensor([math.inf, -math.nan, -0.0, 0.0, -1.0], dtype=torch.float64))
+    expected = [_torch_cuda_clamp(t, clip_value) for t in tensors]
+    triton_backend.clamp_pass(triton_backend.plan_for(tensors), clip_value, cuda_rule=True)
+    assert_bitwise_equal(tensors, expected)
+
+
 def test_clip_grad_value_many_mixed(cpu_backend):
     fp32 = make_params([(n % 23,) for n in range(150)], seed=3)
     bf16 = make_params([(n % 29,) for n in range(150)], torch.bfloat16, seed=4)
@@ -252,21 +277,27 @@ def _norm_sequence():
     return scales
 
 
-def _host_zscore(norms, z, alpha, warmup):
-    """ZClip's rule in plain Python floats: the thresholds and the norms after clipping."""
-    mean = var = 0.0
-    out = []
-    for i, n in enumerate(norms):
-        thr = math.inf if i < max(warmup, 1) else mean + z * math.sqrt(var)
-        seen = min(n, thr)
-        if math.isfinite(seen):
-            if i == 0:
-                mean, var = seen, 0.0
-            else:
-                d = seen - mean
-                mean += (1 - alpha) * d
-                var = alpha * (var + (1 - alpha) * d * d)
+def _host_zscore(norms, z_thresh, alpha, warmup):
+    """ZClip's published rule (adaptive scaling) in plain Python floats: the threshold of every
+    step (inf where it does not clip)."""
+    out, buffer, mean, var = [], [], None, None
+    for n in norms:
+        if mean is None:
+            if math.isfinite(n):
+                buffer.append(n)
+            if len(out) == warmup - 1:
+                mean = sum(buffer) / len(buffer)
+                var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+            out.append(math.inf)
+            continue
+        std = math.sqrt(var)
+        z = (n - mean) / (std + 1e-6)
+        thr = mean + z_thresh * std / (z / z_thresh) if z > z_thresh else math.inf
         out.append(thr)
+        if math.isfinite(n):
+            x = min(n, thr)
+            mean = alpha * mean + (1 - alpha) * x
+            var = alpha * var + (1 - alpha) * (x - mean) ** 2
     return out
 
 
@@ -300,6 +331,8 @@ def test_auto_clipper_thresholds(cpu_backend, method):
         after = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
         if math.isfinite(norms[-1]):
             assert after <= min(norms[-1], thresholds[-1]) * (1 + 1e-5)
+            if thresholds[-1] == math.inf:
+                assert after == pytest.approx(norms[-1], rel=1e-12)  # untouched
     want = (_host_zscore(norms, 2.5, 0.97, 5) if method == "zscore"
             else _host_percentile(norms, 10.0, 16, 5))
     torch.testing.assert_close(torch.tensor(thresholds, dtype=torch.float64),
@@ -328,10 +361,15 @@ def test_auto_clipper_state_dict(method):
     with pytest.raises(ValueError, match="method"):
         fusedclip.AutoClipper(params, "zscore" if method != "zscore" else "percentile") \
             .load_state_dict(saved)
+    kept = {k: v.clone() for k, v in saved["state"].items()}
+    params[0].grad = base * 3.0
+    first.step()  # a saved state_dict is a snapshot, not a view of the live history
+    assert all(torch.equal(kept[k], v) for k, v in saved["state"].items())
 
 
 @pytest.mark.parametrize("kwargs", [dict(method="median"), dict(alpha=1.0), dict(z_thresh=0),
-                                    dict(percentile=120), dict(window=0)])
+                                    dict(percentile=120), dict(window=0), dict(warmup_steps=0),
+                                    dict(clip_option="max")])
 def test_auto_clipper_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         fusedclip.AutoClipper(make_params([(3,)]), **kwargs)
@@ -383,9 +421,11 @@ def test_modes_cuda_match_reference(backend, dtype):
                 torch.testing.assert_close(g, e, rtol=2 * clip_rtol(dtype), atol=0)
             continue
         if run == "value":
-            fusedclip.clip_grad_value_(mine, 0.3, backend=backend)
-            torch.nn.utils.clip_grad_value_(ref, 0.3)
-            assert_bitwise_equal(grads(mine), grads(ref))
+            for bound in (0.3, 0.0, 1.005):  # 0: torch's CUDA kernels give +0.0 everywhere
+                mine, ref = clone_params(params), clone_params(params)
+                fusedclip.clip_grad_value_(mine, bound, backend=backend)
+                torch.nn.utils.clip_grad_value_(ref, bound)
+                assert_bitwise_equal(grads(mine), grads(ref))
             continue
         if run == "soft":
             a = fusedclip.clip_grad_norm_(mine, 1.0, mode="soft", backend=backend)

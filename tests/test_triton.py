@@ -280,9 +280,9 @@ def test_kernels_compile_for_sm90():
         ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile})
         cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64"}
         for dt in (tl.bfloat16, tl.float16, tl.float32):
-            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, **tile})
+            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, "CUDA_RULE": True, **tile})
             assert "st.global.v4" in code and "ld.global.v4" in code, dt
-        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, **tile})
+        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, "CUDA_RULE": True, **tile})
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -51,9 +51,11 @@ def scale(
 
 
 @triton.jit
-def _clamped(x, bound, DT: tl.constexpr):
-    """x clamped to [-bound, bound] (bound exact in DT) as torch's clamp_min then clamp_max: NaN
-    stays NaN and an element inside the bounds keeps its bits."""
+def _clamped(x, bound, DT: tl.constexpr, CUDA_RULE: tl.constexpr):
+    """x clamped to [-bound, bound] (bound exact in DT) as torch's clamp_min then clamp_max on
+    the tensors' device: NaN stays NaN and an element inside the bounds keeps its bits. With bound
+    0 torch's CPU kernels give -0.0 for negative elements, its CUDA foreach kernels +0.0 for all
+    (CUDA_RULE); csrc/norm_math.h clamped."""
     if DT == tl.float64:
         v = x
         hi = bound
@@ -64,13 +66,21 @@ def _clamped(x, bound, DT: tl.constexpr):
     # into +0, not -0, and torch clamps to -0.0 when clip_value is 0.
     top = hi.to(DT)
     bottom = (-hi).to(DT)
-    return tl.where(v < -hi, bottom, tl.where(v > hi, top, x))
+    if CUDA_RULE:
+        # minimum(maximum(x, -bound), bound) with torch's CUDA operand order: a tie takes the bound
+        y = tl.where((v != v) | (v > -hi), x, bottom)
+        w = tl.where(v != v, v, tl.where(v > -hi, v, -hi))
+        y = tl.where((w != w) | (w < hi), y, top)
+    else:
+        y = tl.where(v < -hi, bottom, tl.where(v > hi, top, x))
+    return y
 
 
 @triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "bound_bits"])
 def clamp(
     table, n_tensors, chunk_lo, bound_bits,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CUDA_RULE: tl.constexpr,
 ):
     """Value clipping: one read and one write of each element of the chunk (torch's foreach path
     makes two passes, clamp_min then clamp_max). bound_bits: the fp64 bits of the bound, already
@@ -81,8 +91,8 @@ def clamp(
     for i in range(0, CHUNK, BLOCK):
         idx = begin + i + offs
         if i + BLOCK <= n:
-            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, DT))
+            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, DT, CUDA_RULE))
         elif i < n:
             mask = i + offs < n
             x = tl.load(ptr + idx, mask=mask, other=0.0)
-            tl.store(ptr + idx, _clamped(x, bound, DT), mask=mask)
+            tl.store(ptr + idx, _clamped(x, bound, DT, CUDA_RULE), mask=mask)
