@@ -343,7 +343,7 @@ def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> 
         for g in plan.groups:
             bound = float(torch.tensor(clip_value, dtype=g.dtype))
             scale_k.clamp[(g.chunk_hi - g.chunk_lo,)](
-                plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound),
+                plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound), _f64_bits(-bound),
                 DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=chunk, BLOCK=norm_k.BLOCK,
                 CUDA_RULE=plan.device.type == "cuda" if cuda_rule is None else cuda_rule,
                 num_warps=_NUM_WARPS,

@@ -278,7 +278,8 @@ def test_kernels_compile_for_sm90():
                                          "PER_TENSOR": per_tensor, **tile})
             assert "st.global.v4" in code and "ld.global.v4" in code
         ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile})
-        cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64"}
+        cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64",
+              "neg_bound_bits": "i64"}
         for dt in (tl.bfloat16, tl.float16, tl.float32):
             code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, "CUDA_RULE": True, **tile})
             assert "st.global.v4" in code and "ld.global.v4" in code, dt

@@ -51,48 +51,51 @@ def scale(
 
 
 @triton.jit
-def _clamped(x, bound, DT: tl.constexpr, CUDA_RULE: tl.constexpr):
-    """x clamped to [-bound, bound] (bound exact in DT) as torch's clamp_min then clamp_max on
-    the tensors' device: NaN stays NaN and an element inside the bounds keeps its bits. With bound
-    0 torch's CPU kernels give -0.0 for negative elements, its CUDA foreach kernels +0.0 for all
-    (CUDA_RULE); csrc/norm_math.h clamped."""
+def _clamped(x, bound, neg_bound, DT: tl.constexpr, CUDA_RULE: tl.constexpr):
+    """x clamped to [neg_bound, bound] (both exact in DT, neg_bound = -bound) as torch's clamp_min
+    then clamp_max on the tensors' device: NaN stays NaN and an element inside the bounds keeps
+    its bits. With bound 0 torch's CPU kernels give -0.0 for negative elements, its CUDA foreach
+    kernels +0.0 for all (CUDA_RULE); csrc/norm_math.h clamped."""
+    # Both bounds come from the host as they are: Triton's interpreters have negated a +0 into
+    # +0 (bf16 in 3.8, fp32 in 3.6), where torch clamps to -0.0.
     if DT == tl.float64:
         v = x
         hi = bound
+        lo = neg_bound
     else:
         v = x.to(tl.float32)
         hi = bound.to(tl.float32)
-    # Both bounds converted from the wider type (exact): Triton's interpreter negates a bf16 +0
-    # into +0, not -0, and torch clamps to -0.0 when clip_value is 0.
+        lo = neg_bound.to(tl.float32)
     top = hi.to(DT)
-    bottom = (-hi).to(DT)
+    bottom = lo.to(DT)
     if CUDA_RULE:
-        # minimum(maximum(x, -bound), bound) with torch's CUDA operand order: a tie takes the bound
-        y = tl.where((v != v) | (v > -hi), x, bottom)
-        w = tl.where(v != v, v, tl.where(v > -hi, v, -hi))
+        # minimum(maximum(x, lo), hi) with torch's CUDA operand order: a tie takes the bound
+        y = tl.where((v != v) | (v > lo), x, bottom)
+        w = tl.where(v != v, v, tl.where(v > lo, v, lo))
         y = tl.where((w != w) | (w < hi), y, top)
     else:
-        y = tl.where(v < -hi, bottom, tl.where(v > hi, top, x))
+        y = tl.where(v < lo, bottom, tl.where(v > hi, top, x))
     return y
 
 
-@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "bound_bits"])
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "bound_bits", "neg_bound_bits"])
 def clamp(
-    table, n_tensors, chunk_lo, bound_bits,
+    table, n_tensors, chunk_lo, bound_bits, neg_bound_bits,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     CUDA_RULE: tl.constexpr,
 ):
     """Value clipping: one read and one write of each element of the chunk (torch's foreach path
     makes two passes, clamp_min then clamp_max). bound_bits: the fp64 bits of the bound, already
-    rounded to DT as torch rounds a Python bound."""
+    rounded to DT as torch rounds a Python bound; neg_bound_bits: those of its negation."""
     bound = f64(bound_bits)
+    neg_bound = f64(neg_bound_bits)
     _, _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
     offs = tl.arange(0, BLOCK).to(tl.int64)
     for i in range(0, CHUNK, BLOCK):
         idx = begin + i + offs
         if i + BLOCK <= n:
-            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, DT, CUDA_RULE))
+            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, neg_bound, DT, CUDA_RULE))
         elif i < n:
             mask = i + offs < n
             x = tl.load(ptr + idx, mask=mask, other=0.0)
-            tl.store(ptr + idx, _clamped(x, bound, DT, CUDA_RULE), mask=mask)
+            tl.store(ptr + idx, _clamped(x, bound, neg_bound, DT, CUDA_RULE), mask=mask)
