@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from fusedclip import amp, backends
+from fusedclip import amp, backends, distributed, reference
 from fusedclip.inputs import (
     TensorOrTensors,
     as_norm_type,
@@ -59,15 +60,24 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """The norm of ``tensors`` viewed as one vector (like ``torch.nn.utils.get_total_norm``).
 
     Returns a 0-dim tensor on the first tensor's device with torch's dtype; ``tensor(0.)`` on the
-    CPU when ``tensors`` is empty.
+    CPU when ``tensors`` is empty. With ``process_group`` (``fusedclip.distributed``) the norm is
+    over the tensors of every rank of the group (every rank must call it; one with no tensors
+    gets an fp32 norm on the group's device).
     """
     items = collect_tensors(tensors, name="tensors")
     p = as_norm_type(norm_type)
     backends.check_name(backend)
+    if process_group is not None:
+        norm, _, result_dtype = _group_norm(items, p, backend, process_group)
+        norm = norm.to(result_dtype)
+        if error_if_nonfinite:
+            raise_if_nonfinite(norm, p)
+        return norm
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
@@ -110,6 +120,7 @@ def clip_grad_norm_(
     scaler: torch.amp.GradScaler | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     fold_into_optimizer: bool = False,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor | ClipStats:
     """Clip the global gradient norm in place; returns the norm before clipping.
 
@@ -137,6 +148,11 @@ def clip_grad_norm_(
     the gradients as they are and hands the factor that would unscale and clip them to the
     optimizer's next step (its ``grad_scale``): one read of the gradients in all. Until that step
     the gradients are neither unscaled nor clipped.
+
+    ``process_group`` (``fusedclip.distributed``): the gradients are this rank's share of a model
+    spread over the group (tensor or pipeline parallel); the norm is over every rank's gradients,
+    from one all-reduce of two values, and each rank clips its own. Every rank of the group must
+    call it, those without gradients too.
     """
     params = collect_tensors(
         parameters, name="parameters", warn_empty_generator=True, check_items=False
@@ -145,6 +161,16 @@ def clip_grad_norm_(
     p = as_norm_type(norm_type)
     soft = as_soft(mode)
     per_tensor = _stats_request(return_stats)
+    if process_group is not None:
+        if scaler is not None or optimizer is not None or fold_into_optimizer or return_stats:
+            raise ValueError(
+                "process_group= does not combine with scaler=, optimizer=, fold_into_optimizer= "
+                "or return_stats= yet"
+            )
+        check_tensor_items(params, "parameters")
+        backends.check_name(backend)
+        return _group_clip(grads_of(params), limit, p, error_if_nonfinite, backend, soft,
+                           process_group)
     if scaler is not None or optimizer is not None or fold_into_optimizer:
         backends.check_name(backend)
         if scaler is None and not fold_into_optimizer:
@@ -186,6 +212,31 @@ def clip_grad_norm_(
         norm, coef, per = impl.clip_stats_(grads, limit, p, soft, per_tensor)
         return ClipStats.of(norm, coef, result_dtype, per)
     return impl.clip_(grads, limit, p, soft=soft).to(result_dtype)
+
+
+def _group_norm(tensors, p, backend, group):
+    """(global fp64 norm, backend or None, torch's dtype for it) over every rank of ``group``;
+    a rank without tensors contributes a zero norm."""
+    if tensors:
+        check_grad_dtypes(tensors, "tensors")
+        impl = backends.select(backend, tensors)
+        local = impl.total_norm(tensors, p)
+        result_dtype = norm_result_dtype(tensors)
+    else:
+        impl, result_dtype = None, torch.float32
+        local = torch.zeros((), dtype=torch.float64, device=distributed.group_device(group))
+    return distributed.reduce_norm(local, p, group), impl, result_dtype
+
+
+def _group_clip(grads, limit, p, error_if_nonfinite, backend, soft, group) -> Tensor:
+    if grads:
+        check_writable_grads(grads)
+    norm, impl, result_dtype = _group_norm(grads, p, backend, group)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm.to(result_dtype), p)
+    if impl is not None:
+        impl.scale_(grads, reference.clip_coef(limit, norm, soft))
+    return norm.to(result_dtype)
 
 
 def _stats_request(return_stats: object) -> bool:
