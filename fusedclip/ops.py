@@ -14,19 +14,24 @@ from torch import Tensor
 
 from fusedclip import _extension
 
+
+def norm_outputs_like(tensors: list[Tensor], per_tensor: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1's outputs as fake implementations describe them (here and for the Triton custom
+    ops): fp64 norm and coefficient, 0-dim, and per-tensor norms (empty unless ``per_tensor``),
+    on the tensors' device."""
+    if not tensors:
+        raise RuntimeError("fusedclip: expected at least one tensor")
+    like = tensors[0].new_empty((), dtype=torch.float64)
+    per = tensors[0].new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float64)
+    return like, like.clone(), per
+
+
 if _extension.loaded():
 
     @torch.library.register_fake("fusedclip::scale_")
     def _scale_fake(tensors: list[Tensor], coef: Tensor) -> None:
         # In-place and returns nothing: there is no output to describe.
         return None
-
-    def _norm_outputs(tensors: list[Tensor], per_tensor: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if not tensors:
-            raise RuntimeError("fusedclip: expected at least one tensor")
-        like = tensors[0].new_empty((), dtype=torch.float64)
-        per = tensors[0].new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float64)
-        return like, like.clone(), per
 
     @torch.library.register_fake("fusedclip::total_norm")
     def _total_norm_fake(
@@ -38,7 +43,7 @@ if _extension.loaded():
         found_inf: Tensor | None = None,
         soft: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _norm_outputs(tensors, per_tensor)
+        return norm_outputs_like(tensors, per_tensor)
 
     @torch.library.register_fake("fusedclip::clip_")
     def _clip_fake(
@@ -50,14 +55,14 @@ if _extension.loaded():
         found_inf: Tensor | None = None,
         soft: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        norm, _, per = _norm_outputs(tensors, per_tensor)
+        norm, _, per = norm_outputs_like(tensors, per_tensor)
         return norm, per
 
     @torch.library.register_fake("fusedclip::clip_per_tensor_")
     def _clip_per_tensor_fake(
         tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool
     ) -> Tensor:
-        return _norm_outputs(tensors, True)[2]
+        return norm_outputs_like(tensors, True)[2]
 
     @torch.library.register_fake("fusedclip::adaptive_clip_")
     def _adaptive_clip_fake(

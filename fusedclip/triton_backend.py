@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fusedclip import _extension
 from fusedclip.fused import FusedOps
+from fusedclip.ops import norm_outputs_like
 
 __all__ = [
     "adaptive_clip_", "clamp_", "clip_", "clip_params", "clip_per_tensor_", "clip_stats_",
@@ -369,9 +370,7 @@ def _total_norm_op(
 
 @_total_norm_op.register_fake
 def _(tensors, norm_type, max_norm, per_tensor, inv_scale=None, found_inf=None, soft=False):
-    like = tensors[0].new_empty((), dtype=torch.float64)
-    return like, like.clone(), tensors[0].new_empty((len(tensors) if per_tensor else 0,),
-                                                    dtype=torch.float64)
+    return norm_outputs_like(tensors, per_tensor)
 
 
 @torch.library.custom_op("fusedclip::triton_clip_", mutates_args=("tensors", "found_inf"))
@@ -392,7 +391,7 @@ def _clip_op(
 
 @_clip_op.register_fake
 def _(tensors, max_norm, norm_type, inv_scale=None, found_inf=None, soft=False):
-    return tensors[0].new_empty((), dtype=torch.float64)
+    return norm_outputs_like(tensors, False)[0]
 
 
 @torch.library.custom_op("fusedclip::triton_clip_per_tensor_", mutates_args=("tensors",))
@@ -407,7 +406,7 @@ def _clip_per_tensor_op(
 
 @_clip_per_tensor_op.register_fake
 def _(tensors, max_norms, norm_type, soft):
-    return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
+    return norm_outputs_like(tensors, True)[2]
 
 
 @torch.library.custom_op("fusedclip::triton_adaptive_clip_", mutates_args=("grads",))

@@ -245,6 +245,12 @@ def _recipe_twins(cpu_backend, make_opt, *, clip_all=True, inject=None, max_norm
     return out
 
 
+def _close_params(a, b):
+    """The parameters of two models after a step: one rounding apart through the optimizer."""
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
 def _close_grads(a, b, dtype=torch.float32):
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=2 * clip_rtol(dtype), atol=1e-30,
@@ -549,8 +555,7 @@ def test_fold_step_matches_recipe(cpu_backend, name):
         scaler.step(opt)
         scaler.update()
         models.append(model)
-    for p, q in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+    _close_params(*models)
 
 
 def test_fold_skip_path(cpu_backend):
@@ -586,8 +591,7 @@ def test_fold_without_scaler(cpu_backend):
         assert not hasattr(opt, "grad_scale")
         opt.step()  # a second step sees no stale factor
         models.append(model)
-    for p, q in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+    _close_params(*models)
 
 
 def test_fold_twice_before_step_does_not_compound(cpu_backend):
@@ -645,8 +649,7 @@ def test_fold_keeps_a_grad_scale_the_user_set(cpu_backend):
             opt.grad_scale = user
             opt.step()
         models.append(model)
-    for p, q in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+    _close_params(*models)
 
 
 def test_fold_hook_leaves_other_step_hooks_alone(cpu_backend):
@@ -685,8 +688,7 @@ def test_fold_with_two_optimizers(cpu_backend):
             scaler.step(opt)
         scaler.update()
         models.append(model)
-    for p, q in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+    _close_params(*models)
 
 
 @pytest.mark.parametrize("case", ["not-fused", "subset"])
