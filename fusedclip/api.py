@@ -67,17 +67,19 @@ def get_total_norm(
     Returns a 0-dim tensor on the first tensor's device with torch's dtype; ``tensor(0.)`` on the
     CPU when ``tensors`` is empty. With ``process_group`` (``fusedclip.distributed``) the norm is
     over the tensors of every rank of the group (every rank must call it; one with no tensors
-    gets an fp32 norm on the group's device).
+    gets an fp32 norm on the group's device). DTensors are reduced over the mesh dimensions that
+    shard them, and the norm is then a DTensor replicated over their mesh, as torch returns it.
     """
     items = collect_tensors(tensors, name="tensors")
     p = as_norm_type(norm_type)
     backends.check_name(backend)
-    if process_group is not None:
-        norm, _, result_dtype = _group_norm(items, p, backend, process_group)
+    if process_group is not None or distributed.has_dtensor(items):
+        local = distributed.local_shards(items, "tensors")
+        norm, _, result_dtype = _spread_norm(local, p, backend, process_group)
         norm = norm.to(result_dtype)
         if error_if_nonfinite:
             raise_if_nonfinite(norm, p)
-        return norm
+        return distributed.wrap_norm(norm, local.mesh)
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
@@ -97,9 +99,9 @@ def clip_grads_with_norm_(
     backend: str | None = None,
 ) -> None:
     """Scale gradients in place by ``min(1, max_norm / (total_norm + 1e-6))``."""
-    grads = grads_of(collect_tensors(parameters, name="parameters"))
+    grads = _local_grads(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(max_norm, "max_norm")
-    norm = as_total_norm(total_norm)
+    norm = as_total_norm(distributed.full(total_norm))
     backends.check_name(backend)
     if grads:
         check_writable_grads(grads)
@@ -161,18 +163,15 @@ def clip_grad_norm_(
     p = as_norm_type(norm_type)
     soft = as_soft(mode)
     per_tensor = _stats_request(return_stats)
-    if process_group is not None:
-        if scaler is not None or optimizer is not None or fold_into_optimizer or return_stats:
-            raise ValueError(
-                "process_group= does not combine with scaler=, optimizer=, fold_into_optimizer= "
-                "or return_stats= yet"
-            )
+    options = scaler is not None or optimizer is not None or fold_into_optimizer or return_stats
+    if process_group is not None and options:
+        raise ValueError(_SPREAD_OPTIONS.format("process_group="))
+    if process_group is None and (scaler is not None or optimizer is not None
+                                  or fold_into_optimizer):
+        backends.check_name(backend)
         check_tensor_items(params, "parameters")
-        backends.check_name(backend)
-        return _group_clip(grads_of(params), limit, p, error_if_nonfinite, backend, soft,
-                           process_group)
-    if scaler is not None or optimizer is not None or fold_into_optimizer:
-        backends.check_name(backend)
+        if distributed.has_dtensor(grads_of(params)):
+            raise ValueError(_SPREAD_OPTIONS.format("DTensor gradients"))
         if scaler is None and not fold_into_optimizer:
             raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
         if return_stats:
@@ -181,7 +180,8 @@ def clip_grad_norm_(
                                           fold_into_optimizer, backend, soft)
         if norm is not None:
             return norm
-    skip_fast = error_if_nonfinite or bool(return_stats) or torch.compiler.is_compiling()
+    skip_fast = (error_if_nonfinite or bool(return_stats) or process_group is not None
+                 or torch.compiler.is_compiling())
     fast = None if skip_fast else backends.fast_path(backend)
     if fast is not None:
         # One C++ call reads the grads and reuses the cached plan, then both passes launch; None
@@ -192,6 +192,10 @@ def clip_grad_norm_(
     check_tensor_items(params, "parameters")
     grads = grads_of(params)
     backends.check_name(backend)
+    if process_group is not None or distributed.has_dtensor(grads):
+        if options:
+            raise ValueError(_SPREAD_OPTIONS.format("DTensor gradients"))
+        return _spread_clip(grads, limit, p, error_if_nonfinite, backend, soft, process_group)
     if not grads:
         norm = torch.tensor(0.0)
         if not return_stats:
@@ -214,29 +218,47 @@ def clip_grad_norm_(
     return impl.clip_(grads, limit, p, soft=soft).to(result_dtype)
 
 
-def _group_norm(tensors, p, backend, group):
-    """(global fp64 norm, backend or None, torch's dtype for it) over every rank of ``group``;
-    a rank without tensors contributes a zero norm."""
-    if tensors:
-        check_grad_dtypes(tensors, "tensors")
-        impl = backends.select(backend, tensors)
-        local = impl.total_norm(tensors, p)
-        result_dtype = norm_result_dtype(tensors)
-    else:
-        impl, result_dtype = None, torch.float32
-        local = torch.zeros((), dtype=torch.float64, device=distributed.group_device(group))
-    return distributed.reduce_norm(local, p, group), impl, result_dtype
+_SPREAD_OPTIONS = ("scaler=, optimizer=, fold_into_optimizer= and return_stats= are not "
+                   "available with {} yet")
 
 
-def _group_clip(grads, limit, p, error_if_nonfinite, backend, soft, group) -> Tensor:
-    if grads:
-        check_writable_grads(grads)
-    norm, impl, result_dtype = _group_norm(grads, p, backend, group)
+def _spread_norm(local: distributed.Local, p, backend, group):
+    """(global fp64 norm, backend or None, torch's dtype for it) of ``local``'s tensors over their
+    meshes and ``group``; a rank without tensors contributes a zero norm."""
+    tensors = local.tensors
+    if not tensors:
+        device = distributed.group_device(group)
+        return distributed.sharded_norm(local, p, None, group, device), None, torch.float32
+    check_grad_dtypes(tensors, "tensors")
+    impl = backends.select(backend, tensors)
+    norm = distributed.sharded_norm(local, p, lambda ts: impl.total_norm(ts, p), group,
+                                    tensors[0].device)
+    return norm, impl, norm_result_dtype(tensors)
+
+
+def _spread_clip(grads, limit, p, error_if_nonfinite, backend, soft, group) -> Tensor:
+    """``clip_grad_norm_`` over DTensor gradients and/or the ranks of ``group``."""
+    local = distributed.local_shards(grads)
+    if local.tensors:
+        check_writable_grads(local.tensors)
+    norm, impl, result_dtype = _spread_norm(local, p, backend, group)
     if error_if_nonfinite:
         raise_if_nonfinite(norm.to(result_dtype), p)
     if impl is not None:
-        impl.scale_(grads, reference.clip_coef(limit, norm, soft))
-    return norm.to(result_dtype)
+        impl.scale_(local.tensors, reference.clip_coef(limit, norm, soft))
+    return distributed.wrap_norm(norm.to(result_dtype), local.mesh)
+
+
+def _local_grads(params: list[Tensor]) -> list[Tensor]:
+    """The gradients of ``params``, DTensors as their local shards: for the element-wise clips."""
+    grads = grads_of(params)
+    return distributed.local_shards(grads).tensors if distributed.has_dtensor(grads) else grads
+
+
+def _refuse_dtensors(grads: list[Tensor], what: str) -> None:
+    if distributed.has_dtensor(grads):
+        raise TypeError(f"{what} does not take DTensor gradients yet: per-gradient norms of "
+                        "sharded gradients need their own reduction")
 
 
 def _stats_request(return_stats: object) -> bool:
@@ -268,6 +290,7 @@ def clip_grad_norm_per_tensor_(
     soft = as_soft(mode)
     limits = as_thresholds(max_norm, len(grads))
     backends.check_name(backend)
+    _refuse_dtensors(grads, "clip_grad_norm_per_tensor_")
     if not grads:
         return torch.zeros(0)
     check_writable_grads(grads)
@@ -300,6 +323,7 @@ def adaptive_clip_grad_(
     if not params:
         return
     grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
+    _refuse_dtensors(grads, "adaptive_clip_grad_")
     check_writable_grads(grads)
     backends.select(backend, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
                                                    floor, p)
@@ -313,8 +337,9 @@ def clip_grad_value_(
     *,
     backend: str | None = None,
 ) -> None:
-    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place."""
-    grads = grads_of(collect_tensors(parameters, name="parameters"))
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place (DTensors: their
+    local shards)."""
+    grads = _local_grads(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(clip_value, "clip_value")
     backends.check_name(backend)
     if grads:

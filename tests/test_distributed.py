@@ -10,14 +10,13 @@ the CUDA engine's CPU operators and the Triton kernels in the interpreter.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import clip_rtol, make_params
+from ranks import rank_backend, spawn
 
 import fusedclip
 
@@ -36,47 +35,24 @@ def _share(params, rank, world):
     return [p for i, p in enumerate(params) if i % owners == rank]
 
 
-def _enable_cpu_operators():
-    """What conftest's cpu_backend fixture does for "cuda-ops-on-cpu", in a spawned rank."""
-    from fusedclip import backends
-
-    backends._RUNS_ON["cuda"] = None
-    backends._STATUS["cuda"] = lambda: backends.BackendStatus(True, "test: CPU operators")
-    backends.backend_status.cache_clear()
-
-
-def _rank(rank, world, init_file, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        if backend == "cuda-ops-on-cpu":
-            _enable_cpu_operators()
-            backend = "cuda"
-        results = []
-        for norm_type, max_norm in CASES:
-            params = make_params(SHAPES, seed=3)
-            mine = _share(params, rank, world)
-            total = fusedclip.get_total_norm([p.grad for p in mine], norm_type, backend=backend,
-                                             process_group=dist.group.WORLD)
-            norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
-                                             process_group=dist.group.WORLD)
-            results.append((norm, total, [p.grad for p in mine]))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, backend):
-    with tempfile.TemporaryDirectory() as out_dir:
-        init_file = os.path.join(out_dir, "init")
-        mp.spawn(_rank, args=(world, init_file, backend, out_dir), nprocs=world, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+def _rank(rank, world, backend):
+    backend = rank_backend(backend)
+    results = []
+    for norm_type, max_norm in CASES:
+        params = make_params(SHAPES, seed=3)
+        mine = _share(params, rank, world)
+        total = fusedclip.get_total_norm([p.grad for p in mine], norm_type, backend=backend,
+                                         process_group=dist.group.WORLD)
+        norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
+                                         process_group=dist.group.WORLD)
+        results.append((norm, total, [p.grad for p in mine]))
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_group_norm_matches_unsharded(cpu_backend, world):
     backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
-    per_rank = _spawn(world, backend)
+    per_rank = spawn(_rank, world, backend)
     for case, (norm_type, max_norm) in enumerate(CASES):
         params = make_params(SHAPES, seed=3)
         before = [p.grad.clone() for p in params]
@@ -113,3 +89,75 @@ def test_single_rank_group_is_the_plain_call():
                                           process_group=dist.group.WORLD)
         finally:
             dist.destroy_process_group()
+
+
+@pytest.fixture
+def nccl_group():
+    """A one-rank NCCL group in this process (the device has one GPU)."""
+    if not dist.is_nccl_available():
+        pytest.skip("needs NCCL")
+    with tempfile.TemporaryDirectory() as d:
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", init_method=f"file://{d}/init", rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_nccl_single_rank_capture(nccl_group, backend):
+    """NCCL on the device: the same norm as the plain call, no host sync, and the whole clip,
+    all-reduce included, captured in a CUDA graph and replayed."""
+    shapes = [(70000,), (3, 5), (0,), (300, 7)] + [(n % 50,) for n in range(200)]
+    params = make_params(shapes, device="cuda", seed=5)
+    twin = make_params(shapes, device="cuda", seed=5)
+    expected = fusedclip.clip_grad_norm_(twin, 0.5, backend=backend)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = fusedclip.clip_grad_norm_(params, 0.5, backend=backend, process_group=nccl_group)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(norm, expected, rtol=1e-12, atol=0)
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+    pristine = [p.grad.clone() for p in params]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = fusedclip.clip_grad_norm_(params, 0.5, backend=backend,
+                                             process_group=nccl_group)
+    for scale in (1.0, 1e-3):  # clipping active, then nothing to clip
+        for p, q, g in zip(params, twin, pristine):
+            p.grad.copy_(g * scale)
+            q.grad.copy_(g * scale)
+        graph.replay()
+        expected = fusedclip.clip_grad_norm_(twin, 0.5, backend=backend)
+        torch.testing.assert_close(captured, expected, rtol=1e-12, atol=0)
+        for p, q in zip(params, twin):
+            torch.testing.assert_close(p.grad, q.grad, rtol=2 * clip_rtol(p.grad.dtype), atol=0)
+
+
+@pytest.mark.gpu
+def test_nccl_dtensor_single_rank(nccl_group):
+    """DTensor gradients on a one-rank CUDA mesh: the plain call's norm, as a replicated DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("dp",))
+    plain = make_params([(33, 17), (4099,), (1,)], device="cuda", seed=6)
+    sharded = []
+    for p in plain:
+        q = torch.nn.Parameter(DTensor.from_local(p.detach().clone(), mesh, [Shard(0)]))
+        q.grad = DTensor.from_local(p.grad.clone(), mesh, [Shard(0)])
+        sharded.append(q)
+    expected = fusedclip.clip_grad_norm_(plain, 0.5)
+    norm = fusedclip.clip_grad_norm_(sharded, 0.5)
+    assert isinstance(norm, DTensor) and norm.placements[0].is_replicate()
+    torch.testing.assert_close(norm.to_local(), expected, rtol=1e-12, atol=0)
+    for p, q in zip(plain, sharded):
+        torch.testing.assert_close(q.grad.to_local(), p.grad, rtol=0, atol=0)

@@ -1,0 +1,48 @@
+"""Real multi-process runs for the distributed tests: ``spawn`` starts ``world`` ranks that talk
+over gloo on the CPU and returns what each saved."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def enable_cpu_operators() -> None:
+    """What conftest's cpu_backend fixture does for "cuda-ops-on-cpu", in a spawned rank."""
+    from fusedclip import backends
+
+    backends._RUNS_ON["cuda"] = None
+    backends._STATUS["cuda"] = lambda: backends.BackendStatus(True, "test: CPU operators")
+    backends.backend_status.cache_clear()
+
+
+def rank_backend(backend: str) -> str:
+    """The backend name for fusedclip calls in a rank, given a cpu_backend fixture value."""
+    if backend == "cuda-ops-on-cpu":
+        enable_cpu_operators()
+        return "cuda"
+    return backend
+
+
+def _main(rank, world, init_file, out_dir, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> list[object]:
+    """Runs ``fn(rank, world, *args)`` in ``world`` processes of one gloo group; returns each
+    rank's result. An exception in a rank (a failed assert) fails the caller with its traceback."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.spawn(_main, args=(world, init_file, out_dir, fn, args), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world)]

@@ -1,0 +1,209 @@
+"""DTensor gradients: FSDP2 (``fully_shard``) on a 1-D mesh, and tensor parallel layers sharded
+again by FSDP2 on a 2-D ``(dp, tp)`` mesh, with real processes over gloo on the CPU.
+
+Every rank builds the same model from one seed, runs a backward pass on its own batch, gathers the
+full gradients (``full_tensor``) for the fp64 reference, and then clips its DTensor gradients with
+fusedclip, on every CPU backend. The norm must match the reference on every rank, come back as
+torch returns it (a DTensor replicated over the mesh), and cost one all-reduce per mesh dimension
+that shards a gradient; every local shard must be the reference's scaled by the same coefficient.
+Where torch's own clip accepts the model (one mesh for all gradients) it is run too, and both
+agree. The 2-D model has a LayerNorm on the ``dp`` sub-mesh beside the tensor-parallel layers on
+the full mesh, which torch's clip refuses (operands on different meshes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import clip_rtol
+from ranks import rank_backend, spawn
+from torch import nn
+
+import fusedclip
+from fusedclip import reference
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+CASES = [(2.0, 0.05), (1.0, 1.0), (math.inf, 0.01), (3.0, 1e6)]  # (norm_type, max_norm)
+
+
+@contextlib.contextmanager
+def _counting_all_reduces():
+    """Counts ``torch.distributed.all_reduce`` calls inside the block."""
+    calls = []
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("group"))
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
+
+
+def _fsdp_model(mesh, dtype):
+    """Linear layers with uneven shards: 13 rows over 2 ranks, and 1 row (one rank empty)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 1)).to(dtype)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _tp_model(mesh, norm_layer):
+    """Colwise and rowwise tensor-parallel layers on ``tp``, all sharded by FSDP2 on ``dp``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)]
+    model = nn.Sequential(*layers, *([nn.LayerNorm(6)] if norm_layer else []))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def _backward(model, dp_rank, dtype):
+    torch.manual_seed(100 + dp_rank)  # ranks of one tensor-parallel group share their batch
+    x = torch.randn(5, 8, dtype=dtype)
+    (model(x).float().pow(2).sum() * 3).backward()
+
+
+def _check_clip(params, backend, reductions, mesh, compare_torch):
+    """Clips ``params``' DTensor gradients with every case; asserts against the reference and
+    (``compare_torch``) torch; returns the norms."""
+    from torch.distributed.tensor import DTensor
+
+    start = [p.grad.to_local().clone() for p in params]
+    full = [p.grad.full_tensor() for p in params]  # a collective: before the counting starts
+    dtype = start[0].dtype
+    # torch's inf-norm refuses an empty local shard (_foreach_norm has no identity for max):
+    # whether any rank holds one, agreed by all so that they all call torch's clip or none does.
+    empty = torch.tensor(float(any(g.numel() == 0 for g in start)))
+    dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+    norms = []
+    for norm_type, max_norm in CASES:
+        expected = float(reference.total_norm(full, norm_type))
+        coef = min(1.0, max_norm / (expected + 1e-6))
+        with _counting_all_reduces() as calls:
+            norm = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
+        assert len(calls) == reductions, calls
+        assert isinstance(norm, DTensor) and norm.device_mesh == mesh
+        assert all(pl.is_replicate() for pl in norm.placements)
+        assert norm.dtype == dtype
+        torch.testing.assert_close(norm.to_local().double(), torch.tensor(expected).double(),
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+        for p, g in zip(params, start):
+            mine = p.grad.to_local()
+            torch.testing.assert_close(mine.double(), g.double() * coef,
+                                       rtol=2 * clip_rtol(dtype), atol=0)
+        for p, g in zip(params, start):
+            p.grad.to_local().copy_(g)
+        total = fusedclip.get_total_norm([p.grad for p in params], norm_type, backend=backend)
+        assert isinstance(total, DTensor)
+        torch.testing.assert_close(total.to_local(), norm.to_local(), rtol=0, atol=0)
+        if compare_torch and not (math.isinf(norm_type) and empty.item()):
+            theirs = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            torch.testing.assert_close(norm.full_tensor(), theirs.full_tensor(), rtol=1e-5,
+                                       atol=0)
+            for p, g in zip(params, start):
+                torch.testing.assert_close(p.grad.to_local().double(), g.double() * coef,
+                                           rtol=2 * clip_rtol(dtype), atol=0)
+                p.grad.to_local().copy_(g)
+        norms.append(float(norm.to_local()))
+    return norms
+
+
+def _check_refusals(params, mesh):
+    """Unsupported combinations raise before any gradient is touched."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    before = [p.grad.to_local().clone() for p in params]
+    with pytest.raises(ValueError, match="DTensor gradients"):
+        fusedclip.clip_grad_norm_(params, 0.1, return_stats=True)
+    with pytest.raises(ValueError, match="DTensor gradients"):
+        fusedclip.clip_grad_norm_(params, 0.1, scaler=torch.amp.GradScaler("cpu"),
+                                  optimizer=torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(TypeError, match="DTensor"):
+        fusedclip.clip_grad_norm_per_tensor_(params, 0.1)
+    with pytest.raises(TypeError, match="DTensor"):
+        fusedclip.adaptive_clip_grad_(params)
+    partial = DTensor.from_local(torch.randn(4), mesh, [Partial()])
+    with pytest.raises(ValueError, match="Partial placement"):
+        fusedclip.get_total_norm([params[0].grad, partial])
+    for p, g in zip(params, before):
+        assert torch.equal(p.grad.to_local(), g)
+
+
+def _fsdp_rank(rank, world, backend):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = rank_backend(backend)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _fsdp_model(mesh, dtype)
+        _backward(model, rank, dtype)
+        params = list(model.parameters())
+        results.append(_check_clip(params, backend, 1, mesh, dtype == torch.float32))
+    _check_refusals(params, mesh)
+    # Value clipping works on the local shards: bitwise torch's DTensor clip.
+    start = [p.grad.to_local().clone() for p in params]
+    torch.nn.utils.clip_grad_value_(params, 0.01)
+    theirs = [p.grad.to_local().clone() for p in params]
+    for p, g in zip(params, start):
+        p.grad.to_local().copy_(g)
+    fusedclip.clip_grad_value_(params, 0.01, backend=backend)
+    assert all(torch.equal(p.grad.to_local(), t) for p, t in zip(params, theirs))
+    assert any(not torch.equal(t, g) for t, g in zip(theirs, start))  # the bound clamps some
+    return results
+
+
+def _mesh_2d_rank(rank, world, backend):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = rank_backend(backend)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    results = []
+    for norm_layer in (False, True):
+        model = _tp_model(mesh, norm_layer)
+        _backward(model, mesh.get_coordinate()[0], torch.float32)
+        params = list(model.parameters())
+        placements = {p.grad.placements for p in params}
+        assert any(all(not pl.is_replicate() for pl in pls) for pls in placements)  # (dp, tp)
+        assert any(pls[-1].is_replicate() for pls in placements if len(pls) == 2)  # replicated
+        # Two all-reduces (dp, tp) whatever the mix; torch only takes one mesh for all.
+        results.append(_check_clip(params, backend, 2, mesh, compare_torch=not norm_layer))
+    return results
+
+
+def _same_on_every_rank(per_rank):
+    for other in per_rank[1:]:
+        assert other == per_rank[0]
+
+
+def test_fsdp2_one_dim_mesh(cpu_backend):
+    """FSDP2 on 2 ranks, fp32 and bf16 gradients, uneven and empty shards."""
+    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    _same_on_every_rank(spawn(_fsdp_rank, 2, backend))
+
+
+def test_two_dim_mesh_tensor_parallel(cpu_backend):
+    """Tensor parallel on ``tp`` and FSDP2 on ``dp`` over 4 ranks, with and without gradients
+    on the ``dp`` sub-mesh only."""
+    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    _same_on_every_rank(spawn(_mesh_2d_rank, 4, backend))
