@@ -5,6 +5,7 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``, ``get_total_norm``,
 path (``scaler=``, ``ClippingGradScaler``), soft and per-tensor clipping
 (``clip_grad_norm_per_tensor_``), adaptive clipping (``adaptive_clip_grad_``), automatic
 thresholds (``AutoClipper``) and sync-free monitoring (``return_stats=``, ``StatsWindow``).
+``fusedclip.patch()`` routes torch's own functions through fusedclip (HF Trainer, Lightning).
 ``fusedclip.reference`` is the fp64 oracle every kernel is tested against.
 """
 
@@ -21,6 +22,7 @@ from fusedclip.api import (
 from fusedclip.auto import AutoClipper
 from fusedclip.backends import BackendStatus, available_backends
 from fusedclip.stats import ClipStats, StatsWindow
+from fusedclip.torch_patch import is_patched, patch, patched, unpatch
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,8 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "is_patched",
+    "patch",
+    "patched",
+    "unpatch",
 ]

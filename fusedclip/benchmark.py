@@ -34,6 +34,7 @@ from torch import Tensor
 import fusedclip
 from fusedclip import api, backends, reference
 from fusedclip.param_sets import BUILTIN_SETS, ParamSet, sets_for_device
+from fusedclip.torch_patch import torch_function
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -103,7 +104,7 @@ def _torch_modes(foreach: bool) -> dict[str, ModeFn]:
 
     def soft(params, max_norm):
         grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+        norm = torch_function("get_total_norm")(grads, foreach=foreach)
         coef = max_norm / (norm + max_norm)
         if foreach:
             torch._foreach_mul_(grads, coef)
@@ -135,10 +136,10 @@ def _torch_modes(foreach: bool) -> dict[str, ModeFn]:
 
     return {
         "soft": soft,
-        "stats": lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm,
+        "stats": lambda params, max_norm: torch_function("clip_grad_norm_")(params, max_norm,
                                                                           foreach=foreach),
         "per-tensor": per_tensor,
-        "value": lambda params, v: torch.nn.utils.clip_grad_value_(params, v, foreach=foreach),
+        "value": lambda params, v: torch_function("clip_grad_value_")(params, v, foreach=foreach),
         "agc": agc,
     }
 
@@ -160,14 +161,14 @@ def _fusedclip_modes(backend: str) -> dict[str, ModeFn]:
 
 
 def _torch_clip(foreach: bool) -> ClipFn:
-    return functools.partial(torch.nn.utils.clip_grad_norm_, foreach=foreach)
+    return functools.partial(torch_function("clip_grad_norm_"), foreach=foreach)
 
 
 def _torch_amp(foreach: bool) -> AmpFn:
     def amp(params, max_norm, scaler, optimizer, fold):
         # torch has no fold: its recipe is the same whatever the optimizer.
         scaler.unscale_(optimizer)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
+        return torch_function("clip_grad_norm_")(params, max_norm, foreach=foreach)
 
     return amp
 

@@ -218,3 +218,13 @@ def ulp_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     fi = torch.finfo(actual.dtype)
     torch.testing.assert_close(actual, expected, rtol=clip_rtol(actual.dtype),
                                atol=fi.tiny * fi.eps, equal_nan=True)
+
+
+@pytest.fixture(autouse=True)
+def _torch_left_unpatched():
+    """Tests compare with torch's functions: a test that leaves them patched fails (and they are
+    put back), instead of making later tests compare fusedclip with itself."""
+    yield
+    if fusedclip.is_patched():
+        fusedclip.unpatch()
+        pytest.fail("the test left torch.nn.utils patched")
