@@ -91,9 +91,20 @@ _RUNS_ON = {
 }
 
 
-@functools.cache
+_STATUS_SEEN: dict[str, BackendStatus] = {}
+
+
 def backend_status(name: str) -> BackendStatus:
-    return _STATUS[name]()
+    """Whether backend ``name`` can run here, found once per process. A plain dict rather than
+    ``functools.cache``: under ``torch.compile`` Dynamo reads it (with a guard) instead of tracing
+    through a cache wrapper."""
+    status = _STATUS_SEEN.get(name)
+    if status is None:
+        status = _STATUS_SEEN[name] = _STATUS[name]()
+    return status
+
+
+backend_status.cache_clear = _STATUS_SEEN.clear  # what tests call after changing _STATUS
 
 
 def available_backends() -> dict[str, BackendStatus]:
