@@ -1,0 +1,178 @@
+"""``python -m fusedclip check``: which backends run here, and a short self-test of each.
+
+Every backend that can run is checked against an oracle that shares no code with fusedclip's
+backends: the fp64 norm of the concatenated gradients, computed with ``torch.linalg.vector_norm``,
+and each gradient scaled by the coefficient in fp64, rounded once. Cases cover fp32, bf16, fp16 and
+fp64 gradients; the 2-, 1-, inf- and 1.5-norms; hard and soft clipping; empty, one-element, odd,
+transposed and misaligned gradients and a few hundred small ones. ``clip_grad_value_`` must give
+torch's results bit for bit. Tolerances are the package's contract: the norm within 1e-5
+(one rounding for fp16/bf16), every element within one rounding of its dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from fusedclip import api, backends
+from fusedclip.torch_patch import torch_function
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+NORM_TYPES = (2.0, 1.0, math.inf, 1.5)
+MODES = ("hard", "soft")
+
+
+@dataclasses.dataclass
+class CheckResult:
+    backend: str
+    device: str
+    available: bool
+    reason: str
+    cases: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+    worst: float = 0.0  # the largest error seen, in units of its tolerance (below 1 passes)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.available and self.cases > 0 and not self.failures
+
+
+def _gradients(seed: int, dtype: torch.dtype, device: str) -> list[Tensor]:
+    """Random gradients of many magnitudes and layouts (never all zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        scale = 10.0 ** (torch.rand((), generator=gen).item() * 4 - 2)
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    grads = [randn(33, 17), randn(4099), randn(1), randn(0), randn(5, 7, 3)]
+    grads.append(randn(40, 24).t())  # transposed
+    grads.append(randn(1001)[1:])  # starts one element into its storage: misaligned
+    grads += [randn(n % 37 + 1) for n in range(120)]
+    return [g.to(device) for g in grads]
+
+
+def _params(grads: list[Tensor]) -> list[Tensor]:
+    params = []
+    for g in grads:
+        p = torch.empty(g.shape, dtype=g.dtype, device=g.device, requires_grad=True)
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def _oracle(grads: list[Tensor], max_norm: float, norm_type: float, soft: bool):
+    flat = torch.cat([g.detach().double().reshape(-1) for g in grads])
+    norm = float(torch.linalg.vector_norm(flat, norm_type)) if flat.numel() else 0.0
+    coef = max_norm / (norm + max_norm) if soft else min(1.0, max_norm / (norm + 1e-6))
+    return norm, [(g.double() * coef).to(g.dtype) for g in grads]
+
+
+def _error(actual: Tensor, expected: Tensor, rtol: float) -> float:
+    """max |a - e| / (rtol |e| + tiny), NaN-aware; below 1 is within tolerance."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    if a.numel() == 0:
+        return 0.0
+    tiny = torch.finfo(actual.dtype).tiny * torch.finfo(actual.dtype).eps
+    bad = torch.isnan(a) != torch.isnan(e)
+    if bad.any():
+        return math.inf
+    diff = ((a - e).abs() / (rtol * e.abs() + tiny)).nan_to_num(0.0)
+    return float(diff.max())
+
+
+def _norm_rtol(dtype: torch.dtype) -> float:
+    return max(torch.finfo(dtype).eps, 1e-5) if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+
+def _elem_rtol(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
+
+
+def _norm_case(name: str, result: CheckResult, grads, dtype, norm_type, mode) -> None:
+    max_norm = 0.5
+    norm_expected, clipped_expected = _oracle(grads, max_norm, norm_type, mode == "soft")
+    params = _params([g.clone() for g in grads])
+    norm = api.clip_grad_norm_(params, max_norm, norm_type, mode=mode, backend=name)
+    # The norm is returned in the gradients' dtype (as torch does): an fp16 1-norm may be inf.
+    expected = torch.tensor(norm_expected, dtype=torch.float64).to(norm.dtype)
+    errors = [_error(norm, expected, _norm_rtol(dtype))]
+    errors += [_error(p.grad, e, _elem_rtol(dtype)) for p, e in zip(params, clipped_expected)]
+    _record(result, f"clip_grad_norm_ {dtype} norm_type={norm_type} mode={mode}", max(errors))
+
+
+def _value_case(name: str, result: CheckResult, grads, dtype) -> None:
+    ours, theirs = _params([g.clone() for g in grads]), _params([g.clone() for g in grads])
+    bound = float(grads[0].abs().double().median())
+    api.clip_grad_value_(ours, bound, backend=name)
+    torch_function("clip_grad_value_")(theirs, bound)
+    same = all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    _record(result, f"clip_grad_value_ {dtype} (bitwise torch)", 0.0 if same else math.inf)
+
+
+def _record(result: CheckResult, case: str, error: float) -> None:
+    result.cases += 1
+    result.worst = max(result.worst, error)
+    if not error < 1.0:
+        result.failures.append(f"{case}: error {error:.3g} x tolerance")
+
+
+def _cases():
+    """(kind, dtype, norm_type, mode), varying every field from one case to the next so that a
+    short time budget still covers every dtype, norm type and mode."""
+    combos = [(d, p, m) for p in NORM_TYPES for m in MODES for d in DTYPES]
+    # A stride coprime with the 32 combinations walks them all, changing each field every step.
+    for i in range(len(combos)):
+        dtype, norm_type, mode = combos[(i * 13) % len(combos)]
+        yield "norm", dtype, norm_type, mode
+        if i % 8 == 0:
+            yield "value", DTYPES[(i // 8) % len(DTYPES)], None, None
+
+
+def _device_for(name: str) -> str | None:
+    """Where backend ``name`` runs its self-test here, or None when it cannot run."""
+    if not backends.backend_status(name).available:
+        return None
+    runs_on = backends._RUNS_ON[name]
+    if runs_on is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return runs_on[0]
+
+
+def run_check(seconds: float = 10.0) -> list[CheckResult]:
+    """Self-tests every backend that runs here, within about ``seconds`` in all."""
+    names = backends.BACKEND_NAMES
+    runnable = [n for n in names if _device_for(n) is not None]
+    results = []
+    for name in names:
+        status = backends.backend_status(name)
+        device = _device_for(name)
+        result = CheckResult(name, device or "-", status.available, status.reason)
+        results.append(result)
+        if device is None:
+            continue
+        start = time.perf_counter()
+        deadline = start + seconds / len(runnable)
+        for i, (kind, dtype, norm_type, mode) in enumerate(_cases()):
+            if i and time.perf_counter() > deadline:
+                break
+            grads = _gradients(i, dtype, device)
+            try:
+                if kind == "norm":
+                    _norm_case(name, result, grads, dtype, norm_type, mode)
+                else:
+                    _value_case(name, result, grads, dtype)
+            except Exception as exc:  # a crash is a failed case, reported with the others
+                result.cases += 1
+                result.failures.append(f"{kind} {dtype} {norm_type}: {type(exc).__name__}: {exc}")
+        result.seconds = time.perf_counter() - start
+    return results
+
+
+def total_cases() -> int:
+    return sum(1 for _ in _cases())
