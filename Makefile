@@ -35,7 +35,7 @@ bench: setup
 	$(PY) -m fusedclip bench --sets-file bench/sets.toml --out bench/results
 
 checkstyle: setup
-	$(PY) -m ruff check fusedclip triton_kernels tests bench setup.py
+	$(PY) -m ruff check fusedclip triton_kernels tests bench setup.py examples
 	@if command -v clang-format >/dev/null; then clang-format --dry-run --Werror csrc/*; \
 	else echo "clang-format not installed: skipping csrc/"; fi
 

@@ -1,0 +1,83 @@
+"""FSDP2 (``fully_shard``) training with fusedclip: DTensor gradients are clipped by the norm of
+the whole model, from one all-reduce per sharding mesh dimension.
+
+    torchrun --nproc-per-node 2 examples/fsdp2_training.py      # NCCL on GPUs, gloo on CPUs
+    python examples/fsdp2_training.py --spawn 2                  # the same, without torchrun
+
+Nothing else changes: ``fusedclip.clip_grad_norm_`` returns the norm as a DTensor replicated over
+the mesh, as torch's does, and ``norm.full_tensor()`` reads it without communication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import fusedclip
+
+
+def train(steps: int = 10) -> float:
+    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(),
+                                torch.nn.Linear(128, 128), torch.nn.GELU(),
+                                torch.nn.Linear(128, 1)).to(device)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(1 + dist.get_rank())  # each rank its own data
+    for _ in range(steps):
+        x = torch.randn(16, 32, device=device)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        norm = fusedclip.clip_grad_norm_(model.parameters(), 0.5)  # a replicated DTensor
+        optimizer.step()
+        optimizer.zero_grad()
+    value = norm.full_tensor().item()
+    if dist.get_rank() == 0:
+        print(f"{dist.get_world_size()} ranks ({dist.get_backend()}): last loss "
+              f"{loss.item():.4f}, last grad norm {value:.4f}")
+    return value
+
+
+def _spawned(rank: int, world: int, init_file: str, steps: int) -> None:
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        train(steps)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--spawn", type=int, metavar="N", help="start N ranks here (no torchrun)")
+    args = parser.parse_args()
+    if args.spawn:
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(_spawned, args=(args.spawn, os.path.join(d, "init"), args.steps),
+                     nprocs=args.spawn)
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args.steps)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
