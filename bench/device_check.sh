@@ -18,6 +18,7 @@ export MAX_JOBS="${MAX_JOBS:-16}"
   || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" >"$OUT/ptxas.txt" || true
 "$PY" -m fusedclip backends
+"$PY" -m fusedclip check >"$OUT/check.log" 2>&1; check_rc=$?
 
 "$PY" -m pytest -q -m gpu tests >"$OUT/gpu-tests.log" 2>&1; gpu_rc=$?
 "$PY" -m pytest -q tests >"$OUT/all-tests.log" 2>&1; all_rc=$?
@@ -38,6 +39,7 @@ fi
 
 echo "== ptxas (registers per kernel) =="; grep -c "Used" "$OUT/ptxas.txt" | xargs echo kernels:
 grep -E "Used" "$OUT/ptxas.txt" | sort | uniq -c
+echo "== self-check (rc=$check_rc) =="; grep -E "cuda|triton|reference" "$OUT/check.log" | head -3
 echo "== gpu tests (rc=$gpu_rc) =="; tail -3 "$OUT/gpu-tests.log"
 echo "== all tests (rc=$all_rc) =="; tail -3 "$OUT/all-tests.log"
 if [ "${SANITIZE:-1}" = "1" ]; then
