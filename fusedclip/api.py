@@ -225,9 +225,10 @@ _SPREAD_OPTIONS = ("scaler=, optimizer=, fold_into_optimizer= and return_stats= 
 def _spread_norm(local: distributed.Local, p, backend, group):
     """(global fp64 norm, backend or None, torch's dtype for it) of ``local``'s tensors over their
     meshes and ``group``; a rank without tensors contributes a zero norm."""
+    distributed.check_group(local, group)
     tensors = local.tensors
     if not tensors:
-        device = distributed.group_device(group)
+        device = distributed.group_device(group, None)
         return distributed.sharded_norm(local, p, None, group, device), None, torch.float32
     check_grad_dtypes(tensors, "tensors")
     impl = backends.select(backend, tensors)
@@ -253,12 +254,6 @@ def _local_grads(params: list[Tensor]) -> list[Tensor]:
     """The gradients of ``params``, DTensors as their local shards: for the element-wise clips."""
     grads = grads_of(params)
     return distributed.local_shards(grads).tensors if distributed.has_dtensor(grads) else grads
-
-
-def _refuse_dtensors(grads: list[Tensor], what: str) -> None:
-    if distributed.has_dtensor(grads):
-        raise TypeError(f"{what} does not take DTensor gradients yet: per-gradient norms of "
-                        "sharded gradients need their own reduction")
 
 
 def _stats_request(return_stats: object) -> bool:
@@ -290,7 +285,7 @@ def clip_grad_norm_per_tensor_(
     soft = as_soft(mode)
     limits = as_thresholds(max_norm, len(grads))
     backends.check_name(backend)
-    _refuse_dtensors(grads, "clip_grad_norm_per_tensor_")
+    distributed.refuse_dtensors(grads, "clip_grad_norm_per_tensor_")
     if not grads:
         return torch.zeros(0)
     check_writable_grads(grads)
@@ -323,7 +318,7 @@ def adaptive_clip_grad_(
     if not params:
         return
     grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
-    _refuse_dtensors(grads, "adaptive_clip_grad_")
+    distributed.refuse_dtensors(grads, "adaptive_clip_grad_")
     check_writable_grads(grads)
     backends.select(backend, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
                                                    floor, p)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedclip import backends, reference
+from fusedclip import backends, distributed, reference
 from fusedclip.inputs import (
     as_norm_type,
     as_soft,
@@ -158,6 +158,7 @@ class AutoClipper:
         grads = grads_of(self.params)
         if not grads:
             return torch.tensor(0.0)
+        distributed.refuse_dtensors(grads, "AutoClipper")
         check_writable_grads(grads)
         impl = backends.select(self.backend, grads)
         norm = impl.total_norm(grads, self.norm_type)

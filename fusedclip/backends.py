@@ -124,7 +124,7 @@ def _auto(tensors: list[Tensor]) -> str:
     """``cuda``, then ``triton``, for CUDA tensors they can take; otherwise ``reference``."""
     if tensors[0].device.type == "cuda" and _fused_can_take(tensors):
         for name in ("cuda", "triton"):
-            if backend_status(name).available and "cuda" in _RUNS_ON[name]:
+            if backend_status(name).available and _runs_on(name, "cuda"):
                 return name
     return "reference"
 
@@ -165,6 +165,12 @@ def select(requested: str | None, tensors: list[Tensor]) -> ModuleType:
     return _IMPLEMENTATION[name]
 
 
+def _runs_on(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` takes tensors on ``device_type``."""
+    devices = _RUNS_ON[name]
+    return devices is None or device_type in devices
+
+
 def cuda_tensors_only(name: str) -> bool:
     """Whether backend ``name`` runs CUDA tensors only."""
     return _RUNS_ON[name] == ("cuda",)
@@ -180,7 +186,7 @@ def fast_impl(requested: str | None) -> tuple[ModuleType, bool] | None:
     if name == "auto":
         # Only CUDA gradients may skip auto-selection: anything else goes to `reference`.
         for candidate in ("cuda", "triton"):
-            if backend_status(candidate).available and "cuda" in _RUNS_ON[candidate]:
+            if backend_status(candidate).available and _runs_on(candidate, "cuda"):
                 return _IMPLEMENTATION[candidate], True
         return None
     if name in ("cuda", "triton") and backend_status(name).available:

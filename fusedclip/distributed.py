@@ -11,17 +11,29 @@ NCCL all-reduces are stream-ordered (gloo's are blocking by nature).
 ``_StridedShard``), never over ``Replicate`` ones, whose ranks hold copies. Gradients are grouped
 by the set of process groups they are sharded over (their *signature*; one for FSDP2, a few on a
 2-D mesh), pass 1 runs once per signature, and then there is **one all-reduce per sharding mesh
-dimension**: its buffer holds the partials of every signature sharded over it. Reductions run in
-the order of the mesh dimensions' names, the same on every rank, so ranks that share some groups
-but not others cannot wait on each other in a cycle. Meshes may differ between gradients (a 2-D
-``(dp, tp)`` mesh for tensor-parallel layers and its ``dp`` sub-mesh for the rest, which torch's
-own clip refuses); every rank of a mesh must pass the same parameters, as FSDP2 and tensor
-parallelism arrange. ``Partial`` gradients (unreduced sums) are refused: their norm is not a
-function of the local values. The norm is returned as torch returns it, a DTensor replicated
-over the mesh (the one with the most dimensions when gradients sit on several).
+dimension**: its buffer holds the partials of every signature sharded over it, in the order the
+signatures first appear among the gradients. Reductions run in one global order of the groups
+(the mesh dimension's name, then the group's ranks, then its name: the same on every rank of the
+group), so ranks that share some groups but not others never wait on each other in a cycle, and
+two meshes with the same names and ranks (``init_device_mesh`` called twice) stay apart. Meshes
+may differ between gradients (a 2-D ``(dp, tp)`` mesh for tensor-parallel layers and its ``dp``
+sub-mesh for the rest, which torch's own clip refuses). ``Partial`` gradients (unreduced sums)
+are refused: their norm is not a function of the local values. Plain tensors beside DTensors
+are refused without ``process_group=`` (each rank would add its own, and ranks would clip by
+different norms). The norm is returned as torch returns it, a DTensor replicated over the mesh
+(the one with the most dimensions when gradients sit on several).
+
+**Every rank of a group must make the same call** with the same parameters in the same order, as
+FSDP2, tensor parallelism and DDP arrange: a rank that passes other gradients (a gradient that is
+``None`` on one rank only, a different model) waits forever in a collective, as with torch's own
+clip. The gradients of all ranks live on one kind of device; the all-reduce buffer goes there when
+the group has a stream-ordered backend for it (NCCL for CUDA, also under the default
+``"cpu:gloo,cuda:nccl"`` configuration), and to the CPU otherwise (gloo, which blocks anyway).
 
 **process_group=.** Plain tensors (and the DTensor total, when both are given) are summed over
-the group last: its ranks hold different parameters.
+the group last: its ranks hold different parameters (pipeline stages, Megatron-style tensor
+parallel shards). A group that shares ranks with a DTensor's mesh would count that mesh's
+gradients twice and is refused.
 
 Each buffer holds ``[value, isnan]`` pairs: ``value`` is ``local ** p`` reduced with SUM, or the
 max magnitude with MAX for the inf-norm, never SUM; the NaN flag carries NaN through reductions
@@ -40,17 +52,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Local", "full", "group_device", "has_dtensor", "local_shards", "sharded_norm",
-           "wrap_norm"]
+__all__ = ["Local", "backend_map", "buffer_device", "check_group", "full", "group_device",
+           "has_dtensor", "local_shards", "refuse_dtensors", "sharded_norm", "wrap_norm"]
 
 if dist.is_available():
     from torch.distributed.tensor import DTensor, Replicate
 else:  # pragma: no cover - torch built without distributed
     DTensor = None
 
-# The process groups a gradient's elements are split over, as (mesh dimension name, group name)
-# pairs in reduction order; () for plain tensors and fully replicated DTensors.
-Signature = tuple[tuple[str, str], ...]
+# A mesh dimension that shards a gradient, as (dimension name, group ranks, group name): every
+# field is the same on every rank of the group (torch names groups collectively), so sorting these
+# gives one order of the groups for all ranks.
+Dim = tuple[str, tuple[int, ...], str]
+# The dimensions a gradient's elements are split over, sorted; () for plain tensors and fully
+# replicated DTensors.
+Signature = tuple[Dim, ...]
 
 
 def has_dtensor(tensors: list[Tensor]) -> bool:
@@ -65,10 +81,8 @@ class Local:
     signatures: list[Signature]  # one per tensor
     mesh: object | None  # the mesh the norm is returned on; None without DTensors
     groups: dict[str, dist.ProcessGroup] = dataclasses.field(default_factory=dict)  # by name
-
-    def order(self, dim: tuple[str, str]) -> tuple[str, tuple[int, ...]]:
-        """Reduction order: by mesh dimension name, then by the group's ranks."""
-        return dim[0], tuple(dist.get_process_group_ranks(self.groups[dim[1]]))
+    meshes: dict[int, object] = dataclasses.field(default_factory=dict)  # every DTensor's, by id
+    plain: bool = False  # whether some tensor is not a DTensor
 
 
 def _dim_name(mesh, dim: int) -> str:
@@ -81,10 +95,12 @@ def local_shards(tensors: list[Tensor], name: str = "gradients") -> Local:
     """Splits DTensors into local shards and signatures; raises on ``Partial`` placements before
     anything is touched."""
     out = Local([], [], None)
+    dims: dict[tuple[int, int], Dim] = {}  # (id(mesh), mesh dim) -> Dim, looked up once
     for i, t in enumerate(tensors):
         if DTensor is None or not isinstance(t, DTensor):
             out.tensors.append(t)
             out.signatures.append(())
+            out.plain = True
             continue
         mesh, sig = t.device_mesh, []
         for dim, placement in enumerate(t.placements):
@@ -94,15 +110,54 @@ def local_shards(tensors: list[Tensor], name: str = "gradients") -> Local:
                     f"{_dim_name(mesh, dim)!r} (unreduced partial sums); reduce it (e.g. "
                     "redistribute to Shard or Replicate) before clipping"
                 )
-            if not placement.is_replicate():
+            if placement.is_replicate():
+                continue
+            key = (id(mesh), dim)
+            if key not in dims:
                 group = mesh.get_group(dim)
                 out.groups[group.group_name] = group
-                sig.append((_dim_name(mesh, dim), group.group_name))
+                dims[key] = (_dim_name(mesh, dim), tuple(dist.get_process_group_ranks(group)),
+                             group.group_name)
+            sig.append(dims[key])
         out.tensors.append(t.to_local())
-        out.signatures.append(tuple(sorted(sig, key=lambda kv: out.order(kv))))
+        out.signatures.append(tuple(sorted(sig)))
+        out.meshes.setdefault(id(mesh), mesh)
         if out.mesh is None or mesh.ndim > out.mesh.ndim:
             out.mesh = mesh
     return out
+
+
+def refuse_dtensors(grads: list[Tensor], what: str) -> None:
+    """For the functions that do not reduce over meshes: a TypeError before anything is touched."""
+    if has_dtensor(grads):
+        raise TypeError(f"{what} does not take DTensor gradients yet: its norms of sharded "
+                        "gradients would need their own reductions over the mesh")
+
+
+def check_group(local: Local, group: dist.ProcessGroup | None) -> None:
+    """Refuses, on every rank alike and before any communication, what would give ranks
+    different norms: plain tensors beside DTensors without ``group``, and a ``group`` that
+    shares ranks with a DTensor's mesh (its gradients would be counted twice)."""
+    if group is None:
+        if local.plain and local.meshes:
+            raise ValueError(
+                "gradients mix DTensors and plain tensors: each rank would add its own plain "
+                "gradients and ranks would clip by different norms. Make them DTensors (e.g. "
+                "Replicate over the mesh), or pass process_group= if the plain gradients are this "
+                "rank's share of a model split over the group's ranks"
+            )
+        return
+    me = dist.get_rank()
+    ranks = set(dist.get_process_group_ranks(group))
+    for mesh in local.meshes.values():
+        shared = sorted((ranks & set(mesh.mesh.flatten().tolist())) - {me})
+        if shared:
+            raise ValueError(
+                f"process_group shares ranks {shared} with the device mesh of DTensor gradients "
+                f"({mesh}); those are already reduced over the mesh and would be counted twice. "
+                "Pass a group whose other ranks hold other parameters (e.g. the pipeline-parallel "
+                "group), or no process_group"
+            )
 
 
 def full(t: object) -> object:
@@ -117,12 +172,33 @@ def wrap_norm(norm: Tensor, mesh) -> Tensor:
     return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def group_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where the all-reduce buffer of ``group`` lives: the current CUDA device for NCCL, else
-    the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def group_device(group: dist.ProcessGroup | None, device: torch.device | None) -> torch.device:
+    """Where ``group``'s all-reduce buffer lives, for gradients on ``device`` (None: this rank
+    has none)."""
+    return buffer_device(backend_map(dist.get_backend_config(group)), device)
+
+
+def backend_map(config: str) -> dict[str, str]:
+    """Device type -> backend from a group's backend configuration (``"cpu:gloo,cuda:nccl"``,
+    or a bare backend name, which serves every device type it supports)."""
+    if ":" not in config:
+        return {kind: config for kind in dist.Backend.backend_capability.get(config, ["cpu"])}
+    return dict(part.split(":", 1) for part in config.split(","))
+
+
+def buffer_device(backends: dict[str, str], device: torch.device | None) -> torch.device:
+    """The gradients' device when the group reduces there without blocking the host (any backend
+    but gloo: NCCL on CUDA), else the CPU. A rank without gradients takes the accelerator of such
+    a backend, as the other ranks' gradients are taken to be there."""
+    if device is not None:
+        if backends.get(device.type, "gloo") != "gloo":
+            return device
+        if "cpu" in backends:
+            return torch.device("cpu")
+    accelerators = [kind for kind, name in backends.items() if kind != "cpu" and name != "gloo"]
+    if accelerators:
+        return torch.device(accelerators[0])  # the current device of that type
+    return torch.device("cpu") if "cpu" in backends else torch.device(next(iter(backends)))
 
 
 def _pair(local: Tensor, p: float) -> Tensor:
@@ -136,7 +212,7 @@ def _pair(local: Tensor, p: float) -> Tensor:
 def _all_reduce(pairs: list[Tensor], p: float, group: dist.ProcessGroup | None) -> list[Tensor]:
     """One all-reduce of the stacked pairs over ``group``; returns them reduced, where they were."""
     home = pairs[0].device
-    buf = torch.stack(pairs).to(group_device(group))
+    buf = torch.stack(pairs).to(group_device(group, home))
     dist.all_reduce(buf, op=dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM,
                     group=group)
     return list(buf.to(home).unbind(0))
@@ -165,16 +241,18 @@ def sharded_norm(
 ) -> Tensor:
     """The global norm (fp64 0-dim on ``device``) of ``local``'s tensors over their meshes and
     ``group``. ``local_norm`` is the fused pass 1 over a list of plain tensors."""
-    by_sig: dict[Signature, list[Tensor]] = {}
+    by_sig: dict[Signature, list[Tensor]] = {}  # in order of first appearance, as on every rank
     for t, sig in zip(local.tensors, local.signatures):
         by_sig.setdefault(sig, []).append(t)
-    sigs = sorted(by_sig, key=lambda s: [local.order(dim) for dim in s])
+    sigs = list(by_sig)
     pairs = {s: _pair(local_norm(by_sig[s]).to(device), norm_type) for s in sigs}
     # One all-reduce per sharding mesh dimension (and group), over the partials of the signatures
-    # sharded on it; every rank of a group holds the same signatures, so the buffers line up.
-    for dim in sorted({dim for s in sigs for dim in s}, key=local.order):
+    # sharded on it, in one order of the groups for all ranks. Every rank of a group passes the
+    # same parameters in the same order, so its signatures sharded over the group come in the
+    # same order on every rank and the buffers line up.
+    for dim in sorted({dim for s in sigs for dim in s}):
         members = [s for s in sigs if dim in s]
-        reduced = _all_reduce([pairs[s] for s in members], norm_type, local.groups[dim[1]])
+        reduced = _all_reduce([pairs[s] for s in members], norm_type, local.groups[dim[2]])
         pairs.update(zip(members, reduced))
     if pairs:
         total = _combine([pairs[s] for s in sigs], norm_type)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# A rank left waiting in a collective (say, ranks that order their reductions differently) fails
+# the test after this long rather than hanging CI: mesh groups' own timeout is 30 minutes.
+TIMEOUT_S = 300
 
 
 def enable_cpu_operators() -> None:
@@ -43,6 +48,14 @@ def spawn(fn, world: int, *args) -> list[object]:
     rank's result. An exception in a rank (a failed assert) fails the caller with its traceback."""
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        mp.spawn(_main, args=(world, init_file, out_dir, fn, args), nprocs=world, join=True)
+        ranks = mp.spawn(_main, args=(world, init_file, out_dir, fn, args), nprocs=world,
+                         join=False)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ranks.join(timeout=1):  # raises with a failed rank's traceback
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                raise TimeoutError(f"{world} ranks still running after {TIMEOUT_S} s: some rank "
+                                   "waits in a collective that another never joins")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]

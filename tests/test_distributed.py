@@ -19,6 +19,7 @@ from conftest import clip_rtol, make_params
 from ranks import rank_backend, spawn
 
 import fusedclip
+from fusedclip import distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -91,15 +92,52 @@ def test_single_rank_group_is_the_plain_call():
             dist.destroy_process_group()
 
 
-@pytest.fixture
-def nccl_group():
-    """A one-rank NCCL group in this process (the device has one GPU)."""
+@pytest.mark.parametrize(
+    ("config", "device", "expected"),
+    [
+        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # init_process_group()'s default on GPUs
+        ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+        ("cpu:gloo,cuda:nccl", None, "cuda"),  # no gradients here: where the others' go
+        ("cuda:nccl", "cuda:0", "cuda:0"),
+        ("nccl", "cuda:0", "cuda:0"),
+        ("nccl", "cpu", "cuda"),  # NCCL has no CPU: the current CUDA device
+        ("cpu:gloo,cuda:gloo", "cuda:0", "cpu"),  # gloo blocks anyway: no device round trip
+        ("gloo", "cuda:0", "cpu"),
+        ("cpu:gloo", None, "cpu"),
+    ],
+)
+def test_buffer_device(config, device, expected):
+    """The all-reduce buffer goes where the group reduces without a host sync."""
+    backends = distributed.backend_map(config)
+    where = distributed.buffer_device(backends, None if device is None else torch.device(device))
+    assert where == torch.device(expected)
+
+
+def test_default_configuration_single_rank():
+    """``init_process_group()`` with no backend (here "cpu:gloo"): the buffer on the CPU."""
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group(init_method=f"file://{d}/init", rank=0, world_size=1)
+        try:
+            assert distributed.group_device(None, torch.device("cpu")) == torch.device("cpu")
+            params = make_params(SHAPES, seed=4)
+            twin = make_params(SHAPES, seed=4)
+            a = fusedclip.clip_grad_norm_(params, 0.5, process_group=dist.group.WORLD)
+            torch.testing.assert_close(a, fusedclip.clip_grad_norm_(twin, 0.5), rtol=1e-12,
+                                       atol=0)
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.fixture(params=["nccl", None], ids=["nccl", "default-config"])
+def nccl_group(request):
+    """A one-rank group with NCCL for CUDA in this process (the device has one GPU)."""
     if not dist.is_nccl_available():
         pytest.skip("needs NCCL")
     with tempfile.TemporaryDirectory() as d:
         torch.cuda.set_device(0)
-        dist.init_process_group("nccl", init_method=f"file://{d}/init", rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
+        # None: torch's default, "cpu:gloo,cuda:nccl", where CUDA buffers must still go to NCCL.
+        dist.init_process_group(request.param, init_method=f"file://{d}/init", rank=0,
+                                world_size=1, device_id=torch.device("cuda", 0))
         try:
             yield dist.group.WORLD
         finally:
@@ -144,7 +182,8 @@ def test_nccl_single_rank_capture(nccl_group, backend):
 
 @pytest.mark.gpu
 def test_nccl_dtensor_single_rank(nccl_group):
-    """DTensor gradients on a one-rank CUDA mesh: the plain call's norm, as a replicated DTensor."""
+    """DTensor gradients on a one-rank CUDA mesh: the plain call's norm, as a replicated DTensor,
+    with no host sync."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
@@ -156,7 +195,11 @@ def test_nccl_dtensor_single_rank(nccl_group):
         q.grad = DTensor.from_local(p.grad.clone(), mesh, [Shard(0)])
         sharded.append(q)
     expected = fusedclip.clip_grad_norm_(plain, 0.5)
-    norm = fusedclip.clip_grad_norm_(sharded, 0.5)
+    torch.cuda.set_sync_debug_mode("error")  # the mesh's all-reduce stays on the stream
+    try:
+        norm = fusedclip.clip_grad_norm_(sharded, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert isinstance(norm, DTensor) and norm.placements[0].is_replicate()
     torch.testing.assert_close(norm.to_local(), expected, rtol=1e-12, atol=0)
     for p, q in zip(plain, sharded):

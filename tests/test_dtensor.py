@@ -83,9 +83,10 @@ def _backward(model, dp_rank, dtype):
     (model(x).float().pow(2).sum() * 3).backward()
 
 
-def _check_clip(params, backend, reductions, mesh, compare_torch):
+def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
     """Clips ``params``' DTensor gradients with every case; asserts against the reference and
-    (``compare_torch``) torch; returns the norms."""
+    (``compare_torch``) torch; returns the norms. ``orders`` collects the names of the groups
+    reduced over, in order, for every case."""
     from torch.distributed.tensor import DTensor
 
     start = [p.grad.to_local().clone() for p in params]
@@ -102,6 +103,8 @@ def _check_clip(params, backend, reductions, mesh, compare_torch):
         with _counting_all_reduces() as calls:
             norm = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
         assert len(calls) == reductions, calls
+        if orders is not None:
+            orders.append([group.group_name for group in calls])
         assert isinstance(norm, DTensor) and norm.device_mesh == mesh
         assert all(pl.is_replicate() for pl in norm.placements)
         assert norm.dtype == dtype
@@ -142,6 +145,17 @@ def _check_refusals(params, mesh):
         fusedclip.clip_grad_norm_per_tensor_(params, 0.1)
     with pytest.raises(TypeError, match="DTensor"):
         fusedclip.adaptive_clip_grad_(params)
+    with pytest.raises(TypeError, match="AutoClipper does not take DTensor"):
+        fusedclip.AutoClipper(params).step()
+    plain = torch.nn.Parameter(torch.ones(3))
+    plain.grad = torch.full((3,), 2.0)
+    with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
+        fusedclip.clip_grad_norm_([*params, plain], 0.1)
+    with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
+        fusedclip.get_total_norm([params[0].grad, plain.grad])
+    with pytest.raises(ValueError, match="shares ranks"):  # the mesh's own ranks: counted twice
+        fusedclip.clip_grad_norm_(params, 0.1, process_group=mesh.get_group(0))
+    assert torch.equal(plain.grad, torch.full((3,), 2.0))
     partial = DTensor.from_local(torch.randn(4), mesh, [Partial()])
     with pytest.raises(ValueError, match="Partial placement"):
         fusedclip.get_total_norm([params[0].grad, partial])
@@ -207,3 +221,129 @@ def test_two_dim_mesh_tensor_parallel(cpu_backend):
     on the ``dp`` sub-mesh only."""
     backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
     _same_on_every_rank(spawn(_mesh_2d_rank, 4, backend))
+
+
+# (shape, placements) on a 2x2 mesh: sharded over both mesh dimensions (also twice along one tensor
+# dimension: 1 element over 4 ranks, three of them empty), over the first only (an empty tensor
+# too), over the second only (HSDP: replicated over the first), and fully replicated.
+CASES_2D = [((6, 5), "S0 S1"), ((7, 3), "S0 R"), ((0, 4), "S0 R"), ((5,), "R S0"),
+            ((3, 2), "R R"), ((9, 2), "S1 S0"), ((1,), "S0 S0")]
+
+
+def _placements(spec):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Replicate() if s == "R" else Shard(int(s[1:])) for s in spec.split()]
+
+
+def _dtensor_params(mesh, cases, seed):
+    """Parameters whose gradients are random full tensors (the same on every rank) distributed
+    over ``mesh`` with each case's placements; returns (params, full gradients)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    gen = torch.Generator().manual_seed(seed)
+    params, fulls = [], []
+    for shape, spec in cases:
+        full = torch.randn(shape, generator=gen) * 2
+        param = nn.Parameter(distribute_tensor(torch.zeros(shape), mesh, _placements(spec)))
+        param.grad = distribute_tensor(full, mesh, _placements(spec))
+        params.append(param)
+        fulls.append(full)
+    return params, fulls
+
+
+def _placements_rank(rank, world, backend, named):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = rank_backend(backend)
+    names = ("dp", "tp") if named else None
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    params, _ = _dtensor_params(mesh, CASES_2D, seed=7)
+    orders = []
+    norms = _check_clip(params, backend, 2, mesh, compare_torch=True, orders=orders)
+    # A second mesh with the same names and ranks: two more groups whose names alone tell them
+    # apart from the first mesh's; every rank must reduce over the four in the same order.
+    twin = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    more, _ = _dtensor_params(twin, CASES_2D, seed=8)
+    mixed = [q for pair in zip(params, more) for q in pair]
+    norms += _check_clip(mixed, backend, 4, mesh, compare_torch=False, orders=orders)
+    return norms, orders
+
+
+def _same_relative_order(orders_per_rank):
+    """Every two ranks reduce over the groups they share in the same order."""
+    for a in orders_per_rank:
+        for b in orders_per_rank:
+            for seq_a, seq_b in zip(a, b):
+                shared = set(seq_a) & set(seq_b)
+                assert [g for g in seq_a if g in shared] == [g for g in seq_b if g in shared]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_every_placement_on_a_2d_mesh(cpu_backend, named):
+    """Shard/Replicate combinations on a 2x2 mesh, named and unnamed, and a second mesh with the
+    same layout: the gathered reference on every rank, one all-reduce per group, the same order
+    of reductions on every rank."""
+    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    per_rank = spawn(_placements_rank, 4, backend, named)
+    _same_on_every_rank([norms for norms, _ in per_rank])
+    _same_relative_order([orders for _, orders in per_rank])
+
+
+def _pipeline_rank(rank, world, backend):
+    """Two pipeline stages, each FSDP-sharded over its own 2 ranks, each with a plain (replicated
+    within the stage) parameter too; ``process_group`` is the pipeline group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    backend = rank_backend(backend)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage, dp, pp = mesh.get_coordinate()[0], mesh["dp"], mesh.get_group("pp")
+    stage_cases = [[((6, 5), "S0"), ((3,), "S0"), ((1,), "S0")], [((4, 4), "S0"), ((11,), "S0")]]
+    every = []  # both stages' full gradients, for the reference
+    for s, cases in enumerate(stage_cases):
+        params, fulls = _dtensor_params(dp, cases, seed=20 + s)
+        plain = torch.nn.Parameter(torch.zeros(5))
+        plain.grad = torch.randn(5, generator=torch.Generator().manual_seed(30 + s))
+        every += [*fulls, plain.grad.clone()]
+        if s == stage:
+            mine = [*params, plain]
+    start = [full_or_local(q.grad).clone() for q in mine]
+    results = []
+    for norm_type, max_norm in CASES:
+        expected = float(reference.total_norm(every, norm_type))
+        coef = min(1.0, max_norm / (expected + 1e-6))
+        with _counting_all_reduces() as calls:
+            norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
+                                             process_group=pp)
+        assert [g.group_name for g in calls] == [dp.get_group().group_name, pp.group_name]
+        assert isinstance(norm, DTensor) and norm.device_mesh == dp
+        torch.testing.assert_close(norm.to_local().double(), torch.tensor(expected).double(),
+                                   rtol=1e-5, atol=0)
+        for q, g in zip(mine, start):
+            torch.testing.assert_close(full_or_local(q.grad).double(), g.double() * coef,
+                                       rtol=2 * clip_rtol(g.dtype), atol=0)
+            full_or_local(q.grad).copy_(g)
+        total = fusedclip.get_total_norm([q.grad for q in mine], norm_type, backend=backend,
+                                         process_group=pp)
+        torch.testing.assert_close(total.to_local(), norm.to_local(), rtol=0, atol=0)
+        results.append(float(norm.to_local()))
+    for group in (dist.group.WORLD, dp.get_group()):  # they share ranks with the stage's mesh
+        with pytest.raises(ValueError, match="shares ranks"):
+            fusedclip.clip_grad_norm_(mine, 0.01, process_group=group, backend=backend)
+    with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
+        fusedclip.clip_grad_norm_(mine, 0.01, backend=backend)
+    assert all(torch.equal(full_or_local(q.grad), g) for q, g in zip(mine, start))
+    return results
+
+
+def full_or_local(t):
+    """A DTensor's local shard, a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def test_dtensors_with_a_pipeline_group(cpu_backend):
+    """FSDP2-style DTensors and plain tensors on two pipeline stages: ``process_group`` sums the
+    stages' norms once, after the mesh reduction; groups overlapping the mesh are refused."""
+    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    _same_on_every_rank(spawn(_pipeline_rank, 4, backend))
