@@ -193,10 +193,13 @@ Run `python -m fusedclip COMMAND --help` for a command's options.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fusedclip",
+        usage="%(prog)s [-h] COMMAND [options]",
         description=TOP_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The commands are listed in the description (in the order a new user wants them).
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help=argparse.SUPPRESS)
     _add_bench_parser(commands)
     check = commands.add_parser(
         "check",

@@ -17,8 +17,10 @@ def test_top_level_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "fusedclip", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m fusedclip [-h] COMMAND")
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
     for command in ("check", "bench", "backends"):
-        assert command in proc.stdout
+        assert listed.count(command) == 1, proc.stdout  # each command listed once, with its text
 
 
 def test_check_passes_and_reports_every_backend(cpu_backend, capsys):
