@@ -26,14 +26,18 @@ different norms). The norm is returned as torch returns it, a DTensor replicated
 **Every rank of a group must make the same call** with the same parameters in the same order, as
 FSDP2, tensor parallelism and DDP arrange: a rank that passes other gradients (a gradient that is
 ``None`` on one rank only, a different model) waits forever in a collective, as with torch's own
-clip. The gradients of all ranks live on one kind of device; the all-reduce buffer goes there when
-the group has a stream-ordered backend for it (NCCL for CUDA, also under the default
-``"cpu:gloo,cuda:nccl"`` configuration), and to the CPU otherwise (gloo, which blocks anyway).
+clip. The argument checks are local: where only some ranks fail them (a pipeline stage whose
+DTensors' mesh overlaps ``process_group`` beside a stage of plain tensors), those raise and the
+others wait in the collective until the group's timeout. The all-reduce buffers go to the
+machine's accelerator when the group has a stream-ordered backend for it (NCCL for CUDA, also in
+a ``"cpu:gloo,cuda:nccl"`` configuration), and to the CPU otherwise (gloo, which blocks anyway):
+a choice that depends on the group alone, so that a rank without gradients makes it as well.
 
 **process_group=.** Plain tensors (and the DTensor total, when both are given) are summed over
 the group last: its ranks hold different parameters (pipeline stages, Megatron-style tensor
 parallel shards). A group that shares ranks with a DTensor's mesh would count that mesh's
-gradients twice and is refused.
+gradients twice and is refused. Plain tensors beside DTensors must then be the same on every
+rank of the DTensors' mesh (replicated), which is not checked.
 
 Each buffer holds ``[value, isnan]`` pairs: ``value`` is ``local ** p`` reduced with SUM, or the
 max magnitude with MAX for the inf-norm, never SUM; the NaN flag carries NaN through reductions
@@ -52,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Local", "backend_map", "buffer_device", "check_group", "full", "group_device",
+__all__ = ["Local", "backend_map", "buffer_device_type", "check_group", "full", "group_device",
            "has_dtensor", "local_shards", "refuse_dtensors", "sharded_norm", "wrap_norm"]
 
 if dist.is_available():
@@ -172,10 +176,21 @@ def wrap_norm(norm: Tensor, mesh) -> Tensor:
     return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def group_device(group: dist.ProcessGroup | None, device: torch.device | None) -> torch.device:
-    """Where ``group``'s all-reduce buffer lives, for gradients on ``device`` (None: this rank
-    has none)."""
-    return buffer_device(backend_map(dist.get_backend_config(group)), device)
+def group_device(group: dist.ProcessGroup | None, near: torch.device | None) -> torch.device:
+    """Where ``group``'s all-reduce buffers live. The kind of device depends on the group and the
+    machine alone, never on this rank's gradients, so that every rank (one without gradients too)
+    reduces with the same backend; the device itself is ``near`` (this rank's gradients') when it
+    is of that kind, else the current one."""
+    accelerator = None
+    if torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator().type
+    config = dist.get_backend_config(group)
+    kind = buffer_device_type(backend_map(config), accelerator, config)
+    if near is not None and near.type == kind:
+        return near
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, torch.accelerator.current_device_index())
 
 
 def backend_map(config: str) -> dict[str, str]:
@@ -186,19 +201,19 @@ def backend_map(config: str) -> dict[str, str]:
     return dict(part.split(":", 1) for part in config.split(","))
 
 
-def buffer_device(backends: dict[str, str], device: torch.device | None) -> torch.device:
-    """The gradients' device when the group reduces there without blocking the host (any backend
-    but gloo: NCCL on CUDA), else the CPU. A rank without gradients takes the accelerator of such
-    a backend, as the other ranks' gradients are taken to be there."""
-    if device is not None:
-        if backends.get(device.type, "gloo") != "gloo":
-            return device
-        if "cpu" in backends:
-            return torch.device("cpu")
-    accelerators = [kind for kind, name in backends.items() if kind != "cpu" and name != "gloo"]
-    if accelerators:
-        return torch.device(accelerators[0])  # the current device of that type
-    return torch.device("cpu") if "cpu" in backends else torch.device(next(iter(backends)))
+def buffer_device_type(backends: dict[str, str], accelerator: str | None,
+                       config: str = "") -> str:
+    """The machine's accelerator when the group reduces there without blocking the host (any
+    backend but gloo: NCCL on CUDA), else the CPU when the group has a backend for it, else the
+    accelerator."""
+    if accelerator is not None and backends.get(accelerator, "gloo") != "gloo":
+        return accelerator
+    if "cpu" in backends:
+        return "cpu"
+    if accelerator is not None and accelerator in backends:
+        return accelerator
+    raise RuntimeError(f"the process group's backends ({config or backends}) serve neither the "
+                       f"CPU nor this machine's accelerator ({accelerator or 'none'})")
 
 
 def _pair(local: Tensor, p: float) -> Tensor:

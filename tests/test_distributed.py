@@ -93,32 +93,39 @@ def test_single_rank_group_is_the_plain_call():
 
 
 @pytest.mark.parametrize(
-    ("config", "device", "expected"),
+    ("config", "accelerator", "expected"),
     [
-        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # init_process_group()'s default on GPUs
-        ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
-        ("cpu:gloo,cuda:nccl", None, "cuda"),  # no gradients here: where the others' go
-        ("cuda:nccl", "cuda:0", "cuda:0"),
-        ("nccl", "cuda:0", "cuda:0"),
-        ("nccl", "cpu", "cuda"),  # NCCL has no CPU: the current CUDA device
-        ("cpu:gloo,cuda:gloo", "cuda:0", "cpu"),  # gloo blocks anyway: no device round trip
-        ("gloo", "cuda:0", "cpu"),
+        ("cpu:gloo,cuda:nccl", "cuda", "cuda"),  # CPU offload as well: one backend for all ranks
+        ("cpu:gloo,cuda:nccl", None, "cpu"),
+        ("cuda:nccl", "cuda", "cuda"),  # init_process_group()'s default on a GPU (torch 2.14)
+        ("nccl", "cuda", "cuda"),
+        ("cpu:gloo,xpu:xccl,cuda:nccl", "cuda", "cuda"),  # this machine's accelerator, not xpu
+        ("cpu:gloo,cuda:gloo", "cuda", "cpu"),  # gloo blocks anyway: no device round trip
+        ("gloo", "cuda", "cpu"),
         ("cpu:gloo", None, "cpu"),
+        ("cpu:fake,cuda:fake", None, "cpu"),  # names CUDA on a machine without one
     ],
 )
-def test_buffer_device(config, device, expected):
-    """The all-reduce buffer goes where the group reduces without a host sync."""
+def test_buffer_device_type(config, accelerator, expected):
+    """The all-reduce buffer goes where the group reduces without a host sync, decided from the
+    group and the machine only, so that a rank without gradients decides alike."""
     backends = distributed.backend_map(config)
-    where = distributed.buffer_device(backends, None if device is None else torch.device(device))
-    assert where == torch.device(expected)
+    assert distributed.buffer_device_type(backends, accelerator, config) == expected
+
+
+def test_buffer_device_type_without_a_usable_backend():
+    with pytest.raises(RuntimeError, match="serve neither the CPU nor"):
+        distributed.buffer_device_type(distributed.backend_map("cuda:nccl"), None, "cuda:nccl")
 
 
 def test_default_configuration_single_rank():
-    """``init_process_group()`` with no backend (here "cpu:gloo"): the buffer on the CPU."""
+    """``init_process_group()`` with no backend (on a CPU machine "cpu:gloo"): the buffer on
+    the CPU."""
     with tempfile.TemporaryDirectory() as d:
         dist.init_process_group(init_method=f"file://{d}/init", rank=0, world_size=1)
         try:
             assert distributed.group_device(None, torch.device("cpu")) == torch.device("cpu")
+            assert distributed.group_device(None, None) == torch.device("cpu")
             params = make_params(SHAPES, seed=4)
             twin = make_params(SHAPES, seed=4)
             a = fusedclip.clip_grad_norm_(params, 0.5, process_group=dist.group.WORLD)
@@ -128,14 +135,14 @@ def test_default_configuration_single_rank():
             dist.destroy_process_group()
 
 
-@pytest.fixture(params=["nccl", None], ids=["nccl", "default-config"])
+@pytest.fixture(params=["nccl", "cpu:gloo,cuda:nccl"], ids=["nccl", "gloo-and-nccl"])
 def nccl_group(request):
     """A one-rank group with NCCL for CUDA in this process (the device has one GPU)."""
     if not dist.is_nccl_available():
         pytest.skip("needs NCCL")
     with tempfile.TemporaryDirectory() as d:
         torch.cuda.set_device(0)
-        # None: torch's default, "cpu:gloo,cuda:nccl", where CUDA buffers must still go to NCCL.
+        # "cpu:gloo,cuda:nccl" (as set for CPU offload): CUDA buffers must still go to NCCL.
         dist.init_process_group(request.param, init_method=f"file://{d}/init", rank=0,
                                 world_size=1, device_id=torch.device("cuda", 0))
         try:
