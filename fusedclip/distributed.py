@@ -81,12 +81,17 @@ def has_dtensor(tensors: list[Tensor]) -> bool:
 class Local:
     """The plain tensors a rank works on, and how their norms combine across ranks."""
 
-    tensors: list[Tensor]  # each DTensor's local shard (the DTensor's storage), plain ones as given
-    signatures: list[Signature]  # one per tensor
-    mesh: object | None  # the mesh the norm is returned on; None without DTensors
+    tensors: list[Tensor] = dataclasses.field(default_factory=list)  # DTensors' local shards
+    signatures: list[Signature] = dataclasses.field(default_factory=list)  # one per tensor
     groups: dict[str, dist.ProcessGroup] = dataclasses.field(default_factory=dict)  # by name
     meshes: dict[int, object] = dataclasses.field(default_factory=dict)  # every DTensor's, by id
     plain: bool = False  # whether some tensor is not a DTensor
+
+    @property
+    def mesh(self) -> object | None:
+        """The mesh the norm is returned on: the first with the most dimensions; None without
+        DTensors."""
+        return max(self.meshes.values(), key=lambda mesh: mesh.ndim, default=None)
 
 
 def _dim_name(mesh, dim: int) -> str:
@@ -98,7 +103,7 @@ def _dim_name(mesh, dim: int) -> str:
 def local_shards(tensors: list[Tensor], name: str = "gradients") -> Local:
     """Splits DTensors into local shards and signatures; raises on ``Partial`` placements before
     anything is touched."""
-    out = Local([], [], None)
+    out = Local()
     dims: dict[tuple[int, int], Dim] = {}  # (id(mesh), mesh dim) -> Dim, looked up once
     for i, t in enumerate(tensors):
         if DTensor is None or not isinstance(t, DTensor):
@@ -126,8 +131,6 @@ def local_shards(tensors: list[Tensor], name: str = "gradients") -> Local:
         out.tensors.append(t.to_local())
         out.signatures.append(tuple(sorted(sig)))
         out.meshes.setdefault(id(mesh), mesh)
-        if out.mesh is None or mesh.ndim > out.mesh.ndim:
-            out.mesh = mesh
     return out
 
 
@@ -139,9 +142,9 @@ def refuse_dtensors(grads: list[Tensor], what: str) -> None:
 
 
 def check_group(local: Local, group: dist.ProcessGroup | None) -> None:
-    """Refuses, on every rank alike and before any communication, what would give ranks
-    different norms: plain tensors beside DTensors without ``group``, and a ``group`` that
-    shares ranks with a DTensor's mesh (its gradients would be counted twice)."""
+    """Refuses, before any communication, what would give ranks different norms: plain tensors
+    beside DTensors without ``group``, and a ``group`` that shares ranks with a DTensor's mesh
+    (its gradients would be counted twice). The check is this rank's alone (module docstring)."""
     if group is None:
         if local.plain and local.meshes:
             raise ValueError(

@@ -25,6 +25,12 @@ def enable_cpu_operators() -> None:
     backends.backend_status.cache_clear()
 
 
+def spawned_backend(cpu_backend: str) -> str:
+    """What a test passes to its ranks for a cpu_backend fixture value: the fixture's patch does
+    not reach spawned processes, so "cuda" travels as "cuda-ops-on-cpu" (see rank_backend)."""
+    return "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+
+
 def rank_backend(backend: str) -> str:
     """The backend name for fusedclip calls in a rank, given a cpu_backend fixture value."""
     if backend == "cuda-ops-on-cpu":

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import clip_rtol, make_params
-from ranks import rank_backend, spawn
+from ranks import rank_backend, spawn, spawned_backend
 
 import fusedclip
 from fusedclip import distributed
@@ -52,7 +52,7 @@ def _rank(rank, world, backend):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_group_norm_matches_unsharded(cpu_backend, world):
-    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    backend = spawned_backend(cpu_backend)
     per_rank = spawn(_rank, world, backend)
     for case, (norm_type, max_norm) in enumerate(CASES):
         params = make_params(SHAPES, seed=3)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import clip_rtol
-from ranks import rank_backend, spawn
+from ranks import rank_backend, spawn, spawned_backend
 from torch import nn
 
 import fusedclip
@@ -212,14 +212,14 @@ def _same_on_every_rank(per_rank):
 
 def test_fsdp2_one_dim_mesh(cpu_backend):
     """FSDP2 on 2 ranks, fp32 and bf16 gradients, uneven and empty shards."""
-    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    backend = spawned_backend(cpu_backend)
     _same_on_every_rank(spawn(_fsdp_rank, 2, backend))
 
 
 def test_two_dim_mesh_tensor_parallel(cpu_backend):
     """Tensor parallel on ``tp`` and FSDP2 on ``dp`` over 4 ranks, with and without gradients
     on the ``dp`` sub-mesh only."""
-    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    backend = spawned_backend(cpu_backend)
     _same_on_every_rank(spawn(_mesh_2d_rank, 4, backend))
 
 
@@ -284,10 +284,15 @@ def test_every_placement_on_a_2d_mesh(cpu_backend, named):
     """Shard/Replicate combinations on a 2x2 mesh, named and unnamed, and a second mesh with the
     same layout: the gathered reference on every rank, one all-reduce per group, the same order
     of reductions on every rank."""
-    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    backend = spawned_backend(cpu_backend)
     per_rank = spawn(_placements_rank, 4, backend, named)
     _same_on_every_rank([norms for norms, _ in per_rank])
     _same_relative_order([orders for _, orders in per_rank])
+
+
+def _local(t):
+    """A DTensor's local shard, a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _pipeline_rank(rank, world, backend):
@@ -308,7 +313,7 @@ def _pipeline_rank(rank, world, backend):
         every += [*fulls, plain.grad.clone()]
         if s == stage:
             mine = [*params, plain]
-    start = [full_or_local(q.grad).clone() for q in mine]
+    start = [_local(q.grad).clone() for q in mine]
     results = []
     for norm_type, max_norm in CASES:
         expected = float(reference.total_norm(every, norm_type))
@@ -321,9 +326,9 @@ def _pipeline_rank(rank, world, backend):
         torch.testing.assert_close(norm.to_local().double(), torch.tensor(expected).double(),
                                    rtol=1e-5, atol=0)
         for q, g in zip(mine, start):
-            torch.testing.assert_close(full_or_local(q.grad).double(), g.double() * coef,
+            torch.testing.assert_close(_local(q.grad).double(), g.double() * coef,
                                        rtol=2 * clip_rtol(g.dtype), atol=0)
-            full_or_local(q.grad).copy_(g)
+            _local(q.grad).copy_(g)
         total = fusedclip.get_total_norm([q.grad for q in mine], norm_type, backend=backend,
                                          process_group=pp)
         torch.testing.assert_close(total.to_local(), norm.to_local(), rtol=0, atol=0)
@@ -333,17 +338,12 @@ def _pipeline_rank(rank, world, backend):
             fusedclip.clip_grad_norm_(mine, 0.01, process_group=group, backend=backend)
     with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
         fusedclip.clip_grad_norm_(mine, 0.01, backend=backend)
-    assert all(torch.equal(full_or_local(q.grad), g) for q, g in zip(mine, start))
+    assert all(torch.equal(_local(q.grad), g) for q, g in zip(mine, start))
     return results
-
-
-def full_or_local(t):
-    """A DTensor's local shard, a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def test_dtensors_with_a_pipeline_group(cpu_backend):
     """FSDP2-style DTensors and plain tensors on two pipeline stages: ``process_group`` sums the
     stages' norms once, after the mesh reduction; groups overlapping the mesh are refused."""
-    backend = "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
+    backend = spawned_backend(cpu_backend)
     _same_on_every_rank(spawn(_pipeline_rank, 4, backend))
