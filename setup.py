@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,8 +86,7 @@ setup(
     name="fusedclip",
     version="0.1.0",
     description="Fused CUDA and Triton gradient clipping for PyTorch",
-    packages=["fusedclip", "fusedclip.triton_kernels"],
-    package_dir={"fusedclip": "fusedclip", "fusedclip.triton_kernels": "triton_kernels"},
+    packages=find_packages(include=["fusedclip", "fusedclip.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"bench": ["rich", "matplotlib"], "triton": ["triton>=3.2"]},

@@ -1,16 +1,16 @@
-"""fusedclip: global gradient-norm clipping in the fewest passes over GPU memory.
+"""fusedclip: global gradient-norm clipping for PyTorch in two passes over memory.
 
 Drop-in replacements for ``torch.nn.utils.clip_grad_norm_``, ``get_total_norm``,
-``clip_grads_with_norm_`` and ``clip_grad_value_``, with a keyword-only ``backend=``; the AMP
-path (``scaler=``, ``ClippingGradScaler``), soft and per-tensor clipping
-(``clip_grad_norm_per_tensor_``), adaptive clipping (``adaptive_clip_grad_``), automatic
-thresholds (``AutoClipper``) and sync-free monitoring (``return_stats=``, ``StatsWindow``).
-``fusedclip.patch()`` routes torch's own functions through fusedclip (HF Trainer, Lightning).
-``fusedclip.reference`` is the fp64 oracle every kernel is tested against.
+``clip_grads_with_norm_`` and ``clip_grad_value_``, with a keyword-only ``backend=`` (``cpp``: the
+compiled engine, CPU and CUDA; ``triton``; ``reference``: fp64 PyTorch, the oracle;
+``select_backend`` says which would run); the AMP path (``scaler=``, ``ClippingGradScaler``), soft
+and per-tensor clipping (``clip_grad_norm_per_tensor_``), adaptive clipping
+(``adaptive_clip_grad_``), automatic thresholds (``AutoClipper``) and sync-free monitoring
+(``return_stats=``, ``StatsWindow``). ``fusedclip.patch()`` routes torch's own functions through
+fusedclip (HF Trainer, Lightning).
 """
 
-from fusedclip import ops  # noqa: F401  (registers the fake implementations of fusedclip._C)
-from fusedclip.amp import ClippingGradScaler
+from fusedclip._select import available_backends, select_backend
 from fusedclip.api import (
     adaptive_clip_grad_,
     clip_grad_norm_,
@@ -20,7 +20,8 @@ from fusedclip.api import (
     get_total_norm,
 )
 from fusedclip.auto import AutoClipper
-from fusedclip.backends import BackendStatus, available_backends
+from fusedclip.backends import BackendStatus, reference
+from fusedclip.scaler import ClippingGradScaler
 from fusedclip.stats import ClipStats, StatsWindow
 from fusedclip.torch_patch import is_patched, patch, patched, unpatch
 
@@ -42,5 +43,7 @@ __all__ = [
     "is_patched",
     "patch",
     "patched",
+    "reference",
+    "select_backend",
     "unpatch",
 ]

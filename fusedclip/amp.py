@@ -17,7 +17,7 @@ pass 2 goes: the gradients stay as they are and the optimizer gets the combined 
 read. ``scaler.step`` hands both over and removes them after the step; without a scaler a
 one-shot step hook removes ``grad_scale``.
 
-``ClippingGradScaler`` is the same as a GradScaler method,
+``fusedclip.scaler.ClippingGradScaler`` is the same as a GradScaler method,
 ``scaler.unscale_and_clip_(opt, max_norm)``.
 
 This module reads GradScaler's per-optimizer state (``_per_optimizer_states``, ``OptState``,
@@ -36,17 +36,18 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from fusedclip import backends, reference
-from fusedclip.fused import by_device
-from fusedclip.inputs import (
+from fusedclip import _select
+from fusedclip._args import (
     check_tensor_items,
     check_writable_grads,
     grads_of,
     norm_result_dtype,
     raise_if_nonfinite,
 )
+from fusedclip.backends._math import clip_coef, combine_norms
+from fusedclip.backends._multi_tensor import by_device
 
-__all__ = ["ClippingGradScaler", "clip_grad_norm_scaled_"]
+__all__ = ["clip_grad_norm_scaled_"]
 
 FP16_MESSAGE = (
     "Attempting to unscale FP16 gradients. (torch.amp.GradScaler refuses to, and so does "
@@ -213,12 +214,12 @@ def clip_grad_norm_scaled_(
     scaler: GradScaler | None,
     optimizer: object,
     fold_into_optimizer: bool,
-    backend: str | None,
+    backend: _select.Choice,
     soft: bool = False,
 ) -> Tensor | None:
     """``clip_grad_norm_(params, max_norm, ..., scaler=, optimizer=, fold_into_optimizer=)``
-    (max_norm and norm_type validated by the caller); None when there is nothing to unscale or
-    fold (a disabled scaler), meaning: clip as usual."""
+    (max_norm, norm_type and backend validated by the caller); None when there is nothing to
+    unscale or fold (a disabled scaler), meaning: clip as usual."""
     if scaler is not None:
         _check_scaler(scaler)
     optimizers = _optimizers(optimizer)
@@ -277,8 +278,8 @@ def _fast(params, optimizers, max_norm, norm_type, fold, backend, inv_for, flags
     when unscaling, so that the general path refuses them)."""
     if len(optimizers) != 1 or torch.compiler.is_compiling():
         return None
-    impl = backends.fast_impl(backend)
-    if impl is None:
+    fast = _select.fast_path(backend)
+    if fast is None:
         return None
     flat = [p for group in optimizers[0].param_groups for p in group["params"]]
     if len(flat) != len(params) or not all(map(operator.is_, flat, params)):
@@ -286,13 +287,13 @@ def _fast(params, optimizers, max_norm, norm_type, fold, backend, inv_for, flags
     first = next((p.grad for p in flat if p.grad is not None), None)
     if first is None:
         return None
-    module, cuda_only = impl
+    impl, cuda_only = fast
     kwargs = dict(cuda_only=cuda_only, inv_scale=inv_for(first.device),
                   found_inf=flags.get(0, first.device), soft=soft)
     if not fold:
-        norm = module.clip_params(params, max_norm, norm_type, **kwargs)
+        norm = impl.clip_params(params, max_norm, norm_type, **kwargs)
         return None if norm is None else (norm, None)
-    result = module.norm_params(params, max_norm, norm_type, **kwargs)
+    result = impl.norm_params(params, max_norm, norm_type, **kwargs)
     if result is None:
         return None
     norm, factor = result
@@ -328,7 +329,7 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
     if not everything:
         return torch.tensor(0.0), None
     check_writable_grads(everything)
-    impl = backends.select(backend, everything)
+    impl = _select.select(backend, everything)
 
     clipped_ids = {id(g) for g in clipped}
     one_group = len(owned) == 1 and len(by_device(clipped)) == 1
@@ -359,8 +360,7 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
         unscale_extra()
         return torch.tensor(0.0), None
     first = clipped[0].device
-    norm = norms[0] if len(norms) == 1 else reference.total_norm(
-        [n.to(first) for n in norms], norm_type)
+    norm = norms[0] if len(norms) == 1 else combine_norms(norms, norm_type)
     result_dtype = norm_result_dtype(clipped)
     if error_if_nonfinite and not bool(torch.isfinite(norm.to(result_dtype))):
         # torch's recipe has unscaled everything when its clip raises.
@@ -369,7 +369,7 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
             impl.scale_(clipped, inv_for(first).double())
         mark_unscaled()
         raise_if_nonfinite(norm.to(result_dtype), norm_type)
-    factor = reference.clip_coef(max_norm, norm, soft)
+    factor = clip_coef(max_norm, norm, soft)
     if inv_for(first) is not None:
         factor = factor * inv_for(first).double()
     if fold:
@@ -377,37 +377,3 @@ def _general(params, optimizers, max_norm, norm_type, error_if_nonfinite, fold, 
     impl.scale_(clipped, factor)
     unscale_extra()
     return norm.to(result_dtype), None
-
-
-class ClippingGradScaler(GradScaler):
-    """``torch.amp.GradScaler`` with the fused unscale + clip as a method: a second door to
-    ``fusedclip.clip_grad_norm_(..., scaler=, optimizer=)``, for code that passes a scaler around.
-
-    >>> scaler = fusedclip.ClippingGradScaler("cuda")
-    >>> scaler.scale(loss).backward()
-    >>> norm = scaler.unscale_and_clip_(optimizer, max_norm=1.0)
-    >>> scaler.step(optimizer)
-    >>> scaler.update()
-    """
-
-    def unscale_and_clip_(
-        self,
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-        max_norm: float,
-        norm_type: float = 2.0,
-        *,
-        parameters: object = None,
-        error_if_nonfinite: bool = False,
-        fold_into_optimizer: bool = False,
-        backend: str | None = None,
-    ) -> Tensor:
-        """``unscale_(optimizer)`` and ``clip_grad_norm_(parameters, max_norm, norm_type)`` in
-        the fused passes; ``parameters`` defaults to every parameter of ``optimizer``."""
-        from fusedclip.api import clip_grad_norm_
-
-        if parameters is None:
-            opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
-            parameters = [p for opt in opts for group in opt.param_groups for p in group["params"]]
-        return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
-                               backend=backend, scaler=self, optimizer=optimizer,
-                               fold_into_optimizer=fold_into_optimizer)

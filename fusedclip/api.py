@@ -1,9 +1,11 @@
 """Public functions: drop-in replacements for ``torch.nn.utils``' gradient clipping.
 
 Each takes torch's arguments in torch's order and returns what torch returns, plus the keyword-only
-``backend=`` (``None``/``"auto"``, ``"cuda"``, ``"triton"``, ``"reference"``; see
-``fusedclip.backends``). ``foreach`` is accepted for compatibility and has no effect: every fused
-backend already handles all tensors of a device in one launch per pass, and the reference is a loop.
+``backend=`` (``None``/``"auto"``, ``"cpp"``, ``"triton"``, ``"reference"``; see
+``fusedclip._select``). Each validates its arguments, chooses a backend once and hands the work to
+it (``fusedclip.backends.Backend``). ``foreach`` is accepted for compatibility and has no effect:
+the fused backends already handle all tensors of a device and dtype group in one launch per pass,
+and the reference is a loop.
 
 Differences from torch, all deliberate:
 
@@ -24,11 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fusedclip import amp, backends, distributed, reference
-from fusedclip.inputs import (
+from fusedclip import _select, amp, distributed
+from fusedclip._args import (
     TensorOrTensors,
     as_norm_type,
     as_soft,
+    as_stats_request,
     as_threshold,
     as_thresholds,
     as_total_norm,
@@ -40,6 +43,7 @@ from fusedclip.inputs import (
     norm_result_dtype,
     raise_if_nonfinite,
 )
+from fusedclip.backends._math import clip_coef
 from fusedclip.stats import ClipStats
 
 __all__ = [
@@ -72,10 +76,10 @@ def get_total_norm(
     """
     items = collect_tensors(tensors, name="tensors")
     p = as_norm_type(norm_type)
-    backends.check_name(backend)
+    choice = _select.parse(backend)
     if process_group is not None or distributed.has_dtensor(items):
         local = distributed.local_shards(items, "tensors")
-        norm, _, result_dtype = _spread_norm(local, p, backend, process_group)
+        norm, _, result_dtype = _spread_norm(local, p, choice, process_group)
         norm = norm.to(result_dtype)
         if error_if_nonfinite:
             raise_if_nonfinite(norm, p)
@@ -83,7 +87,7 @@ def get_total_norm(
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
-    norm = backends.select(backend, items).total_norm(items, p).to(norm_result_dtype(items))
+    norm = _select.select(choice, items).total_norm(items, p).to(norm_result_dtype(items))
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
     return norm
@@ -102,10 +106,10 @@ def clip_grads_with_norm_(
     grads = _local_grads(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(max_norm, "max_norm")
     norm = as_total_norm(distributed.full(total_norm))
-    backends.check_name(backend)
+    choice = _select.parse(backend)
     if grads:
         check_writable_grads(grads)
-        backends.select(backend, grads).clip_with_norm_(grads, limit, norm)
+        _select.select(choice, grads).clip_with_norm_(grads, limit, norm)
 
 
 @torch.no_grad()
@@ -162,40 +166,63 @@ def clip_grad_norm_(
     limit = as_threshold(max_norm, "max_norm")
     p = as_norm_type(norm_type)
     soft = as_soft(mode)
-    per_tensor = _stats_request(return_stats)
-    options = scaler is not None or optimizer is not None or fold_into_optimizer or return_stats
-    if process_group is not None and options:
-        raise ValueError(_SPREAD_OPTIONS.format("process_group="))
-    if process_group is None and (scaler is not None or optimizer is not None
-                                  or fold_into_optimizer):
-        backends.check_name(backend)
+    per_tensor = as_stats_request(return_stats)
+    choice = _select.parse(backend)
+    amp_call = scaler is not None or optimizer is not None or fold_into_optimizer
+    _check_options(amp_call, bool(return_stats), process_group, scaler, fold_into_optimizer)
+
+    if amp_call:
         check_tensor_items(params, "parameters")
         if distributed.has_dtensor(grads_of(params)):
             raise ValueError(_SPREAD_OPTIONS.format("DTensor gradients"))
-        if scaler is None and not fold_into_optimizer:
-            raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
-        if return_stats:
-            raise ValueError("return_stats is not available with scaler= or fold_into_optimizer=")
         norm = amp.clip_grad_norm_scaled_(params, limit, p, error_if_nonfinite, scaler, optimizer,
-                                          fold_into_optimizer, backend, soft)
+                                          fold_into_optimizer, choice, soft)
         if norm is not None:
-            return norm
-    skip_fast = (error_if_nonfinite or bool(return_stats) or process_group is not None
-                 or torch.compiler.is_compiling())
-    fast = None if skip_fast else backends.fast_path(backend)
-    if fast is not None:
-        # One C++ call reads the grads and reuses the cached plan, then both passes launch; None
-        # means some gradient needs the general path below (which validates everything).
-        norm = fast(params, limit, p, soft=soft)
+            return norm  # (None: a disabled scaler, nothing to unscale: clip as usual)
+    if not (error_if_nonfinite or return_stats or process_group is not None
+            or torch.compiler.is_compiling()):
+        norm = _clip_params(params, limit, p, soft, choice)
         if norm is not None:
             return norm
     check_tensor_items(params, "parameters")
     grads = grads_of(params)
-    backends.check_name(backend)
     if process_group is not None or distributed.has_dtensor(grads):
-        if options:
+        if return_stats:
             raise ValueError(_SPREAD_OPTIONS.format("DTensor gradients"))
-        return _spread_clip(grads, limit, p, error_if_nonfinite, backend, soft, process_group)
+        return _spread_clip(grads, limit, p, error_if_nonfinite, choice, soft, process_group)
+    return _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,
+                       per_tensor)
+
+
+_SPREAD_OPTIONS = ("scaler=, optimizer=, fold_into_optimizer= and return_stats= are not "
+                   "available with {} yet")
+
+
+def _check_options(amp_call: bool, return_stats: bool, process_group: object, scaler: object,
+                   fold_into_optimizer: bool) -> None:
+    """The combinations of ``clip_grad_norm_``'s options that are refused, before any work."""
+    if process_group is not None and (amp_call or return_stats):
+        raise ValueError(_SPREAD_OPTIONS.format("process_group="))
+    if amp_call and scaler is None and not fold_into_optimizer:
+        raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
+    if amp_call and return_stats:
+        raise ValueError("return_stats is not available with scaler= or fold_into_optimizer=")
+
+
+def _clip_params(params, limit, p, soft, choice) -> Tensor | None:
+    """The one-call path: one C++ call reads the ``.grad``s and reuses the cached plan, then both
+    passes launch. None when there is none, or some gradient needs the general path (which
+    validates everything)."""
+    fast = _select.fast_path(choice)
+    if fast is None:
+        return None
+    impl, cuda_only = fast
+    return impl.clip_params(params, limit, p, cuda_only=cuda_only, soft=soft)
+
+
+def _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,
+                per_tensor) -> Tensor | ClipStats:
+    """``clip_grad_norm_`` over plain gradients (of any devices) by the selected backend."""
     if not grads:
         norm = torch.tensor(0.0)
         if not return_stats:
@@ -203,7 +230,7 @@ def clip_grad_norm_(
         return ClipStats.of(norm, torch.tensor(1.0, dtype=torch.float64), norm.dtype,
                             torch.zeros(0, dtype=torch.float64) if per_tensor else None)
     check_writable_grads(grads)
-    impl = backends.select(backend, grads)
+    impl = _select.select(choice, grads)
     result_dtype = norm_result_dtype(grads)
     if error_if_nonfinite:
         # torch tests the norm it returns (in the gradients' dtype): an fp16 norm past 65504 raises.
@@ -218,11 +245,7 @@ def clip_grad_norm_(
     return impl.clip_(grads, limit, p, soft=soft).to(result_dtype)
 
 
-_SPREAD_OPTIONS = ("scaler=, optimizer=, fold_into_optimizer= and return_stats= are not "
-                   "available with {} yet")
-
-
-def _spread_norm(local: distributed.Local, p, backend, group):
+def _spread_norm(local: distributed.Local, p, choice, group):
     """(global fp64 norm, backend or None, torch's dtype for it) of ``local``'s tensors over their
     meshes and ``group``; a rank without tensors contributes a zero norm."""
     distributed.check_group(local, group)
@@ -231,22 +254,22 @@ def _spread_norm(local: distributed.Local, p, backend, group):
         device = distributed.group_device(group, None)
         return distributed.sharded_norm(local, p, None, group, device), None, torch.float32
     check_grad_dtypes(tensors, "tensors")
-    impl = backends.select(backend, tensors)
+    impl = _select.select(choice, tensors)
     norm = distributed.sharded_norm(local, p, lambda ts: impl.total_norm(ts, p), group,
                                     tensors[0].device)
     return norm, impl, norm_result_dtype(tensors)
 
 
-def _spread_clip(grads, limit, p, error_if_nonfinite, backend, soft, group) -> Tensor:
+def _spread_clip(grads, limit, p, error_if_nonfinite, choice, soft, group) -> Tensor:
     """``clip_grad_norm_`` over DTensor gradients and/or the ranks of ``group``."""
     local = distributed.local_shards(grads)
     if local.tensors:
         check_writable_grads(local.tensors)
-    norm, impl, result_dtype = _spread_norm(local, p, backend, group)
+    norm, impl, result_dtype = _spread_norm(local, p, choice, group)
     if error_if_nonfinite:
         raise_if_nonfinite(norm.to(result_dtype), p)
     if impl is not None:
-        impl.scale_(local.tensors, reference.clip_coef(limit, norm, soft))
+        impl.scale_(local.tensors, clip_coef(limit, norm, soft))
     return distributed.wrap_norm(norm.to(result_dtype), local.mesh)
 
 
@@ -254,13 +277,6 @@ def _local_grads(params: list[Tensor]) -> list[Tensor]:
     """The gradients of ``params``, DTensors as their local shards: for the element-wise clips."""
     grads = grads_of(params)
     return distributed.local_shards(grads).tensors if distributed.has_dtensor(grads) else grads
-
-
-def _stats_request(return_stats: object) -> bool:
-    """Whether per-tensor norms are asked for; validates ``return_stats``."""
-    if return_stats not in (False, True, "per_tensor"):
-        raise ValueError(f"return_stats must be False, True or 'per_tensor', got {return_stats!r}")
-    return return_stats == "per_tensor"
 
 
 @torch.no_grad()
@@ -284,12 +300,12 @@ def clip_grad_norm_per_tensor_(
     p = as_norm_type(norm_type)
     soft = as_soft(mode)
     limits = as_thresholds(max_norm, len(grads))
-    backends.check_name(backend)
+    choice = _select.parse(backend)
     distributed.refuse_dtensors(grads, "clip_grad_norm_per_tensor_")
     if not grads:
         return torch.zeros(0)
     check_writable_grads(grads)
-    norms = backends.select(backend, grads).clip_per_tensor_(grads, limits, p, soft)
+    norms = _select.select(choice, grads).clip_per_tensor_(grads, limits, p, soft)
     return norms.to(norm_result_dtype(grads))
 
 
@@ -314,14 +330,14 @@ def adaptive_clip_grad_(
     factor = as_threshold(clip_factor, "clip_factor")
     floor = as_threshold(eps, "eps")
     p = as_norm_type(norm_type)
-    backends.check_name(backend)
+    choice = _select.parse(backend)
     if not params:
         return
     grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
     distributed.refuse_dtensors(grads, "adaptive_clip_grad_")
     check_writable_grads(grads)
-    backends.select(backend, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
-                                                   floor, p)
+    _select.select(choice, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
+                                                 floor, p)
 
 
 @torch.no_grad()
@@ -336,7 +352,7 @@ def clip_grad_value_(
     local shards)."""
     grads = _local_grads(collect_tensors(parameters, name="parameters"))
     limit = as_threshold(clip_value, "clip_value")
-    backends.check_name(backend)
+    choice = _select.parse(backend)
     if grads:
         check_writable_grads(grads)
-        backends.select(backend, grads).clamp_(grads, limit)
+        _select.select(choice, grads).clamp_(grads, limit)

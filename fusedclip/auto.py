@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedclip import backends, distributed, reference
-from fusedclip.inputs import (
+from fusedclip import _select, distributed
+from fusedclip._args import (
     as_norm_type,
     as_soft,
     check_writable_grads,
@@ -35,6 +35,7 @@ from fusedclip.inputs import (
     grads_of,
     norm_result_dtype,
 )
+from fusedclip.backends._math import clip_coef
 
 __all__ = ["AutoClipper"]
 
@@ -90,7 +91,8 @@ class AutoClipper:
         self.warmup_steps, self.percentile, self.window = warmup_steps, float(percentile), window
         self.norm_type = as_norm_type(norm_type)
         self.soft = as_soft(mode)
-        self.backend = backends.check_name(backend)[0] if backend is not None else None
+        # Checked now; None reads FUSEDCLIP_BACKEND at every step, as the functions do.
+        self._choice = _select.parse(backend) if backend is not None else None
         self.steps = 0
         self._state: dict[str, Tensor] = {}
 
@@ -160,17 +162,17 @@ class AutoClipper:
             return torch.tensor(0.0)
         distributed.refuse_dtensors(grads, "AutoClipper")
         check_writable_grads(grads)
-        impl = backends.select(self.backend, grads)
+        impl = _select.select(self._choice or _select.parse(None), grads)
         norm = impl.total_norm(grads, self.norm_type)
         state = self._tensors(norm.device)
         if self.method == "zscore":
             threshold = self._zscore(state, norm)
             # ZClip scales only a norm above its threshold: by threshold / (norm + 1e-6).
-            coef = (reference.clip_coef(threshold, norm, True) if self.soft else
+            coef = (clip_coef(threshold, norm, True) if self.soft else
                     torch.where(norm > threshold, threshold / (norm + 1e-6), 1.0))
         else:
             threshold = self._percentile(state, norm)
-            coef = reference.clip_coef(threshold, norm, self.soft)
+            coef = clip_coef(threshold, norm, self.soft)
         impl.scale_(grads, coef)
         state["threshold"].copy_(threshold)
         self.steps += 1

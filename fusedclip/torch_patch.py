@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
-from fusedclip import api, backends
+from fusedclip import _select, api
 
 __all__ = ["is_patched", "patch", "patched", "torch_function", "unpatch"]
 
@@ -58,7 +58,7 @@ def _current() -> dict:
 def patch(*, backend: str | None = None) -> None:
     """Route torch's clipping functions through fusedclip (``backend=`` as in fusedclip's
     functions; checked now). Calling it again re-patches with the new ``backend``."""
-    backends.check_name(backend)
+    _select.parse(backend)
     routed = {name: _routed(name, backend) for name in _NAMES}
     _install({(module, name): routed[name] for module, name in _TORCH})
 

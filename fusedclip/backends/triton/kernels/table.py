@@ -1,7 +1,8 @@
-"""The tensor table of a plan, read from Triton (the layout of csrc/table.h).
+"""The tensor table of a plan, read from Triton (the layout of csrc/engine/table.h).
 
 One int64 array: ``addr[T]``, ``numel[T]``, ``first_chunk[T]``, ``chunk_tensor[C]``; a chunk is
-``CHUNK`` consecutive elements of one tensor. Each program of a pass takes one chunk of its dtype
+``CHUNK`` consecutive elements of one tensor (a compile-time argument of every kernel:
+``fusedclip.backends.triton.plan.CHUNK``). Each program of a pass takes one chunk of its dtype
 group, ``chunk_lo + program_id``.
 """
 
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-CHUNK = 1 << 16  # elements per chunk; must match csrc/table.h kChunkElems
 
 
 @triton.jit

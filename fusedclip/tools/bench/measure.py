@@ -1,4 +1,4 @@
-"""The benchmark engine: time every clipping implementation against torch and a memory floor.
+"""The benchmark's measuring half: time every clipping implementation against torch and a floor.
 
 For each parameter set, dtype and scenario, each implementation ("candidate") clips the same
 random-normal gradients. The gradients are restored from a pristine copy before every timed call,
@@ -8,7 +8,8 @@ The floor is the time an ideal implementation needs just to move the bytes at th
 bandwidth, measured in the same run: "clip" must read the gradients twice (norm, then scale) and
 write them once, "noclip" only reads them once. ``ratio_to_floor`` near 1 means bandwidth-bound.
 
-``run`` is the entry point; ``python -m fusedclip bench`` is its command line.
+``run`` is the entry point; ``python -m fusedclip bench`` is its command line; ``report`` prints
+and plots what it measured.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import functools
 import gc
 import importlib.metadata
 import itertools
-import json
 import math
 import platform
 import statistics
@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 import fusedclip
-from fusedclip import api, backends, reference
-from fusedclip.param_sets import BUILTIN_SETS, ParamSet, sets_for_device
+from fusedclip import _select, api
+from fusedclip.tools.bench import report
+from fusedclip.tools.bench.sets import BUILTIN_SETS, ParamSet, sets_for_device
 from fusedclip.torch_patch import torch_function
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +53,7 @@ SCENARIOS: dict[str, float] = {
 # clip, 5 passes; the floor is 3); "amp-fold" leaves the multiply to a fused optimizer's step
 # (not timed), so it only has to read the gradients once.
 #
-# The other modes (issue 6): "soft" and "stats" clip as "clip" does (3); "per-tensor" clips each
+# The other modes: "soft" and "stats" clip as "clip" does (3); "per-tensor" clips each
 # tensor to its own threshold in the same two passes (3); "value" clamps every element in one
 # read and write (2; torch's foreach path makes 4: clamp_min, then clamp_max); "agc" reads the
 # parameters and the gradients and writes the gradients (3, parameters and gradients of one dtype).
@@ -201,13 +202,15 @@ def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, st
         _candidate("fusedclip-reference", "reference"),
     ]
     skipped = []
-    status = backends.available_backends()
-    for backend in ("cuda", "triton"):
+    for backend in ("cpp", "triton"):
         name = f"fusedclip-{backend}"
-        if device.type != "cuda":
-            skipped.append({"implementation": name, "reason": f"needs a CUDA device ({device})"})
-        elif not status[backend].available:
-            skipped.append({"implementation": name, "reason": status[backend].reason})
+        status = _select.backend_status(backend)
+        if backend == "triton" and device.type == "cpu":
+            # Triton's interpreter runs the kernels one program at a time in Python: a test tool.
+            skipped.append({"implementation": name, "reason": "runs CUDA tensors (on the CPU "
+                            "only in Triton's interpreter, which is not worth timing)"})
+        elif not status.runs_on(device.type):
+            skipped.append({"implementation": name, "reason": status.reason})
         else:
             chosen.append(_candidate(name, backend))
     return chosen, skipped
@@ -235,8 +238,9 @@ class Workload:
             param.grad = torch.randn(shape, dtype=dtype, device=device, generator=gen)
             params.append(param)
         grads = [p.grad for p in params]
-        # The fp64 oracle, not rounded to the gradients' dtype: max_norm is exactly 0.1x or 10x.
-        norm = float(reference.total_norm(grads, 2.0))
+        # In fp64, not rounded to the gradients' dtype: max_norm is exactly 0.1x or 10x.
+        norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])))
         return cls(params, [g.clone() for g in grads], norm)
 
     @property
@@ -558,18 +562,9 @@ def metadata(device: torch.device, bandwidth: float, iters: int, warmup: int) ->
         "baseline": BASELINE,
         "backends": {
             name: {"available": s.available, "reason": s.reason}
-            for name, s in backends.available_backends().items()
+            for name, s in _select.available_backends().items()
         },
     }
-
-
-def _default_console() -> Any:
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: wide enough that no column is cut short
-        console = Console(width=max(console.width, 150))
-    return console
 
 
 def _progress(console: Any, enabled: bool) -> Any:
@@ -613,7 +608,7 @@ def run(
     Without CUDA (or with ``device="cpu"``) the default sets are the CPU-sized ones and the results
     are marked ``cpu_numbers``.
     """
-    console = console or _default_console()
+    console = console or report.default_console()
     device = resolve_device(device)
     param_sets = resolve_sets(sets, device, registry)
     _check_choices(dtypes, DTYPES, "dtype")
@@ -654,102 +649,8 @@ def run(
         "skipped": skipped,
         "errors": errors,
     }
-    print_table(results, console)
+    report.print_table(results, console)
     if out_dir is not None:
-        json_path, png_path = write_results(results, Path(out_dir), json_name)
+        json_path, png_path = report.write_results(results, Path(out_dir), json_name)
         console.print(f"wrote {json_path} and {png_path}")
     return results
-
-
-def write_results(results: dict[str, Any], out_dir: Path, json_name: str) -> tuple[Path, Path]:
-    """Write the JSON and the PNG plot; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / json_name
-    png_path = json_path.with_suffix(".png")
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, png_path)
-    return json_path, png_path
-
-
-def _title(meta: Mapping[str, Any]) -> str:
-    title = f"fusedclip clip_grad_norm_ on {meta['device']}"
-    return f"{title} (CPU NUMBERS, NOT GPU NUMBERS)" if meta["cpu_numbers"] else title
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(results: Mapping[str, Any], console: Any) -> None:
-    """One rich table of all rows, titled with the device."""
-    from rich import box
-    from rich.table import Table
-
-    meta = results["metadata"]
-    title = _title(meta)
-    if meta["cpu_numbers"]:
-        title = f"[bold red]{title}[/]"
-    floors = " / ".join(f"{n}x ({scenario})" for scenario, n in FLOOR_PASSES.items())
-    caption = (
-        f"median (min) of {meta['iters']} calls after {meta['warmup']} warmup; floor = {floors} "
-        f"gradient bytes at the measured copy bandwidth of {meta['copy_bandwidth_gbps']:.1f} GB/s"
-    )
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
-    for header in ("set", "dtype", "scenario", "implementation"):
-        table.add_column(header)
-    for header in ("ms median", "ms min", "host µs", "GB/s", "x floor", f"vs {BASELINE}"):
-        table.add_column(header, justify="right")
-    previous_group = None
-    for r in results["rows"]:
-        group = (r["set"], r["dtype"], r["scenario"])
-        if previous_group is not None and group != previous_group:
-            table.add_section()
-        previous_group = group
-        table.add_row(
-            *group,
-            r["implementation"],
-            f"{r['ms_median']:.3f}",
-            f"{r['ms_min']:.3f}",
-            f"{r['host_us']:.0f}",
-            f"{r['gbps']:.1f}",
-            f"{r['ratio_to_floor']:.2f}",
-            _fmt(r["speedup_vs_torch_foreach"], ".2f"),
-        )
-    console.print(table)
-    for s in results["skipped"]:
-        console.print(f"skipped {s['implementation']}: {s['reason']}")
-    for e in results["errors"]:
-        where = f"{e['set']} {e['dtype']} {e['scenario']}"
-        console.print(f"[red]error[/] {e['implementation']} on {where}: {e['error']}")
-
-
-def plot(results: Mapping[str, Any], path: Path) -> None:
-    """Grouped bars of ``ratio_to_floor`` per (set, dtype, scenario), one bar per implementation."""
-    # The object-oriented Agg API leaves pyplot's global backend alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = results["rows"]
-    groups = list(dict.fromkeys((r["set"], r["dtype"], r["scenario"]) for r in rows))
-    impls = list(dict.fromkeys(r["implementation"] for r in rows))
-    ratio = {
-        (r["set"], r["dtype"], r["scenario"], r["implementation"]): r["ratio_to_floor"]
-        for r in rows
-    }
-
-    fig = Figure(figsize=(max(8.0, 0.9 * len(groups) + 2), 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        xs = [g for g, key in enumerate(groups) if (*key, impl) in ratio]
-        ys = [ratio[(*groups[g], impl)] for g in xs]
-        ax.bar([x + (i - (len(impls) - 1) / 2) * width for x in xs], ys, width, label=impl)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="memory floor")
-    ax.set_xticks(range(len(groups)), [f"{s}\n{d} {c}" for s, d, c in groups], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("time / memory floor (lower is better, log scale)")
-    ax.set_title(_title(results["metadata"]), fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.savefig(path, dpi=120)

@@ -1,10 +1,9 @@
 """Pass 1 of the clip in Triton: per-chunk partials, then the total norm and the coefficient.
 
-The table is the one the CUDA engine uses (csrc/table.h, read through table.py). A partial is a
-pair (m, s):
-m = max |x| over the chunk and s = sum (|x| / m)^p, so nothing overflows or underflows for any p;
-m is NaN once any element is NaN, else inf once any is infinite. A plain fp64 sum of |x|^p (p = 1
-or 2 on fp16/bf16/fp32, which no finite input can overflow) enters as (1, sum).
+The table is the one the C++ engine uses (csrc/engine/table.h, read through table.py). A partial
+is a pair (m, s): m = max |x| over the chunk and s = sum (|x| / m)^p, so nothing overflows or
+underflows for any p; m is NaN once any element is NaN, else inf once any is infinite. A plain fp64
+sum of |x|^p (p = 1 or 2 on fp16/bf16/fp32, which no finite input can overflow) enters as (1, sum).
 
 Kernels and their passes over memory:
 - ``chunk_partials``: one read of every element of one dtype group (one program per chunk), one
@@ -20,8 +19,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fusedclip.triton_kernels.convert import round_fp32_to
-from fusedclip.triton_kernels.table import f64, program_chunk
+
+from fusedclip.backends.triton.kernels.convert import round_fp32_to
+from fusedclip.backends.triton.kernels.table import f64, program_chunk
 
 BLOCK = 4096  # elements per tile of a chunk
 FBLOCK = 1024  # partials per tile of the final reduction
@@ -189,7 +189,7 @@ MODE_HARD, MODE_SOFT, MODE_ADAPTIVE = 0, 1, 2
 
 @triton.jit
 def _clip_coef(norm, max_norm, MODE: tl.constexpr):
-    """The coefficient of ``norm`` under ``max_norm`` (csrc/norm_math.h clip_coef): hard
+    """The coefficient of ``norm`` under ``max_norm`` (csrc/engine/norm_math.h clip_coef): hard
     min(1, max_norm / (norm + 1e-6)), NaN staying NaN as with torch's clamp; soft
     max_norm / (norm + max_norm), 1 where the norm is 0 or max_norm inf; adaptive (AGC) 1 under
     max_norm, else max_norm / max(norm, 1e-6)."""

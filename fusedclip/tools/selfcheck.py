@@ -18,7 +18,7 @@ import time
 import torch
 from torch import Tensor
 
-from fusedclip import api, backends
+from fusedclip import _select, api
 from fusedclip.torch_patch import torch_function
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -134,30 +134,31 @@ def _cases():
             yield "value", DTYPES[(i // 8) % len(DTYPES)], None, None
 
 
-def _device_for(name: str) -> str | None:
-    """Where backend ``name`` runs its self-test here, or None when it cannot run."""
-    if not backends.backend_status(name).available:
-        return None
-    runs_on = backends._RUNS_ON[name]
-    if runs_on is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return runs_on[0]
+def _pairs() -> list[tuple[str, str | None]]:
+    """(backend, device type) for every device type each backend runs here; (backend, None) for
+    a backend that cannot run."""
+    pairs: list[tuple[str, str | None]] = []
+    for name in _select.BACKEND_NAMES:
+        status = _select.backend_status(name)
+        devices = [d for d in ("cpu", "cuda") if status.runs_on(d)
+                   and (d == "cpu" or torch.cuda.is_available())]
+        pairs += [(name, d) for d in devices] or [(name, None)]
+    return pairs
 
 
 def run_check(seconds: float = 10.0) -> list[CheckResult]:
-    """Self-tests every backend that runs here, within about ``seconds`` in all."""
-    names = backends.BACKEND_NAMES
-    runnable = [n for n in names if _device_for(n) is not None]
+    """Self-tests every backend on every device it runs here, within about ``seconds`` in all."""
+    pairs = _pairs()
+    runnable = sum(device is not None for _, device in pairs)
     results = []
-    for name in names:
-        status = backends.backend_status(name)
-        device = _device_for(name)
-        result = CheckResult(name, device or "-", status.available, status.reason)
+    for name, device in pairs:
+        status = _select.backend_status(name)
+        result = CheckResult(name, device or "-", device is not None, status.reason)
         results.append(result)
         if device is None:
             continue
         start = time.perf_counter()
-        deadline = start + seconds / len(runnable)
+        deadline = start + seconds / runnable
         for i, (kind, dtype, norm_type, mode) in enumerate(_cases()):
             if i and time.perf_counter() > deadline:
                 break

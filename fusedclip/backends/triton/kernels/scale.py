@@ -1,8 +1,8 @@
 """Pass 2 of the clip in Triton: rescale every tensor of a dtype group in place; and value
 clipping, the other in-place pass of one read and one write.
 
-``scale``: one program per chunk (the table of csrc/table.h). It reads the fp64 coefficient on
-the device; when it is exactly 1 the program returns without touching the gradients (the whole
+``scale``: one program per chunk (the table of csrc/engine/table.h). It reads the fp64 coefficient
+on the device; when it is exactly 1 the program returns without touching the gradients (the whole
 clip then costs pass 1's single read), otherwise it makes one read and one write of each element.
 The product is formed in fp64 and rounded to the gradient's dtype through fp32, as the reference
 and the CUDA kernel do.
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from fusedclip.triton_kernels.convert import round_fp32_to
-from fusedclip.triton_kernels.table import f64, program_chunk
+
+from fusedclip.backends.triton.kernels.convert import round_fp32_to
+from fusedclip.backends.triton.kernels.table import f64, program_chunk
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _clamped(x, bound, neg_bound, DT: tl.constexpr, CUDA_RULE: tl.constexpr):
     """x clamped to [neg_bound, bound] (both exact in DT, neg_bound = -bound) as torch's clamp_min
     then clamp_max on the tensors' device: NaN stays NaN and an element inside the bounds keeps
     its bits. With bound 0 torch's CPU kernels give -0.0 for negative elements, its CUDA foreach
-    kernels +0.0 for all (CUDA_RULE); csrc/norm_math.h clamped."""
+    kernels +0.0 for all (CUDA_RULE); csrc/engine/norm_math.h clamped."""
     # Both bounds come from the host as they are: Triton's interpreters have negated a +0 into
     # +0 (bf16 in 3.8, fp32 in 3.6), where torch clamps to -0.0.
     if DT == tl.float64:

@@ -1,12 +1,13 @@
-"""The reference backend: every operation in plain PyTorch with fp64 accumulation.
+"""The ``reference`` backend: every operation in plain PyTorch with fp64 accumulation.
 
-This is the oracle the fused backends are tested against, and the backend that runs wherever the
-fused ones cannot (CPU tensors, sparse or complex gradients). It favours exactness over speed:
-each gradient is widened to fp64 (complex128 for complex gradients), the p-norm is computed on
-values divided by the global max magnitude so that no finite input overflows or underflows, and the
-rescaled gradient is rounded to its dtype exactly once.
+This is the oracle the fused backends are compared with, and the backend that takes what the
+kernels cannot (sparse and complex gradients, devices without kernels). It favours exactness over
+speed: each gradient is widened to fp64 (complex128 for complex gradients), the p-norm is computed
+on values divided by the global max magnitude so that no finite input overflows or underflows, and
+the rescaled gradient is rounded to its dtype exactly once. Nothing else in the package calls into
+this module: it runs only when it is the selected backend.
 
-All functions here take already-validated arguments (see ``fusedclip.inputs``) and never
+All functions here take already-validated arguments (see ``fusedclip._args``) and never
 synchronize with the device.
 """
 
@@ -17,8 +18,15 @@ import math
 import torch
 from torch import Tensor
 
-# Added to the total norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
-NORM_EPS = 1e-6
+from fusedclip.backends import BackendStatus
+from fusedclip.backends._math import clip_coef
+
+NAME = "reference"
+
+
+def status() -> BackendStatus:
+    return BackendStatus(True, "pure PyTorch, fp64 accumulation; any device, sparse and complex "
+                         "gradients", None)
 
 
 def _values(t: Tensor, coalesce: bool = True) -> Tensor:
@@ -91,20 +99,6 @@ def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Te
             powered += (v.abs().to(torch.float64) / s).pow_(norm_type).sum().to(device)
     norm = scale * powered.pow(1.0 / norm_type)
     return torch.where(torch.isfinite(peak), norm, peak)
-
-
-def clip_coef(max_norm: float | Tensor, norm: Tensor, soft: bool = False) -> Tensor:
-    """``min(1, max_norm / (norm + 1e-6))`` in fp64; NaN for a NaN norm, 0 for an infinite one.
-
-    ``soft``: ``max_norm / (norm + max_norm)``, below 1 for every positive norm and smooth in it;
-    1 where there is nothing to shrink (a zero norm) or no limit (``max_norm`` inf), NaN for a NaN
-    norm. ``max_norm`` may be a tensor (one threshold per norm, per-tensor clipping)."""
-    norm = norm.to(torch.float64)
-    if not soft:
-        return (max_norm / (norm + NORM_EPS)).clamp(max=1.0)
-    limit = torch.as_tensor(max_norm, dtype=torch.float64, device=norm.device)
-    coef = torch.where((norm == 0) | torch.isinf(limit), 1.0, limit / (norm + limit))
-    return torch.where(torch.isnan(norm), norm, coef)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -202,3 +196,20 @@ def clamp_(tensors: list[Tensor], clip_value: float) -> None:
     """Clip every element to ``[-clip_value, clip_value]`` in place (NaN stays NaN, as in torch)."""
     for t in tensors:
         t.clamp_(min=-clip_value, max=clip_value)
+
+
+def clip_params(
+    params: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    *,
+    cuda_only: bool = True,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    soft: bool = False,
+) -> None:
+    """No one-call path: ``clip_grad_norm_`` takes the general one."""
+    return None
+
+
+norm_params = clip_params

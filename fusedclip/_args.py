@@ -142,6 +142,13 @@ def as_thresholds(value: object, count: int, name: str = "max_norm") -> Tensor:
     return torch.full((count,), as_threshold(value, name), dtype=torch.float64)
 
 
+def as_stats_request(return_stats: object) -> bool:
+    """``return_stats``: False, True or ``"per_tensor"``; whether per-tensor norms are asked for."""
+    if return_stats not in (False, True, "per_tensor"):
+        raise ValueError(f"return_stats must be False, True or 'per_tensor', got {return_stats!r}")
+    return return_stats == "per_tensor"
+
+
 def as_norm_type(value: object) -> float:
     """A p > 0 or ``inf``; ``'inf'`` as a string is accepted as in torch."""
     p = _as_float(value, "norm_type")

@@ -1,8 +1,9 @@
-"""The optional compiled extension ``fusedclip._C``.
+"""The compiled extension ``fusedclip._C``: loading it, and what Python adds to its operators.
 
-Importing it registers the ``torch.ops.fusedclip`` operators with the dispatcher. A missing or
-broken build is not an error here: the package still runs on the Triton and reference backends,
-and ``fusedclip.available_backends()`` reports why the ``cuda`` backend cannot run.
+Importing ``fusedclip._C`` registers the ``torch.ops.fusedclip`` operators (csrc/ops.cpp) with the
+dispatcher, with CPU kernels always and CUDA kernels when it was built with them
+(``CUDA_KERNELS``). A missing or broken build is not an error here: the package still runs on the
+Triton and reference backends, and ``fusedclip.available_backends()`` says why ``cpp`` cannot run.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from types import ModuleType
 
 import torch
 
+from fusedclip.backends._schema import register_fakes
+
 _log = logging.getLogger("fusedclip")
 
 _MODULE: ModuleType | None = None
+LOAD_ERROR: str | None = None
 try:
     _MODULE = importlib.import_module("fusedclip._C")  # registers the operators
-
-    LOAD_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
     _log.info("fusedclip._C is not available (%s); using the Python backends", LOAD_ERROR)
+else:
+    register_fakes()
 
 
 def module() -> ModuleType:
@@ -34,7 +38,12 @@ def module() -> ModuleType:
 
 def loaded() -> bool:
     """Whether ``fusedclip._C`` imported and registered its operators."""
-    return LOAD_ERROR is None
+    return _MODULE is not None
+
+
+def cuda_kernels() -> bool:
+    """Whether ``fusedclip._C`` was built with its CUDA kernels (not only the CPU engine)."""
+    return _MODULE is not None and bool(getattr(_MODULE, "CUDA_KERNELS", True))
 
 
 def op_names() -> list[str]:

@@ -1,0 +1,140 @@
+"""The backends: what each one provides (``Backend``), and where each one lives.
+
+========== ================================ ==========================================
+name       module                           runs
+========== ================================ ==========================================
+``cpp``    ``fusedclip.backends.cpp``       the compiled engine ``fusedclip._C``: CPU
+                                            tensors always, CUDA tensors when it was
+                                            built with its CUDA kernels
+``triton`` ``fusedclip.backends.triton``    Triton kernels: CUDA tensors, or CPU tensors
+                                            in Triton's interpreter (``TRITON_INTERPRET=1``)
+``reference`` ``fusedclip.backends.reference`` plain PyTorch in fp64 on any device, sparse
+                                            and complex gradients too: the oracle
+========== ================================ ==========================================
+
+A backend is a module with the members of ``Backend`` below. ``fusedclip._select`` chooses one
+for a call; the public functions (``fusedclip.api``) validate their arguments first, so a backend
+receives lists of tensors it was chosen for and checked arguments: ``norm_type`` a float p > 0 or
+inf, thresholds non-negative floats. Every returned norm is a 0-dim fp64 tensor on the first
+tensor's device (converting it to torch's dtype is the caller's business), and nothing here
+synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from torch import Tensor
+
+__all__ = ["Backend", "BackendStatus"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run on this machine, on which devices, and why or why not."""
+
+    available: bool
+    reason: str
+    # The device types it runs tensors on here: () none, None any.
+    devices: tuple[str, ...] | None = ()
+
+    def __repr__(self) -> str:
+        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+
+    def runs_on(self, device_type: str) -> bool:
+        """Whether it runs tensors on devices of ``device_type`` here."""
+        return self.available and (self.devices is None or device_type in self.devices)
+
+
+class Backend(Protocol):
+    """The contract every backend module meets (checked by tests/api/test_dispatch.py)."""
+
+    NAME: str
+
+    def status(self) -> BackendStatus:
+        """Whether it can run here and on which device types (``devices``); read once per
+        process by ``fusedclip._select``."""
+
+    def total_norm(
+        self,
+        tensors: list[Tensor],
+        norm_type: float,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> Tensor:
+        """The norm of every tensor as if concatenated (fp64, 0-dim). AMP: with ``inv_scale``
+        (one fp32 element) the tensors hold loss-scaled values and the result is the norm of
+        ``x * inv_scale``; ``found_inf`` (one fp32 element) is set to 1 when any element is inf or
+        NaN and left as it is otherwise."""
+
+    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        """``t <- t * coef`` in place (fp64 product, one rounding); no writes when it is 1."""
+
+    def clip_with_norm_(
+        self, tensors: list[Tensor], max_norm: float, norm: Tensor, soft: bool = False
+    ) -> None:
+        """Rescale in place by the clip coefficient of a given total norm."""
+
+    def clip_(
+        self,
+        tensors: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        soft: bool = False,
+    ) -> Tensor:
+        """Global-norm clipping in place; returns the norm before clipping. With ``inv_scale``
+        (AMP) the tensors are unscaled and clipped in one multiply."""
+
+    def clip_stats_(
+        self, tensors: list[Tensor], max_norm: float, norm_type: float, soft: bool,
+        per_tensor: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``clip_`` that also returns what it decided: (norm, fp64 coefficient, fp64 per-tensor
+        norms when ``per_tensor``, else None)."""
+
+    def clip_per_tensor_(
+        self, tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool = False
+    ) -> Tensor:
+        """Tensor i scaled by the coefficient of its own norm under ``max_norms[i]`` (fp64, one
+        per tensor); returns the fp64 per-tensor norms before clipping."""
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        """Every element clamped to ``[-clip_value, clip_value]``, bitwise as torch's clamp."""
+
+    def adaptive_clip_(
+        self, grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float,
+        norm_type: float,
+    ) -> None:
+        """Adaptive gradient clipping (NFNets), timm's ``adaptive_clip_grad`` semantics."""
+
+    def clip_params(
+        self,
+        params: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        *,
+        cuda_only: bool = True,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        soft: bool = False,
+    ) -> Tensor | None:
+        """``clip_grad_norm_`` on the ``.grad``s of ``params`` in one call, returning the norm in
+        torch's dtype; None when this backend has no such path or some gradient needs the general
+        one (``cuda_only``: CUDA gradients only)."""
+
+    def norm_params(
+        self,
+        params: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        *,
+        cuda_only: bool = True,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        soft: bool = False,
+    ) -> tuple[Tensor, Tensor] | None:
+        """Pass 1 of ``clip_params`` alone: (the norm in torch's dtype, the fp64 factor that would
+        unscale and clip), gradients untouched; None as for ``clip_params``."""
