@@ -67,7 +67,9 @@ def _ext_modules():
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    sources = sorted(
+        glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True)
+    )
     ext = CUDAExtension(
         name="fusedclip._C",
         sources=sources,

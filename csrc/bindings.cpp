@@ -10,9 +10,9 @@
 
 #include <vector>
 
-#include "checks.h"
-#include "passes.h"
-#include "plan.h"
+#include "engine/checks.h"
+#include "engine/passes.h"
+#include "engine/plan.h"
 
 namespace py = pybind11;
 

@@ -9,9 +9,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "checks.h"
-#include "passes.h"
-#include "plan.h"
+#include "engine/checks.h"
+#include "engine/passes.h"
+#include "engine/plan.h"
 
 namespace fusedclip {
 

@@ -13,10 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "chunk_io.cuh"
-#include "dispatch.h"
-#include "norm_math.h"
-#include "passes.h"
+#include "cuda/chunk_io.cuh"
+#include "engine/dispatch.h"
+#include "engine/norm_math.h"
+#include "engine/passes.h"
 
 namespace fusedclip {
 namespace {

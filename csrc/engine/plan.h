@@ -18,7 +18,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "table.h"
+#include "engine/table.h"
 
 namespace fusedclip {
 

@@ -1,6 +1,6 @@
 // Plan building and the plan cache (see plan.h).
 
-#include "plan.h"
+#include "engine/plan.h"
 
 #include <algorithm>
 #include <atomic>
@@ -13,8 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "checks.h"
-#include "passes.h"
+#include "engine/checks.h"
+#include "engine/passes.h"
 
 namespace fusedclip {
 namespace {

@@ -9,8 +9,8 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "norm_math.h"
-#include "plan.h"
+#include "engine/norm_math.h"
+#include "engine/plan.h"
 
 namespace fusedclip {
 

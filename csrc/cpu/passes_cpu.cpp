@@ -7,9 +7,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "dispatch.h"
-#include "norm_math.h"
-#include "passes.h"
+#include "engine/dispatch.h"
+#include "engine/norm_math.h"
+#include "engine/passes.h"
 
 namespace fusedclip {
 namespace {
