@@ -14,9 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/chunk_io.cuh"
+#include "cuda/passes_cuda.h"
 #include "engine/dispatch.h"
 #include "engine/norm_math.h"
-#include "engine/passes.h"
 
 namespace fusedclip {
 namespace {
