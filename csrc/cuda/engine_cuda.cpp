@@ -1,7 +1,7 @@
 // The CUDA engine: the plan hooks that get a plan's table onto the GPU for the stream (or the
 // graph capture) about to use it, without a host synchronization (the upload kernel itself is in
-// scale_kernels.cu); the engine's registration; and the operators' TORCH_LIBRARY_IMPL for CUDA
-// tensors. The passes are in norm_kernels.cu and scale_kernels.cu.
+// table_upload.cu); the engine's registration; and the operators' TORCH_LIBRARY_IMPL for CUDA
+// tensors. The passes are in norm_kernels.cu, scale_kernels.cu and clamp_kernels.cu.
 
 #include <cstdint>
 #include <memory>

@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/chunk_io.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/passes_cuda.h"
 #include "engine/dispatch.h"
 #include "engine/norm_math.h"

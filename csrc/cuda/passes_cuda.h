@@ -1,5 +1,5 @@
-// What the CUDA files share: the passes (norm_kernels.cu, scale_kernels.cu), which
-// engine_cuda.cpp puts into the CUDA engine, and the table upload (scale_kernels.cu) its
+// What the CUDA files share: the passes (norm_kernels.cu, scale_kernels.cu, clamp_kernels.cu),
+// which engine_cuda.cpp puts into the CUDA engine, and the table upload (table_upload.cu) its
 // make_ready calls. All launch on the current stream, check every launch and never synchronize
 // the host.
 #pragma once
