@@ -11,6 +11,7 @@
 #include "cuda/passes_cuda.h"
 #include "engine/dispatch.h"
 #include "engine/norm_math.h"
+#include "engine/plan.h"
 
 namespace fusedclip {
 namespace {

@@ -26,6 +26,8 @@
 #include "cuda/passes_cuda.h"
 #include "engine/dispatch.h"
 #include "engine/norm_math.h"
+#include "engine/plan.h"
+#include "engine/request.h"
 
 namespace fusedclip {
 namespace {

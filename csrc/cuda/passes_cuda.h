@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
-#include "engine/plan.h"
-#include "engine/request.h"
-
 namespace fusedclip {
+
+struct Plan;         // engine/plan.h
+struct NormRequest;  // engine/request.h
 
 // DeviceEngine::norm_pass, scale_pass and clamp_pass (engine/device.h) on CUDA.
 void norm_pass_cuda(const Plan& plan, const NormRequest& request);
