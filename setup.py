@@ -1,11 +1,16 @@
 """Build and install fusedclip.
 
-The CUDA extension ``fusedclip._C`` (csrc/) is built when nvcc and a CUDA build of torch are
-present; otherwise the pure-Python package installs and runs on the Triton and reference backends.
-Install with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
+The compiled engine ``fusedclip._C`` (csrc/) has two parts: the CPU engine, which builds with any
+torch (a CppExtension), and the CUDA kernels, added when nvcc and a CUDA build of torch are found
+(a CUDAExtension). Without torch the pure-Python package installs and runs on the Triton and
+reference backends. Install with ``pip install --no-build-isolation .`` (or ``-e .``) so the build
+uses the installed torch.
 
 Environment:
-  FUSEDCLIP_BUILD_EXT   auto (default): build when possible; 1: build or fail; 0: never build.
+  FUSEDCLIP_BUILD_EXT   what to build: auto (default): the CPU engine whenever torch is installed,
+                        and the CUDA kernels too when nvcc and a CUDA build of torch are found;
+                        cpu: the CPU engine only; cuda (or 1): the CPU engine and the CUDA kernels,
+                        or exit saying why they cannot be built; 0: no extension (pure Python).
   TORCH_CUDA_ARCH_LIST  target GPUs; default the visible GPU's, or 9.0 (H100/H200) when none is.
   MAX_JOBS              parallel compile jobs (ninja).
   CUDA_HOME             the CUDA toolkit; default /usr/local/cuda when it exists.
@@ -21,34 +26,53 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# FUSEDCLIP_BUILD_EXT values and what they ask for.
+_MODES = {"auto": "auto", "cpu": "cpu", "cuda": "cuda", "1": "cuda", "0": "none"}
 
-def _want_extension():
-    mode = os.environ.get("FUSEDCLIP_BUILD_EXT", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"FUSEDCLIP_BUILD_EXT must be auto, 0 or 1, got {mode!r}")
-    if mode == "0":
-        return False
+
+def _cuda_problems(torch):
+    """Why the CUDA kernels cannot be built here (empty when they can)."""
     if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     problems = []
-    try:
-        import torch
-    except ImportError:
-        problems.append("torch is not installed (install it first, then use --no-build-isolation)")
-    else:
-        if torch.version.cuda is None:
-            problems.append(f"torch {torch.__version__} is a CPU-only build")
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build")
     cuda_home = os.environ.get("CUDA_HOME")
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
     if not nvcc or not os.path.exists(nvcc):
         problems.append("nvcc was not found (set CUDA_HOME)")
+    return problems
+
+
+def _what_to_build():
+    """("none", "cpu" or "cuda"; one line saying what is built and why)."""
+    setting = os.environ.get("FUSEDCLIP_BUILD_EXT", "auto").strip().lower()
+    if setting not in _MODES:
+        sys.exit(
+            f"fusedclip: FUSEDCLIP_BUILD_EXT must be auto, cpu, cuda (or 1) or 0, got {setting!r}"
+        )
+    mode, named = _MODES[setting], f"FUSEDCLIP_BUILD_EXT={setting}"
+    if mode == "none":
+        return "none", f"not building fusedclip._C ({named}): pure-Python install"
+    try:
+        import torch
+    except ImportError:
+        why = "torch is not installed (install it first, then use --no-build-isolation)"
+        if mode != "auto":
+            sys.exit(f"fusedclip: {named} but fusedclip._C cannot be built: {why}")
+        return "none", f"not building fusedclip._C ({named}): {why}; pure-Python install"
+    if mode == "cpu":
+        return "cpu", f"building fusedclip._C, CPU engine only ({named}; torch {torch.__version__})"
+    problems = _cuda_problems(torch)
     if problems:
         why = "; ".join(problems)
-        if mode == "1":
-            sys.exit(f"FUSEDCLIP_BUILD_EXT=1 but the CUDA extension cannot be built: {why}")
-        print(f"fusedclip: not building the CUDA extension: {why}", file=sys.stderr)
-        return False
-    return True
+        if mode == "cuda":
+            sys.exit(f"fusedclip: {named} but the CUDA kernels cannot be built: {why}")
+        return "cpu", f"building fusedclip._C, CPU engine only ({named}; no CUDA kernels: {why})"
+    return "cuda", (
+        f"building fusedclip._C, CPU engine and CUDA kernels ({named}; torch {torch.__version__}, "
+        f"nvcc in {os.environ.get('CUDA_HOME') or 'PATH'})"
+    )
 
 
 def _extra_include_dirs():
@@ -59,19 +83,35 @@ def _extra_include_dirs():
     return [d for r in roots for d in sorted(glob.glob(os.path.join(r, "cu*", "include")))]
 
 
+def _sources(*patterns):
+    return sorted(path for pattern in patterns for path in glob.glob(os.path.join("csrc", pattern)))
+
+
 def _ext_modules():
-    if not _want_extension():
+    kind, line = _what_to_build()
+    print(f"fusedclip: {line}", file=sys.stderr)
+    if kind == "none":
         return [], {}
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    # The CPU engine (csrc/README.md): schemas, Python module, plans, operators, CPU passes.
+    sources = _sources("*.cpp", "engine/*.cpp", "cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc"), *_extra_include_dirs()]
+    if kind == "cpu":
+        ext = CppExtension(
+            name="fusedclip._C",
+            sources=sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": ["-O3"]},
+        )
+        return [ext], {"build_ext": BuildExtension}
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     ext = CUDAExtension(
         name="fusedclip._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc"), *_extra_include_dirs()],
+        sources=sources + _sources("cuda/*.cpp", "cuda/*.cu"),
+        include_dirs=include_dirs,
         extra_compile_args={
             "cxx": ["-O3"],
             "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"],

@@ -10,9 +10,10 @@
 
 #include <vector>
 
-#include "checks.h"
-#include "passes.h"
-#include "plan.h"
+#include "engine/checks.h"
+#include "engine/device.h"
+#include "engine/plan.h"
+#include "engine/request.h"
 
 namespace py = pybind11;
 
@@ -21,7 +22,8 @@ namespace {
 
 // A gradient the fused kernels take as it is; anything else (sparse, strided with gaps, a tensor
 // subclass, an inference tensor, another device...) sends the call to the Python path, which
-// either handles it or raises the documented error.
+// either handles it or raises the documented error. So does a device without an engine in this
+// build (CUDA gradients when fusedclip._C was built without its CUDA kernels).
 bool is_plain_grad(const at::Tensor& g, const at::Device& device) {
   return g.layout() == at::kStrided && g.device() == device && is_kernel_dtype(g.scalar_type()) &&
          g.has_storage() && !g.unsafeGetTensorImpl()->is_python_dispatch() && !g.is_neg() &&
@@ -29,7 +31,8 @@ bool is_plain_grad(const at::Tensor& g, const at::Device& device) {
 }
 
 // The gradients of `params` (a Python list of tensors) when every existing one is plain and all
-// are on one device (a CUDA device when cuda_only): their keys, borrowed TensorImpls and device.
+// are on one device that has an engine (a CUDA device when cuda_only): their keys, borrowed
+// TensorImpls and device.
 // False means "take the general path" (which validates everything and raises where it must).
 struct PlainGrads {
   std::vector<TensorKey> keys;
@@ -58,7 +61,9 @@ struct PlainGrads {
       if (!g.defined()) continue;
       if (impls.empty()) {
         device = g.device();
-        if (!device.is_cuda() && (cuda_only || !device.is_cpu())) return false;
+        if (find_engine(device.type()) == nullptr || (cuda_only && !device.is_cuda())) {
+          return false;
+        }
       }
       if (!is_plain_grad(g, device)) return false;
       if (!allow_half && g.scalar_type() == at::kHalf) return false;
@@ -113,8 +118,8 @@ py::object run_params(py::handle params, double max_norm, double norm_type, bool
   r.norm_out = out.data_ptr();
   r.norm_out_dtype = plan->result_dtype;
   if (scale) grads.bump_versions();
-  norm_pass(*plan, r);
-  if (scale) scale_pass(*plan, coef.const_data_ptr<double>());
+  plan->engine->norm_pass(*plan, r);
+  if (scale) plan->engine->scale_pass(*plan, coef.const_data_ptr<double>(), false);
   return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out))),
                         py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(coef))));
 }
@@ -177,6 +182,8 @@ PYBIND11_MODULE(_C, m) {
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "
         "None when they need the general path");
   m.attr("CHUNK_ELEMS") = fusedclip::kChunkElems;
+  // The CUDA engine registers itself exactly when its sources are compiled in.
+  m.attr("CUDA_KERNELS") = fusedclip::find_engine(c10::DeviceType::CUDA) != nullptr;
   m.def("plans_built", &fusedclip::plans_built, "plans built since the process started");
   m.def("clear_plan_cache", &fusedclip::clear_plan_cache,
         "drop every cached plan that no captured CUDA graph uses");

@@ -1,20 +1,18 @@
-// Plan building and the plan cache (see plan.h).
+// Plan building and the plan cache (plan.h), and the registry of device engines (device.h).
+// Device-agnostic: each device's part of a plan is its engine's init_plan and make_ready.
 
-#include "plan.h"
+#include "engine/plan.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <mutex>
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/promote_types.h>
 #include <c10/util/Exception.h>
 
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "checks.h"
-#include "passes.h"
+#include "engine/checks.h"
 
 namespace fusedclip {
 namespace {
@@ -34,55 +32,10 @@ Cache& cache() {
 
 std::atomic<int64_t> built{0};
 
-// The id of the capture the current stream is in, or 0.
-uint64_t capture_id(const at::Device& device) {
-  if (!device.is_cuda()) return 0;
-  cudaStreamCaptureStatus status;
-  unsigned long long id = 0;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(c10::cuda::getCurrentCUDAStream(device.index()),
-                                          &status, &id));
-  return status == cudaStreamCaptureStatusActive ? static_cast<uint64_t>(id) : 0;
-}
-
-// Makes the device copy of a CUDA plan's table usable by kernels about to be queued on the
-// current stream, without a host synchronization. Called with the cache's mutex held.
-void make_ready(Plan& plan) {
-  if (!plan.device.is_cuda()) return;
-  const c10::cuda::CUDAGuard guard(plan.device);
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(plan.device.index());
-  const uint64_t capture = capture_id(plan.device);
-  const bool uploaded = plan.upload_stream != nullptr;
-  if (capture != 0) {
-    plan.used_in_capture = true;
-    // An eager upload finished before the capture began (torch.cuda.graph synchronizes the
-    // device first); an upload recorded by this capture runs first at every replay.
-    if (uploaded && (plan.upload_capture == 0 || plan.upload_capture == capture)) return;
-    upload_table_cuda(plan.table.data_ptr<int64_t>(), plan.host_table.data(),
-                      static_cast<int64_t>(plan.host_table.size()));
-    plan.upload_capture = capture;
-    plan.upload_stream = stream.stream();
-    return;
-  }
-  if (!uploaded || plan.upload_capture != 0) {
-    upload_table_cuda(plan.table.data_ptr<int64_t>(), plan.host_table.data(),
-                      static_cast<int64_t>(plan.host_table.size()));
-    if (plan.upload_done == nullptr) {
-      cudaEvent_t event;
-      C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-      plan.upload_done = event;
-    }
-    C10_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(plan.upload_done), stream.stream()));
-    plan.upload_capture = 0;
-    plan.upload_stream = stream.stream();
-    return;
-  }
-  if (plan.upload_stream != stream.stream()) {
-    // Another stream uploaded it: wait for that on the device, and keep the table's memory
-    // from being reused before this stream's kernels are done with it.
-    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(),
-                                       static_cast<cudaEvent_t>(plan.upload_done), 0));
-    c10::cuda::CUDACachingAllocator::recordStream(plan.table.storage().data_ptr(), stream);
-  }
+// Engines by device type, filled by static initializers before any lookup.
+std::array<const DeviceEngine*, c10::COMPILE_TIME_MAX_DEVICE_TYPES>& engines() {
+  static std::array<const DeviceEngine*, c10::COMPILE_TIME_MAX_DEVICE_TYPES> e{};
+  return e;
 }
 
 // Refuses tensors whose memory ranges overlap: the kernels would read them twice and race on
@@ -106,9 +59,11 @@ void check_disjoint(const std::vector<TensorKey>& keys, const char* op) {
 
 std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device device,
                             const char* op) {
+  const DeviceEngine& engine = engine_for(device, op);
   check_disjoint(keys, op);
   auto plan = std::make_shared<Plan>();
   plan->device = device;
+  plan->engine = &engine;
   plan->keys = keys;
   const int64_t n = static_cast<int64_t>(keys.size());
 
@@ -144,19 +99,44 @@ std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device devic
   std::copy(chunk_tensor.begin(), chunk_tensor.end(), host.begin() + 3 * n);
   plan->table = at::empty({static_cast<int64_t>(host.size())},
                           at::TensorOptions().device(device).dtype(at::kLong));
-  if (!device.is_cuda()) {
-    std::copy(host.begin(), host.end(), plan->table.data_ptr<int64_t>());
-  }  // CUDA: uploaded by make_ready, on the stream (or in the capture) that first uses it
   plan->host_table = std::move(host);
+  engine.init_plan(*plan);  // the CPU writes the table now; CUDA uploads it in make_ready
   built.fetch_add(1);
   return plan;
 }
 
 }  // namespace
 
+bool register_engine(c10::DeviceType type, const DeviceEngine& engine) {
+  const DeviceEngine*& slot = engines().at(static_cast<size_t>(type));
+  TORCH_INTERNAL_ASSERT(slot == nullptr, "fusedclip: two engines registered for ", type);
+  slot = &engine;
+  return true;
+}
+
+const DeviceEngine* find_engine(c10::DeviceType type) {
+  const auto i = static_cast<size_t>(type);
+  return i < engines().size() ? engines()[i] : nullptr;
+}
+
+const char* no_engine_reason(c10::DeviceType type) {
+  if (type == c10::DeviceType::CUDA) {
+    return "fusedclip._C was built without its CUDA kernels (no nvcc or a CPU-only torch at "
+           "build time)";
+  }
+  return "the fused kernels run on CUDA (and the CPU)";
+}
+
+const DeviceEngine& engine_for(const c10::Device& device, const char* op) {
+  const DeviceEngine* engine = find_engine(device.type());
+  TORCH_CHECK(engine != nullptr, op, ": tensors are on ", device, "; ",
+              no_engine_reason(device.type()));
+  return *engine;
+}
+
 void check_plain(const at::Tensor& t, const at::Device& device, const char* op, size_t index) {
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": tensors[", index, "] is on ", device,
-              "; the fused kernels run on CUDA (and the CPU)");
+  TORCH_CHECK(find_engine(device.type()) != nullptr, op, ": tensors[", index, "] is on ", device,
+              "; ", no_engine_reason(device.type()));
   TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", index, "] has layout ", t.layout(),
               "; the fused backends take strided (dense) tensors only");
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": tensors[", index, "] has dtype ",
@@ -176,13 +156,6 @@ TensorKey key_of(const at::Tensor& t) {
   return {addr, n, t.scalar_type()};
 }
 
-Plan::~Plan() {
-  if (upload_done != nullptr) {
-    // Destroying an event with work pending is allowed: it is released once that completes.
-    (void)cudaEventDestroy(static_cast<cudaEvent_t>(upload_done));
-  }
-}
-
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
                                const char* op) {
   Cache& c = cache();
@@ -191,16 +164,16 @@ std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device de
     std::shared_ptr<Plan> plan = c.plans[i];
     if (plan->device == device && plan->keys == keys) {
       std::rotate(c.plans.begin(), c.plans.begin() + i, c.plans.begin() + i + 1);
-      make_ready(*plan);
+      plan->engine->make_ready(*plan);
       return plan;
     }
   }
   std::shared_ptr<Plan> plan = build(keys, device, op);
-  make_ready(*plan);
+  plan->engine->make_ready(*plan);
   c.plans.insert(c.plans.begin(), plan);
   // Evict the least recently used plans, but never one a captured graph still reads.
   for (size_t i = c.plans.size(); i-- > kCacheSize;) {
-    if (!c.plans[i]->used_in_capture) c.plans.erase(c.plans.begin() + i);
+    if (!c.plans[i]->pinned) c.plans.erase(c.plans.begin() + i);
   }
   return plan;
 }
@@ -221,7 +194,7 @@ void clear_plan_cache() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   c.plans.erase(std::remove_if(c.plans.begin(), c.plans.end(),
-                               [](const std::shared_ptr<Plan>& p) { return !p->used_in_capture; }),
+                               [](const std::shared_ptr<Plan>& p) { return !p->pinned; }),
                 c.plans.end());
 }
 

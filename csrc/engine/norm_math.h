@@ -15,7 +15,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "table.h"
+#include "engine/table.h"
 
 namespace fusedclip {
 

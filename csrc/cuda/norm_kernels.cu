@@ -21,10 +21,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "chunk_io.cuh"
-#include "dispatch.h"
-#include "norm_math.h"
-#include "passes.h"
+#include "cuda/chunk_io.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/passes_cuda.h"
+#include "engine/dispatch.h"
+#include "engine/norm_math.h"
+#include "engine/plan.h"
+#include "engine/request.h"
 
 namespace fusedclip {
 namespace {

@@ -1,4 +1,5 @@
-// Reading and updating one chunk of a tensor with 16-byte vector accesses.
+// Reading and updating one chunk of a tensor with 16-byte vector accesses, by the kBlockThreads
+// threads of a block (launch.cuh).
 //
 // A chunk is split into a scalar head (up to the first 16-byte boundary), a vector body and a
 // scalar tail, so a misaligned tensor (a view at an odd offset) still moves most of its bytes in
@@ -9,15 +10,14 @@
 
 #include <cstdint>
 #include <cstring>
-#include <atomic>
 #include <type_traits>
 
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
+
+#include "cuda/launch.cuh"
 
 namespace fusedclip {
 
-constexpr int kBlockThreads = 512;
 constexpr int kUnroll = 4;
 
 // 16 bytes of T.
@@ -123,32 +123,6 @@ __device__ __forceinline__ void read_chunk(const T* data, int64_t begin, int64_t
 template <typename T, typename F>
 __device__ __forceinline__ void update_chunk(T* data, int64_t begin, int64_t end, F&& f) {
   visit_chunk<true>(data, begin, end, f);
-}
-
-// Blocks per SM the occupancy calculator allows for `kernel` at kBlockThreads, times the SMs: the
-// grid of a persistent launch. Computed once per kernel.
-template <typename Kernel>
-int persistent_grid(Kernel kernel, int device) {
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, 0));
-  return sms * (per_sm > 0 ? per_sm : 1);
-}
-
-// persistent_grid(Kernel, device), computed once per kernel and device.
-template <auto Kernel>
-int cached_persistent_grid(int device) {
-  static std::atomic<int> cached[64] = {};
-  if (device >= 64) return persistent_grid(Kernel, device);
-  if (cached[device].load() == 0) cached[device].store(persistent_grid(Kernel, device));
-  return cached[device].load();
-}
-
-// The grid of one persistent launch of Kernel over `chunks` chunks: never more blocks than chunks.
-template <auto Kernel>
-int grid_for_chunks(int device, int64_t chunks) {
-  const int limit = cached_persistent_grid<Kernel>(device);
-  return static_cast<int>(chunks < limit ? chunks : limit);
 }
 
 }  // namespace fusedclip

@@ -1,7 +1,6 @@
-// The two passes of a fused clip over a plan's tensors, for CUDA (norm_kernels.cu,
-// scale_kernels.cu) and the CPU (cpu_passes.cpp). The CPU versions walk the same table with the
-// same arithmetic (norm_math.h); they exist so the table, the chunking and the reduction rules are
-// tested on every machine, and they are how the operators run on CPU tensors.
+// What pass 1 is asked for (NormRequest): its inputs besides the tensors and the outputs it
+// writes, and write_tensor_outputs, the per-tensor outputs every device's pass 1 writes alike.
+// Plain data and host/device arithmetic: included by host code and by the CUDA kernels.
 #pragma once
 
 #include <cmath>
@@ -9,8 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "norm_math.h"
-#include "plan.h"
+#include "engine/norm_math.h"
 
 namespace fusedclip {
 
@@ -62,26 +60,5 @@ FUSEDCLIP_HD void write_tensor_outputs(const NormRequest& r, int64_t t, double n
     r.per_tensor_coef[t] = clip_coef(norm, limit, r.mode) * inv;
   }
 }
-
-// Pass 1: one read of every element; partials per chunk, and the last block to finish reduces
-// them in a fixed order and writes the request's outputs. Deterministic, no host synchronization.
-void norm_pass(const Plan& plan, const NormRequest& request);
-// Pass 2: every element times its coefficient (fp64, on the device), in place: *coef, or with
-// per_tensor coef[t] for the elements of tensor t. No writes to a chunk whose coefficient is 1.
-void scale_pass(const Plan& plan, const double* coef, bool per_tensor = false);
-// Value clipping in one pass: every element clamped to [-bound, bound], bound = clip_value rounded
-// to the element's dtype (as torch converts a Python bound); NaN stays NaN.
-void clamp_pass(const Plan& plan, double clip_value);
-
-void norm_pass_cuda(const Plan& plan, const NormRequest& request);
-void scale_pass_cuda(const Plan& plan, const double* coef, bool per_tensor);
-void clamp_pass_cuda(const Plan& plan, double clip_value);
-void norm_pass_cpu(const Plan& plan, const NormRequest& request);
-void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor);
-void clamp_pass_cpu(const Plan& plan, double clip_value);
-
-// Copies n int64 values from host memory to dst (device memory of the current device) through
-// kernel arguments, on the current stream; capturable.
-void upload_table_cuda(int64_t* dst, const int64_t* src, int64_t n);
 
 }  // namespace fusedclip

@@ -1,5 +1,5 @@
-// Argument checks of the operators in ops.cpp (the tensors themselves are checked by plan.cpp's
-// check_plain when their plan is looked up).
+// Argument checks of the operators (ops_impl.cpp) and the fast path (bindings.cpp); the tensors
+// themselves are checked by plan.cpp's check_plain when their plan is looked up.
 #pragma once
 
 #include <cmath>

@@ -1,15 +1,23 @@
-// The two passes on the CPU: the same table, chunks and accumulation rules as the CUDA kernels
-// (norm_math.h), one thread, chunk after chunk. This is how the operators run on CPU tensors and
-// how every machine tests the plan, the table layout and the reduction rules.
+// The CPU engine: the two passes and the value clamp on the CPU, with the same table, chunks and
+// accumulation rules as the CUDA kernels (norm_math.h), one thread, chunk after chunk; its
+// registration, and the operators' TORCH_LIBRARY_IMPL for CPU tensors. Built with any torch, this
+// is how the operators run on CPU tensors and how every machine tests the plan, the table layout
+// and the reduction rules.
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
-#include "dispatch.h"
-#include "norm_math.h"
-#include "passes.h"
+#include "engine/device.h"
+#include "engine/dispatch.h"
+#include "engine/norm_math.h"
+#include "engine/ops_impl.h"
+#include "engine/plan.h"
+#include "engine/request.h"
 
 namespace fusedclip {
 namespace {
@@ -39,8 +47,6 @@ template <typename T>
 void store_as(void* dst, double v) {
   *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
 }
-
-}  // namespace
 
 void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const TableView table = plan.view();
@@ -112,4 +118,18 @@ void clamp_pass_cpu(const Plan& plan, double clip_value) {
   }
 }
 
+// The table is host memory: written once, when the plan is built, and ready from then on.
+void init_plan_cpu(Plan& plan) {
+  std::copy(plan.host_table.begin(), plan.host_table.end(), plan.table.data_ptr<int64_t>());
+}
+
+void make_ready_cpu(Plan&) {}
+
+const DeviceEngine kCpuEngine{"CPU", &norm_pass_cpu, &scale_pass_cpu, &clamp_pass_cpu,
+                              &init_plan_cpu, &make_ready_cpu};
+[[maybe_unused]] const bool kRegistered = register_engine(c10::DeviceType::CPU, kCpuEngine);
+
+}  // namespace
 }  // namespace fusedclip
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) { fusedclip::register_ops(m); }

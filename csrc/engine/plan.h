@@ -1,11 +1,12 @@
-// Plans: the device-side tensor table of a list of tensors, built once and reused.
+// Plans: the tensor table of a list of tensors on their device, built once and reused.
 //
 // Building a plan lays the tensors out as chunks (table.h), groups the chunks by dtype and
-// 16-byte alignment and checks that no two tensors share memory. The table reaches the device through the arguments of a few
-// small kernel launches, so a plan can also be built while a CUDA graph is being captured. A plan
-// is keyed by what its table holds (address, size and dtype of every tensor): it stays valid
-// exactly as long as the gradient storages are unchanged, and a gradient that was reallocated,
-// resized or set to None changes the key and gets a new plan.
+// 16-byte alignment and checks that no two tensors share memory. Nothing here depends on the
+// device: getting the table onto it is the device engine's part (device.h; on CUDA through the
+// arguments of a few small kernel launches, so a plan can also be built while a CUDA graph is
+// being captured). A plan is keyed by what its table holds (address, size and dtype of every
+// tensor): it stays valid exactly as long as the gradient storages are unchanged, and a gradient
+// that was reallocated, resized or set to None changes the key and gets a new plan.
 //
 // A plan holds no per-call state: pass 1's workspace comes from the caching allocator on every
 // call (stream- and graph-aware), so calls on different streams or concurrent graph replays never
@@ -18,7 +19,8 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "table.h"
+#include "engine/device.h"
+#include "engine/table.h"
 
 namespace fusedclip {
 
@@ -43,8 +45,15 @@ struct Group {
   int64_t chunk_hi;
 };
 
+// What a device's engine keeps about one plan besides the table (CUDA: where the device copy of
+// the table stands). Created by the engine's init_plan, destroyed with the plan.
+struct PlanDeviceState {
+  virtual ~PlanDeviceState() = default;
+};
+
 struct Plan {
   at::Device device{at::kCPU};
+  const DeviceEngine* engine = nullptr;  // the engine of `device`: its passes run this plan
   std::vector<TensorKey> keys;
   std::vector<Group> groups;
   int64_t num_chunks = 0;
@@ -52,16 +61,10 @@ struct Plan {
   std::vector<int64_t> host_table;           // 3 * T + C values (table.h)
   at::Tensor table;                          // the same on `device`
 
-  // Where the device copy of the table stands (CUDA plans; guarded by the plan cache's mutex).
-  // upload_capture: 0 when it was uploaded eagerly on upload_stream (then upload_done marks its
-  // completion), else the id of the capture that recorded the upload: until that graph replays,
-  // the memory holds nothing, and any other user must upload again.
-  uint64_t upload_capture = 0;
-  void* upload_stream = nullptr;
-  void* upload_done = nullptr;  // cudaEvent_t
-  bool used_in_capture = false;  // a CUDA graph reads this table: never evicted
-
-  ~Plan();
+  // The engine's state of this plan, and whether a captured graph reads its table (then the plan
+  // is never evicted). Both set by the engine's hooks, guarded by the plan cache's mutex.
+  std::unique_ptr<PlanDeviceState> device_state;
+  bool pinned = false;
 
   TableView view() const {
     return table_view(table.const_data_ptr<int64_t>(), static_cast<int64_t>(keys.size()),
@@ -70,14 +73,16 @@ struct Plan {
 };
 
 // Checks a tensor the fused kernels can take as it is: strided, dense (contiguous or permuted,
-// no gaps, no overlap), a kernel dtype, on `device` (a CPU or CUDA device). Throws naming it.
+// no gaps, no overlap), a kernel dtype, on `device` (a device this build has an engine for).
+// Throws naming it.
 void check_plain(const at::Tensor& t, const at::Device& device, const char* op, size_t index);
 
 // The key of a tensor that passed check_plain.
 TensorKey key_of(const at::Tensor& t);
 
 // The plan for these keys (taken from tensors on `device`), cached or new, with its table ready
-// for kernels on the current stream. Throws, touching nothing, when two tensors share memory.
+// for kernels on the current stream (the engine's make_ready). Throws, touching nothing, when two
+// tensors share memory or this build has no engine for `device`.
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
                                const char* op);
 
