@@ -28,9 +28,7 @@ bench_rc=$?
 # slow under the tools / not supported by them), memcheck then racecheck.
 san_rc=0
 if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null; then
-  SAN_TESTS=(tests/test_engine.py tests/test_triton.py tests/test_extension.py tests/test_amp.py
-             tests/test_modes.py -m gpu
-             -k "not 2_31 and not graph")
+  SAN_TESTS=(tests/engine tests/features -m gpu -k "not 2_31 and not graph")
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -x "${SAN_TESTS[@]}" >"$OUT/sanitizer-$tool.log" 2>&1 || san_rc=$?
@@ -39,7 +37,7 @@ fi
 
 echo "== ptxas (registers per kernel) =="; grep -c "Used" "$OUT/ptxas.txt" | xargs echo kernels:
 grep -E "Used" "$OUT/ptxas.txt" | sort | uniq -c
-echo "== self-check (rc=$check_rc) =="; grep -E "cuda|triton|reference" "$OUT/check.log" | head -3
+echo "== self-check (rc=$check_rc) =="; grep -E "cpp|triton|reference" "$OUT/check.log" | head -6
 echo "== gpu tests (rc=$gpu_rc) =="; tail -3 "$OUT/gpu-tests.log"
 echo "== all tests (rc=$all_rc) =="; tail -3 "$OUT/all-tests.log"
 if [ "${SANITIZE:-1}" = "1" ]; then

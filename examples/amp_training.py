@@ -22,6 +22,8 @@ import torch
 
 import fusedclip
 
+MAX_NORM = 0.25  # below this model's gradient norm (about 0.4 at first): clipping is active
+
 
 def main(steps: int = 20, device: str | None = None) -> list[float]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,19 +36,24 @@ def main(steps: int = 20, device: str | None = None) -> list[float]:
     x = torch.randn(256, 64, device=device)
     y = torch.randint(0, 10, (256,), device=device)
     losses = []
-    for _ in range(steps):
+    clipped = torch.zeros((), dtype=torch.int64, device=device)  # steps whose norm was over
+    for step in range(steps):
         with torch.autocast(device, dtype=amp_dtype):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         # Instead of scaler.unscale_(optimizer) + torch.nn.utils.clip_grad_norm_(...):
-        norm = fusedclip.clip_grad_norm_(model.parameters(), 1.0, scaler=scaler,
+        norm = fusedclip.clip_grad_norm_(model.parameters(), MAX_NORM, scaler=scaler,
                                          optimizer=optimizer)
+        clipped += norm > MAX_NORM  # the unscaled norm before clipping; no host sync
+        if step == steps - 1:  # what the optimizer sees: unscaled and clipped (only to show it)
+            after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    print(f"{device}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, last grad norm {norm.item():.3f}, "
-          f"loss scale {scaler.get_scale():.0f}")
+    print(f"{device}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps; last grad norm "
+          f"{norm.item():.4f} -> {after.item():.4f} (max_norm {MAX_NORM}); clipped "
+          f"{clipped.item()} of {steps} steps; loss scale {scaler.get_scale():.0f}")
     return losses
 
 

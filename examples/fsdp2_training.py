@@ -22,6 +22,8 @@ from torch.distributed.fsdp import fully_shard
 
 import fusedclip
 
+MAX_NORM = 0.5
+
 
 def train(steps: int = 10) -> float:
     device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
@@ -38,17 +40,26 @@ def train(steps: int = 10) -> float:
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(1 + dist.get_rank())  # each rank its own data
-    for _ in range(steps):
-        x = torch.randn(16, 32, device=device)
-        loss = model(x).pow(2).mean()
+    x = torch.randn(64, 32, device=device)
+    y = x[:, :4].sum(1, keepdim=True)  # learn a sum
+    losses = []
+    clipped = torch.zeros((), dtype=torch.int64, device=device)  # steps whose norm was over
+    for step in range(steps):
+        loss = (model(x) - y).pow(2).mean()
         loss.backward()
-        norm = fusedclip.clip_grad_norm_(model.parameters(), 0.5)  # a replicated DTensor
+        norm = fusedclip.clip_grad_norm_(model.parameters(), MAX_NORM)  # a replicated DTensor
+        clipped += norm.to_local() > MAX_NORM  # the whole model's norm, on every rank: no sync
+        if step == steps - 1:  # the norm the optimizer sees, after clipping (only to show it)
+            after = fusedclip.get_total_norm([p.grad for p in model.parameters()])
         optimizer.step()
         optimizer.zero_grad()
-    value = norm.full_tensor().item()
+        losses.append(loss.detach())
+    value, after_value = norm.full_tensor().item(), after.full_tensor().item()
     if dist.get_rank() == 0:
-        print(f"{dist.get_world_size()} ranks ({dist.get_backend()}): last loss "
-              f"{loss.item():.4f}, last grad norm {value:.4f}")
+        print(f"{dist.get_world_size()} ranks ({dist.get_backend()}): loss "
+              f"{losses[0].item():.4f} -> {losses[-1].item():.4f} in {steps} steps; last grad "
+              f"norm {value:.4f} -> {after_value:.4f} (max_norm {MAX_NORM}); clipped "
+              f"{clipped.item()} of {steps} steps")
     return value
 
 

@@ -1,7 +1,10 @@
-"""fusedclip against torch.nn.utils and the fp64 oracle, on the CPU, for every runnable backend.
+"""The public API against torch.nn.utils and the fp64 oracle, for every backend on every device
+(the ``backend`` x ``device`` matrix of conftest).
 
 Every clipped gradient must be within one rounding of its dtype of the fp64 oracle; the returned
-norm must have torch's dtype, device and shape and be the oracle's norm rounded to that dtype.
+norm must have torch's dtype, device and shape and be the oracle's norm rounded to that dtype; and
+the fp64 coefficient (``return_stats``) must match the oracle's to the 1e-5 contract whatever the
+dtype, so that a 16-bit rounding of the returned norm cannot hide an accumulation error.
 """
 
 from __future__ import annotations
@@ -12,23 +15,20 @@ import zlib
 
 import pytest
 import torch
-from conftest import (
-    DTYPES,
-    NORM_TYPES,
-    SHAPE_CLASSES,
+from gradients import DTYPES, NORM_TYPES, SHAPE_CLASSES, clone_params, grads, make_params
+from oracle import (
+    NORM_RTOL,
     assert_bitwise_equal,
     clip_rtol,
-    clone_params,
-    grads,
-    make_params,
     oracle_clipped,
+    oracle_coef,
     oracle_norm,
     rtol_for,
     ulp_close,
 )
 
 import fusedclip
-from fusedclip.inputs import norm_result_dtype
+from fusedclip._args import norm_result_dtype
 
 
 def check_clip_against_oracle_and_torch(params, max_norm_factor, norm_type, backend):
@@ -45,6 +45,12 @@ def check_clip_against_oracle_and_torch(params, max_norm_factor, norm_type, back
         assert "empty tensor" in str(e) and math.isinf(norm_type)
         torch_norm = None
 
+    if any(g.dtype in (torch.float16, torch.bfloat16) for g in before):
+        # The fp64 coefficient, whose error is the norm's: the 1e-5 contract for every dtype.
+        stats = fusedclip.clip_grad_norm_(clone_params(params), max_norm, norm_type,
+                                          backend=backend, return_stats=True)
+        torch.testing.assert_close(stats.clip_coef.cpu(), torch.tensor(
+            oracle_coef(max_norm, exact), dtype=torch.float64), rtol=NORM_RTOL, atol=0)
     ours = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
 
     assert ours.shape == () and ours.device == before[0].device
@@ -71,91 +77,119 @@ def check_clip_against_oracle_and_torch(params, max_norm_factor, norm_type, back
 @pytest.mark.parametrize("shape_class", sorted(SHAPE_CLASSES))
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_clip_matches_oracle_and_torch(cpu_backend, dtype, norm_type, shape_class):
-    if cpu_backend == "triton" and shape_class == "many":
-        # 2,000 programs per launch take ~20 s each in Triton's interpreter; test_triton.py runs
-        # hundreds of tensors once instead.
+def test_clip_matches_oracle_and_torch(backend, device, dtype, norm_type, shape_class):
+    if (backend, device, shape_class) == ("triton", "cpu", "many"):
+        # 2,000 programs per launch take ~20 s each in Triton's interpreter; the operator suite
+        # runs hundreds of tensors once instead.
         pytest.skip("too slow in Triton's CPU interpreter")
-    params = make_params(SHAPE_CLASSES[shape_class], dtype, seed=zlib.crc32(shape_class.encode()))
-    check_clip_against_oracle_and_torch(params, 0.25, norm_type, cpu_backend)
+    params = make_params(SHAPE_CLASSES[shape_class], dtype, device,
+                         seed=zlib.crc32(shape_class.encode()))
+    check_clip_against_oracle_and_torch(params, 0.25, norm_type, backend)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided", "offset"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_noncontiguous_and_misaligned_grads(cpu_backend, dtype, layout):
-    params = make_params([(33, 7), (5, 4, 3), (129, 2), (1, 9)], dtype, seed=3, layout=layout)
+def test_noncontiguous_and_misaligned_grads(backend, device, dtype, layout):
+    params = make_params([(33, 7), (5, 4, 3), (129, 2), (1, 9)], dtype, device, seed=3,
+                         layout=layout)
     g0 = params[0].grad
     assert layout != "transposed" or not g0.is_contiguous()
     assert layout != "strided" or g0.stride(-1) == 2
     assert layout != "offset" or g0.storage_offset() == 1
-    check_clip_against_oracle_and_torch(params, 0.1, 2.0, cpu_backend)
+    check_clip_against_oracle_and_torch(params, 0.1, 2.0, backend)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5])
-def test_mixed_dtypes(cpu_backend, norm_type):
+def test_mixed_dtypes(backend, device, norm_type):
     params = []
     for i, dtype in enumerate([torch.float16, torch.float32, torch.bfloat16, torch.float64] * 3):
-        params += make_params([(17 + i, 3)], dtype, seed=i)
-    ours = check_clip_against_oracle_and_torch(params, 0.3, norm_type, cpu_backend)
+        params += make_params([(17 + i, 3)], dtype, device, seed=i)
+    ours = check_clip_against_oracle_and_torch(params, 0.3, norm_type, backend)
     assert ours.dtype == torch.float64
 
 
-def test_half_and_bfloat16_promote_to_float32(cpu_backend):
-    params = make_params([(10,)], torch.float16, seed=1) + make_params([(9,)], torch.bfloat16)
-    assert check_clip_against_oracle_and_torch(params, 0.5, 2.0, cpu_backend).dtype == torch.float32
+def test_half_and_bfloat16_promote_to_float32(backend, device):
+    params = (make_params([(10,)], torch.float16, device, seed=1)
+              + make_params([(9,)], torch.bfloat16, device))
+    assert check_clip_against_oracle_and_torch(params, 0.5, 2.0, backend).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_grads_on_two_devices(backend):
+    """CPU and CUDA gradients in one call: each device reduced by itself, the norms combined, every
+    gradient scaled on its own device."""
+    params = (make_params([(300, 7), (5,)], torch.float32, "cpu", seed=15)
+              + make_params([(70001,), (3, 3)], torch.bfloat16, "cuda", seed=16))
+    check_clip_against_oracle_and_torch(params, 0.25, 2.0, backend)
+    assert [p.grad.device.type for p in params] == ["cpu", "cpu", "cuda", "cuda"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grads_unchanged_when_norm_is_under_max_norm(cpu_backend, dtype):
-    params = make_params(SHAPE_CLASSES["several"], dtype, seed=5)
+def test_grads_unchanged_when_norm_is_under_max_norm(backend, device, dtype):
+    params = make_params(SHAPE_CLASSES["several"], dtype, device, seed=5)
     before = [g.clone() for g in grads(params)]
-    norm = fusedclip.clip_grad_norm_(params, 1e6, backend=cpu_backend)
+    norm = fusedclip.clip_grad_norm_(params, 1e6, backend=backend)
     assert torch.isfinite(norm) and norm > 0
     assert_bitwise_equal(grads(params), before)
 
 
-def test_none_grads_are_skipped(cpu_backend):
-    params = make_params([(4, 4)] * 9, torch.float32, seed=2, none_every=3)
+def test_none_grads_are_skipped(backend, device):
+    params = make_params([(4, 4)] * 9, torch.float32, device, seed=2, none_every=3)
     assert sum(p.grad is None for p in params) == 3
-    check_clip_against_oracle_and_torch(params, 0.5, 2.0, cpu_backend)
+    check_clip_against_oracle_and_torch(params, 0.5, 2.0, backend)
     assert sum(p.grad is None for p in params) == 3
 
 
-def test_single_tensor_argument(cpu_backend):
-    (p,) = make_params([(6, 5)], seed=4)
+def test_single_tensor_argument(backend, device):
+    (p,) = make_params([(6, 5)], device=device, seed=4)
     (q,) = clone_params([p])
-    ours = fusedclip.clip_grad_norm_(p, 0.5, backend=cpu_backend)
+    ours = fusedclip.clip_grad_norm_(p, 0.5, backend=backend)
     theirs = torch.nn.utils.clip_grad_norm_(q, 0.5)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_no_grads_returns_cpu_zero_like_torch(cpu_backend):
+# No backend runs without gradients, and foreach is dropped before one is chosen: these tests take
+# no backend.
+
+def test_no_grads_returns_cpu_zero_like_torch():
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for args in ([], params):
-            ours = fusedclip.clip_grad_norm_(args, 1.0, backend=cpu_backend)
+            ours = fusedclip.clip_grad_norm_(args, 1.0)
             theirs = torch.nn.utils.clip_grad_norm_(args, 1.0)
             assert torch.equal(ours, theirs) and ours.device == theirs.device
             assert ours.dtype == theirs.dtype == torch.float32
         assert torch.equal(fusedclip.get_total_norm([]), torch.nn.utils.get_total_norm([]))
 
 
-def test_empty_generator_warns_like_torch(cpu_backend):
+def test_empty_generator_warns_like_torch():
     with pytest.warns(UserWarning, match="empty generator") as record:
-        norm = fusedclip.clip_grad_norm_((p for p in []), 1.0, backend=cpu_backend)
+        norm = fusedclip.clip_grad_norm_((p for p in []), 1.0)
     assert record[0].filename == __file__, "the warning should point at the caller"
     assert torch.equal(norm, torch.tensor(0.0))
     with pytest.warns(UserWarning, match="empty generator"):
         torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
 
 
-def test_generator_of_parameters(cpu_backend):
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_foreach_is_accepted_and_changes_nothing(foreach):
+    params = make_params(SHAPE_CLASSES["several"], seed=10)
+    twin = clone_params(params)
+    a = fusedclip.clip_grad_norm_(params, 0.5, foreach=foreach)
+    b = fusedclip.clip_grad_norm_(twin, 0.5)
+    assert torch.equal(a, b)
+    assert_bitwise_equal(grads(params), grads(twin))
+
+
+def test_generator_of_parameters(backend, device):
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    model(torch.randn(5, 8)).square().sum().backward()
+    model.to(device)
+    model(torch.randn(5, 8, device=device)).square().sum().backward()
     twin = clone_params(list(model.parameters()))
-    ours = fusedclip.clip_grad_norm_(model.parameters(), 0.1, backend=cpu_backend)
+    ours = fusedclip.clip_grad_norm_(model.parameters(), 0.1, backend=backend)
     theirs = torch.nn.utils.clip_grad_norm_(iter(twin), 0.1)
     torch.testing.assert_close(ours, theirs)
     for p, q in zip(model.parameters(), twin):
@@ -163,28 +197,28 @@ def test_generator_of_parameters(cpu_backend):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_get_total_norm(cpu_backend, norm_type):
-    tensors = grads(make_params(SHAPE_CLASSES["several"], torch.float32, seed=7))
+def test_get_total_norm(backend, device, norm_type):
+    tensors = grads(make_params(SHAPE_CLASSES["several"], torch.float32, device, seed=7))
     before = [t.clone() for t in tensors]
-    ours = fusedclip.get_total_norm(tensors, norm_type, backend=cpu_backend)
+    ours = fusedclip.get_total_norm(tensors, norm_type, backend=backend)
     theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
     torch.testing.assert_close(ours.double(), torch.tensor(oracle_norm(tensors, norm_type),
                                                            dtype=torch.float64), rtol=1e-6, atol=0)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
     assert_bitwise_equal(tensors, before)
-    single = fusedclip.get_total_norm(tensors[0], norm_type, backend=cpu_backend)
+    single = fusedclip.get_total_norm(tensors[0], norm_type, backend=backend)
     torch.testing.assert_close(single, torch.nn.utils.get_total_norm(tensors[0], norm_type),
                                rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_clip_grads_with_norm(cpu_backend, dtype):
-    params = make_params(SHAPE_CLASSES["several"], dtype, seed=8)
+def test_clip_grads_with_norm(backend, device, dtype):
+    params = make_params(SHAPE_CLASSES["several"], dtype, device, seed=8)
     twin = clone_params(params)
     before = [g.clone() for g in grads(params)]
     norm = torch.nn.utils.get_total_norm(before)
-    fusedclip.clip_grads_with_norm_(params, 0.5, norm, backend=cpu_backend)
+    fusedclip.clip_grads_with_norm_(params, 0.5, norm, backend=backend)
     torch.nn.utils.clip_grads_with_norm_(twin, 0.5, norm)
     for g, g0, t in zip(grads(params), before, grads(twin)):
         ulp_close(g, oracle_clipped(g0, 0.5, float(norm)))
@@ -192,38 +226,29 @@ def test_clip_grads_with_norm(cpu_backend, dtype):
         torch.testing.assert_close(g, t, rtol=2 * fi.eps, atol=fi.tiny)
     # A plain number works too, and a norm under max_norm changes nothing.
     after = [g.clone() for g in grads(params)]
-    fusedclip.clip_grads_with_norm_(params, 10.0, 1.0, backend=cpu_backend)
+    fusedclip.clip_grads_with_norm_(params, 10.0, 1.0, backend=backend)
     assert_bitwise_equal(grads(params), after)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_clip_grad_value_bitwise_equal_to_torch(cpu_backend, dtype):
-    params = make_params(SHAPE_CLASSES["several"] + [(9, 9)], dtype, seed=9, layout="strided")
+def test_clip_grad_value_bitwise_equal_to_torch(backend, device, dtype):
+    params = make_params(SHAPE_CLASSES["several"] + [(9, 9)], dtype, device, seed=9,
+                         layout="strided")
     params[0].grad[0, 0] = math.nan
     twin = clone_params(params)
-    fusedclip.clip_grad_value_(params, 0.7, backend=cpu_backend)
+    fusedclip.clip_grad_value_(params, 0.7, backend=backend)
     torch.nn.utils.clip_grad_value_(twin, 0.7)
     assert_bitwise_equal(grads(params), grads(twin))
     limit = float(torch.tensor(0.7, dtype=dtype))  # 0.7 as the dtype holds it
     assert all(float(g.nan_to_num().abs().max()) <= limit for g in grads(params))
 
 
-@pytest.mark.parametrize("foreach", [None, True, False])
-def test_foreach_is_accepted_and_changes_nothing(cpu_backend, foreach):
-    params = make_params(SHAPE_CLASSES["several"], seed=10)
-    twin = clone_params(params)
-    a = fusedclip.clip_grad_norm_(params, 0.5, foreach=foreach, backend=cpu_backend)
-    b = fusedclip.clip_grad_norm_(twin, 0.5, backend=cpu_backend)
-    assert torch.equal(a, b)
-    assert_bitwise_equal(grads(params), grads(twin))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bitwise_deterministic(cpu_backend, dtype):
+def test_bitwise_deterministic(backend, device, dtype):
     results = []
     for _ in range(3):
-        params = make_params(SHAPE_CLASSES["odd_sizes"], dtype, seed=11)
-        norm = fusedclip.clip_grad_norm_(params, 0.2, backend=cpu_backend)
+        params = make_params(SHAPE_CLASSES["odd_sizes"], dtype, device, seed=11)
+        norm = fusedclip.clip_grad_norm_(params, 0.2, backend=backend)
         results.append([norm, *grads(params)])
     assert_bitwise_equal(results[1], results[0])
     assert_bitwise_equal(results[2], results[0])
@@ -231,15 +256,16 @@ def test_bitwise_deterministic(cpu_backend, dtype):
 
 # ---- non-finite gradients --------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+# -inf stands for inf too: magnitudes are taken before anything else.
+@pytest.mark.parametrize("bad", [-math.inf, math.nan], ids=["-inf", "nan"])
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nonfinite_matches_torch(cpu_backend, dtype, norm_type, bad):
-    params = make_params(SHAPE_CLASSES["several"], dtype, seed=12)
+def test_nonfinite_matches_torch(backend, device, dtype, norm_type, bad):
+    params = make_params(SHAPE_CLASSES["several"], dtype, device, seed=12)
     params[2].grad.view(-1)[41] = bad
     twin = clone_params(params)
     before = [g.clone() for g in grads(params)]
-    ours = fusedclip.clip_grad_norm_(params, 1.0, norm_type, backend=cpu_backend)
+    ours = fusedclip.clip_grad_norm_(params, 1.0, norm_type, backend=backend)
     theirs = torch.nn.utils.clip_grad_norm_(twin, 1.0, norm_type)
     expected = math.nan if math.isnan(bad) else math.inf
     torch.testing.assert_close(ours, theirs, equal_nan=True)
@@ -253,40 +279,40 @@ def test_nonfinite_matches_torch(cpu_backend, dtype, norm_type, bad):
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_error_if_nonfinite_raises_and_leaves_grads(cpu_backend, norm_type, bad):
-    params = make_params(SHAPE_CLASSES["several"], torch.bfloat16, seed=13)
+def test_error_if_nonfinite_raises_and_leaves_grads(backend, device, norm_type, bad):
+    params = make_params(SHAPE_CLASSES["several"], torch.bfloat16, device, seed=13)
     params[1].grad[5] = bad
     before = [g.clone() for g in grads(params)]
     with pytest.raises(RuntimeError, match="non-finite") as ours:
         fusedclip.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True,
-                                  backend=cpu_backend)
+                                  backend=backend)
     assert_bitwise_equal(grads(params), before)
     with pytest.raises(RuntimeError) as theirs:
         torch.nn.utils.clip_grad_norm_(clone_params(params), 1.0, norm_type,
                                        error_if_nonfinite=True)
     assert str(ours.value) == str(theirs.value)
     with pytest.raises(RuntimeError, match="non-finite"):
-        fusedclip.get_total_norm(before, norm_type, error_if_nonfinite=True, backend=cpu_backend)
+        fusedclip.get_total_norm(before, norm_type, error_if_nonfinite=True, backend=backend)
 
 
-def test_error_if_nonfinite_tests_the_returned_norm_like_torch(cpu_backend):
+def test_error_if_nonfinite_tests_the_returned_norm_like_torch(backend, device):
     # The fp16 norm of these gradients (60000 * 64) overflows fp16: torch raises, and so does
     # fusedclip, although it would clip them correctly with error_if_nonfinite=False.
-    p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float16))
-    p.grad = torch.full((4096,), 60000.0, dtype=torch.float16)
+    p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float16, device=device))
+    p.grad = torch.full((4096,), 60000.0, dtype=torch.float16, device=device)
     (q,) = clone_params([p])
     with pytest.raises(RuntimeError, match="non-finite"):
         torch.nn.utils.clip_grad_norm_([q], 1.0, error_if_nonfinite=True)
     with pytest.raises(RuntimeError, match="non-finite"):
-        fusedclip.clip_grad_norm_([p], 1.0, error_if_nonfinite=True, backend=cpu_backend)
+        fusedclip.clip_grad_norm_([p], 1.0, error_if_nonfinite=True, backend=backend)
     assert_bitwise_equal([p.grad], [q.grad])
 
 
-def test_error_if_nonfinite_with_finite_grads_clips(cpu_backend):
-    params = make_params(SHAPE_CLASSES["several"], seed=14)
+def test_error_if_nonfinite_with_finite_grads_clips(backend, device):
+    params = make_params(SHAPE_CLASSES["several"], device=device, seed=14)
     check = clone_params(params)
-    a = fusedclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=True, backend=cpu_backend)
-    b = fusedclip.clip_grad_norm_(check, 0.5, backend=cpu_backend)
+    a = fusedclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=True, backend=backend)
+    b = fusedclip.clip_grad_norm_(check, 0.5, backend=backend)
     assert torch.equal(a, b)
     assert_bitwise_equal(grads(params), grads(check))
 

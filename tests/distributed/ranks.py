@@ -1,8 +1,16 @@
 """Real multi-process runs for the distributed tests: ``spawn`` starts ``world`` ranks that talk
-over gloo on the CPU and returns what each saved."""
+over gloo on the CPU and returns what each saved.
+
+Starting ranks (a fresh Python, torch, gloo) is what these tests cost, and the mesh and all-reduce
+logic is the same for every backend: so a test spawns once and hands its ranks ``cpu_backends()``,
+which every rank runs in turn, each against the same expectations. A backend that cannot run CPU
+tensors here is not run, and ``backends_not_run`` says why (each module turns that into a visible
+skip).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -11,32 +19,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import fusedclip
+
 # A rank left waiting in a collective (say, ranks that order their reductions differently) fails
 # the test after this long rather than hanging CI: mesh groups' own timeout is 30 minutes.
 TIMEOUT_S = 300
 
 
-def enable_cpu_operators() -> None:
-    """What conftest's cpu_backend fixture does for "cuda-ops-on-cpu", in a spawned rank."""
-    from fusedclip import backends
-
-    backends._RUNS_ON["cuda"] = None
-    backends._STATUS["cuda"] = lambda: backends.BackendStatus(True, "test: CPU operators")
-    backends.backend_status.cache_clear()
+def cpu_backends() -> list[str]:
+    """Every backend that runs CPU tensors here (Triton: in its interpreter, which conftest
+    switches on without a GPU and the ranks inherit), in fusedclip's order."""
+    return [name for name, status in fusedclip.available_backends().items()
+            if status.runs_on("cpu")]
 
 
-def spawned_backend(cpu_backend: str) -> str:
-    """What a test passes to its ranks for a cpu_backend fixture value: the fixture's patch does
-    not reach spawned processes, so "cuda" travels as "cuda-ops-on-cpu" (see rank_backend)."""
-    return "cuda-ops-on-cpu" if cpu_backend == "cuda" else cpu_backend
-
-
-def rank_backend(backend: str) -> str:
-    """The backend name for fusedclip calls in a rank, given a cpu_backend fixture value."""
-    if backend == "cuda-ops-on-cpu":
-        enable_cpu_operators()
-        return "cuda"
-    return backend
+def backends_not_run() -> dict[str, str]:
+    """The backends ``cpu_backends`` leaves out, each with the reason."""
+    return {name: status.reason for name, status in fusedclip.available_backends().items()
+            if not status.runs_on("cpu")}
 
 
 def _main(rank, world, init_file, out_dir, fn, args):
@@ -65,3 +65,19 @@ def spawn(fn, world: int, *args) -> list[object]:
                                    "waits in a collective that another never joins")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
+
+
+def check_backends_ran(per_rank: list[dict], backends: list[str]) -> None:
+    """Every rank returned results for every backend it was given, and only those."""
+    assert backends, "no backend runs CPU tensors here"
+    for rank, results in enumerate(per_rank):
+        assert list(results) == backends, f"rank {rank} ran {list(results)}, not {backends}"
+
+
+@contextlib.contextmanager
+def about(what: str):
+    """Prefixes a failed assertion inside the block with ``what`` (which backend, which rank)."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from e

@@ -2,10 +2,11 @@
 again by FSDP2 on a 2-D ``(dp, tp)`` mesh, with real processes over gloo on the CPU.
 
 Every rank builds the same model from one seed, runs a backward pass on its own batch, gathers the
-full gradients (``full_tensor``) for the fp64 reference, and then clips its DTensor gradients with
-fusedclip, on every CPU backend. The norm must match the reference on every rank, come back as
-torch returns it (a DTensor replicated over the mesh), and cost one all-reduce per mesh dimension
-that shards a gradient; every local shard must be the reference's scaled by the same coefficient.
+full gradients (``full_tensor``) for the fp64 oracle, and then clips its DTensor gradients with
+fusedclip, with every backend that runs CPU tensors here in turn (``ranks.cpu_backends``: one spawn
+per test for all of them). The norm must match the oracle on every rank, come back as torch returns
+it (a DTensor replicated over the mesh), and cost one all-reduce per mesh dimension that shards a
+gradient; every local shard must be its start scaled by the oracle's coefficient.
 Where torch's own clip accepts the model (one mesh for all gradients) it is run too, and both
 agree. The 2-D model has a LayerNorm on the ``dp`` sub-mesh beside the tensor-parallel layers on
 the full mesh, which torch's clip refuses (operands on different meshes).
@@ -19,17 +20,27 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import clip_rtol
-from ranks import rank_backend, spawn, spawned_backend
+from oracle import clip_rtol, oracle_coef, oracle_norm, rtol_for
+from ranks import about, backends_not_run, check_backends_ran, cpu_backends, spawn
 from torch import nn
 
 import fusedclip
-from fusedclip import reference
+from fusedclip import _select
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
 CASES = [(2.0, 0.05), (1.0, 1.0), (math.inf, 0.01), (3.0, 1e6)]  # (norm_type, max_norm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _select.BACKEND_NAMES)
+def test_ranks_run_every_cpu_backend(name):
+    """What the spawned ranks do not run here, as a visible skip with its reason."""
+    reason = backends_not_run().get(name)
+    if reason:
+        pytest.skip(f"{name} on cpu: not run by the spawned ranks: {reason}")
+    assert name in cpu_backends()
 
 
 @contextlib.contextmanager
@@ -84,9 +95,9 @@ def _backward(model, dp_rank, dtype):
 
 
 def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
-    """Clips ``params``' DTensor gradients with every case; asserts against the reference and
-    (``compare_torch``) torch; returns the norms. ``orders`` collects the names of the groups
-    reduced over, in order, for every case."""
+    """Clips ``params``' DTensor gradients with every case; asserts against the oracle and
+    (``compare_torch``) torch; returns the norms, and leaves the gradients as it found them.
+    ``orders`` collects the names of the groups reduced over, in order, for every case."""
     from torch.distributed.tensor import DTensor
 
     start = [p.grad.to_local().clone() for p in params]
@@ -98,8 +109,8 @@ def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
     dist.all_reduce(empty, op=dist.ReduceOp.MAX)
     norms = []
     for norm_type, max_norm in CASES:
-        expected = float(reference.total_norm(full, norm_type))
-        coef = min(1.0, max_norm / (expected + 1e-6))
+        expected = oracle_norm(full, norm_type)
+        coef = oracle_coef(max_norm, expected)
         with _counting_all_reduces() as calls:
             norm = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
         assert len(calls) == reductions, calls
@@ -108,8 +119,9 @@ def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
         assert isinstance(norm, DTensor) and norm.device_mesh == mesh
         assert all(pl.is_replicate() for pl in norm.placements)
         assert norm.dtype == dtype
+        # The norm in the gradients' dtype: one rounding of bf16 (was 1e-2) or the 1e-5 contract.
         torch.testing.assert_close(norm.to_local().double(), torch.tensor(expected).double(),
-                                   rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+                                   rtol=rtol_for(dtype), atol=0)
         for p, g in zip(params, start):
             mine = p.grad.to_local()
             torch.testing.assert_close(mine.double(), g.double() * coef,
@@ -131,51 +143,40 @@ def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
     return norms
 
 
-def _check_refusals(params, mesh):
-    """Unsupported combinations raise before any gradient is touched."""
+def _check_refusals(params, mesh, backend):
+    """Unsupported combinations raise before any gradient is touched, whatever the backend."""
     from torch.distributed.tensor import DTensor, Partial
 
     before = [p.grad.to_local().clone() for p in params]
     with pytest.raises(ValueError, match="DTensor gradients"):
-        fusedclip.clip_grad_norm_(params, 0.1, return_stats=True)
+        fusedclip.clip_grad_norm_(params, 0.1, return_stats=True, backend=backend)
     with pytest.raises(ValueError, match="DTensor gradients"):
         fusedclip.clip_grad_norm_(params, 0.1, scaler=torch.amp.GradScaler("cpu"),
-                                  optimizer=torch.optim.SGD(params, lr=0.1))
+                                  optimizer=torch.optim.SGD(params, lr=0.1), backend=backend)
     with pytest.raises(TypeError, match="DTensor"):
-        fusedclip.clip_grad_norm_per_tensor_(params, 0.1)
+        fusedclip.clip_grad_norm_per_tensor_(params, 0.1, backend=backend)
     with pytest.raises(TypeError, match="DTensor"):
-        fusedclip.adaptive_clip_grad_(params)
+        fusedclip.adaptive_clip_grad_(params, backend=backend)
     with pytest.raises(TypeError, match="AutoClipper does not take DTensor"):
-        fusedclip.AutoClipper(params).step()
+        fusedclip.AutoClipper(params, backend=backend).step()
     plain = torch.nn.Parameter(torch.ones(3))
     plain.grad = torch.full((3,), 2.0)
     with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
-        fusedclip.clip_grad_norm_([*params, plain], 0.1)
+        fusedclip.clip_grad_norm_([*params, plain], 0.1, backend=backend)
     with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
-        fusedclip.get_total_norm([params[0].grad, plain.grad])
+        fusedclip.get_total_norm([params[0].grad, plain.grad], backend=backend)
     with pytest.raises(ValueError, match="shares ranks"):  # the mesh's own ranks: counted twice
-        fusedclip.clip_grad_norm_(params, 0.1, process_group=mesh.get_group(0))
+        fusedclip.clip_grad_norm_(params, 0.1, process_group=mesh.get_group(0), backend=backend)
     assert torch.equal(plain.grad, torch.full((3,), 2.0))
     partial = DTensor.from_local(torch.randn(4), mesh, [Partial()])
     with pytest.raises(ValueError, match="Partial placement"):
-        fusedclip.get_total_norm([params[0].grad, partial])
+        fusedclip.get_total_norm([params[0].grad, partial], backend=backend)
     for p, g in zip(params, before):
         assert torch.equal(p.grad.to_local(), g)
 
 
-def _fsdp_rank(rank, world, backend):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    backend = rank_backend(backend)
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-    results = []
-    for dtype in (torch.float32, torch.bfloat16):
-        model = _fsdp_model(mesh, dtype)
-        _backward(model, rank, dtype)
-        params = list(model.parameters())
-        results.append(_check_clip(params, backend, 1, mesh, dtype == torch.float32))
-    _check_refusals(params, mesh)
-    # Value clipping works on the local shards: bitwise torch's DTensor clip.
+def _check_value_clip(params, backend):
+    """Value clipping works on the local shards: bitwise torch's DTensor clip."""
     start = [p.grad.to_local().clone() for p in params]
     torch.nn.utils.clip_grad_value_(params, 0.01)
     theirs = [p.grad.to_local().clone() for p in params]
@@ -184,15 +185,36 @@ def _fsdp_rank(rank, world, backend):
     fusedclip.clip_grad_value_(params, 0.01, backend=backend)
     assert all(torch.equal(p.grad.to_local(), t) for p, t in zip(params, theirs))
     assert any(not torch.equal(t, g) for t, g in zip(theirs, start))  # the bound clamps some
+    for p, g in zip(params, start):
+        p.grad.to_local().copy_(g)
+
+
+def _fsdp_rank(rank, world, backends):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    results = {backend: [] for backend in backends}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _fsdp_model(mesh, dtype)
+        _backward(model, rank, dtype)
+        params = list(model.parameters())
+        for backend in backends:
+            with about(f"backend {backend}, rank {rank}, {dtype}"):
+                results[backend].append(
+                    _check_clip(params, backend, 1, mesh, dtype == torch.float32))
+    for backend in (None, *backends):  # the refusals come first, with auto too
+        with about(f"backend {backend}, rank {rank}"):
+            _check_refusals(params, mesh, backend)
+            if backend is not None:
+                _check_value_clip(params, backend)
     return results
 
 
-def _mesh_2d_rank(rank, world, backend):
+def _mesh_2d_rank(rank, world, backends):
     from torch.distributed.device_mesh import init_device_mesh
 
-    backend = rank_backend(backend)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    results = []
+    results = {backend: [] for backend in backends}
     for norm_layer in (False, True):
         model = _tp_model(mesh, norm_layer)
         _backward(model, mesh.get_coordinate()[0], torch.float32)
@@ -201,7 +223,10 @@ def _mesh_2d_rank(rank, world, backend):
         assert any(all(not pl.is_replicate() for pl in pls) for pls in placements)  # (dp, tp)
         assert any(pls[-1].is_replicate() for pls in placements if len(pls) == 2)  # replicated
         # Two all-reduces (dp, tp) whatever the mix; torch only takes one mesh for all.
-        results.append(_check_clip(params, backend, 2, mesh, compare_torch=not norm_layer))
+        for backend in backends:
+            with about(f"backend {backend}, rank {rank}, norm_layer={norm_layer}"):
+                results[backend].append(
+                    _check_clip(params, backend, 2, mesh, compare_torch=not norm_layer))
     return results
 
 
@@ -210,17 +235,23 @@ def _same_on_every_rank(per_rank):
         assert other == per_rank[0]
 
 
-def test_fsdp2_one_dim_mesh(cpu_backend):
+@pytest.mark.slow
+def test_fsdp2_one_dim_mesh():
     """FSDP2 on 2 ranks, fp32 and bf16 gradients, uneven and empty shards."""
-    backend = spawned_backend(cpu_backend)
-    _same_on_every_rank(spawn(_fsdp_rank, 2, backend))
+    backends = cpu_backends()
+    per_rank = spawn(_fsdp_rank, 2, backends)
+    check_backends_ran(per_rank, backends)
+    _same_on_every_rank(per_rank)
 
 
-def test_two_dim_mesh_tensor_parallel(cpu_backend):
+@pytest.mark.slow
+def test_two_dim_mesh_tensor_parallel():
     """Tensor parallel on ``tp`` and FSDP2 on ``dp`` over 4 ranks, with and without gradients
     on the ``dp`` sub-mesh only."""
-    backend = spawned_backend(cpu_backend)
-    _same_on_every_rank(spawn(_mesh_2d_rank, 4, backend))
+    backends = cpu_backends()
+    per_rank = spawn(_mesh_2d_rank, 4, backends)
+    check_backends_ran(per_rank, backends)
+    _same_on_every_rank(per_rank)
 
 
 # (shape, placements) on a 2x2 mesh: sharded over both mesh dimensions (also twice along one tensor
@@ -252,22 +283,25 @@ def _dtensor_params(mesh, cases, seed):
     return params, fulls
 
 
-def _placements_rank(rank, world, backend, named):
+def _placements_rank(rank, world, backends, named):
     from torch.distributed.device_mesh import init_device_mesh
 
-    backend = rank_backend(backend)
     names = ("dp", "tp") if named else None
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
     params, _ = _dtensor_params(mesh, CASES_2D, seed=7)
-    orders = []
-    norms = _check_clip(params, backend, 2, mesh, compare_torch=True, orders=orders)
     # A second mesh with the same names and ranks: two more groups whose names alone tell them
     # apart from the first mesh's; every rank must reduce over the four in the same order.
     twin = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
     more, _ = _dtensor_params(twin, CASES_2D, seed=8)
     mixed = [q for pair in zip(params, more) for q in pair]
-    norms += _check_clip(mixed, backend, 4, mesh, compare_torch=False, orders=orders)
-    return norms, orders
+    results = {}
+    for backend in backends:
+        with about(f"backend {backend}, rank {rank}"):
+            orders = []
+            norms = _check_clip(params, backend, 2, mesh, compare_torch=True, orders=orders)
+            norms += _check_clip(mixed, backend, 4, mesh, compare_torch=False, orders=orders)
+        results[backend] = norms, orders
+    return results
 
 
 def _same_relative_order(orders_per_rank):
@@ -279,15 +313,19 @@ def _same_relative_order(orders_per_rank):
                 assert [g for g in seq_a if g in shared] == [g for g in seq_b if g in shared]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
-def test_every_placement_on_a_2d_mesh(cpu_backend, named):
+def test_every_placement_on_a_2d_mesh(named):
     """Shard/Replicate combinations on a 2x2 mesh, named and unnamed, and a second mesh with the
-    same layout: the gathered reference on every rank, one all-reduce per group, the same order
+    same layout: the gathered oracle on every rank, one all-reduce per group, the same order
     of reductions on every rank."""
-    backend = spawned_backend(cpu_backend)
-    per_rank = spawn(_placements_rank, 4, backend, named)
-    _same_on_every_rank([norms for norms, _ in per_rank])
-    _same_relative_order([orders for _, orders in per_rank])
+    backends = cpu_backends()
+    per_rank = spawn(_placements_rank, 4, backends, named)
+    check_backends_ran(per_rank, backends)
+    for backend in backends:
+        with about(f"backend {backend}"):
+            _same_on_every_rank([results[backend][0] for results in per_rank])
+            _same_relative_order([results[backend][1] for results in per_rank])
 
 
 def _local(t):
@@ -295,17 +333,15 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _pipeline_rank(rank, world, backend):
+def _pipeline_rank(rank, world, backends):
     """Two pipeline stages, each FSDP-sharded over its own 2 ranks, each with a plain (replicated
     within the stage) parameter too; ``process_group`` is the pipeline group."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
 
-    backend = rank_backend(backend)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
     stage, dp, pp = mesh.get_coordinate()[0], mesh["dp"], mesh.get_group("pp")
     stage_cases = [[((6, 5), "S0"), ((3,), "S0"), ((1,), "S0")], [((4, 4), "S0"), ((11,), "S0")]]
-    every = []  # both stages' full gradients, for the reference
+    every = []  # both stages' full gradients, for the oracle
     for s, cases in enumerate(stage_cases):
         params, fulls = _dtensor_params(dp, cases, seed=20 + s)
         plain = torch.nn.Parameter(torch.zeros(5))
@@ -313,11 +349,21 @@ def _pipeline_rank(rank, world, backend):
         every += [*fulls, plain.grad.clone()]
         if s == stage:
             mine = [*params, plain]
+    results = {}
+    for backend in backends:
+        with about(f"backend {backend}, rank {rank}"):
+            results[backend] = _check_pipeline(mine, every, dp, pp, backend)
+    return results
+
+
+def _check_pipeline(mine, every, dp, pp, backend):
+    from torch.distributed.tensor import DTensor
+
     start = [_local(q.grad).clone() for q in mine]
-    results = []
+    norms = []
     for norm_type, max_norm in CASES:
-        expected = float(reference.total_norm(every, norm_type))
-        coef = min(1.0, max_norm / (expected + 1e-6))
+        expected = oracle_norm(every, norm_type)
+        coef = oracle_coef(max_norm, expected)
         with _counting_all_reduces() as calls:
             norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
                                              process_group=pp)
@@ -332,18 +378,21 @@ def _pipeline_rank(rank, world, backend):
         total = fusedclip.get_total_norm([q.grad for q in mine], norm_type, backend=backend,
                                          process_group=pp)
         torch.testing.assert_close(total.to_local(), norm.to_local(), rtol=0, atol=0)
-        results.append(float(norm.to_local()))
+        norms.append(float(norm.to_local()))
     for group in (dist.group.WORLD, dp.get_group()):  # they share ranks with the stage's mesh
         with pytest.raises(ValueError, match="shares ranks"):
             fusedclip.clip_grad_norm_(mine, 0.01, process_group=group, backend=backend)
     with pytest.raises(ValueError, match="mix DTensors and plain tensors"):
         fusedclip.clip_grad_norm_(mine, 0.01, backend=backend)
     assert all(torch.equal(_local(q.grad), g) for q, g in zip(mine, start))
-    return results
+    return norms
 
 
-def test_dtensors_with_a_pipeline_group(cpu_backend):
+@pytest.mark.slow
+def test_dtensors_with_a_pipeline_group():
     """FSDP2-style DTensors and plain tensors on two pipeline stages: ``process_group`` sums the
     stages' norms once, after the mesh reduction; groups overlapping the mesh are refused."""
-    backend = spawned_backend(cpu_backend)
-    _same_on_every_rank(spawn(_pipeline_rank, 4, backend))
+    backends = cpu_backends()
+    per_rank = spawn(_pipeline_rank, 4, backends)
+    check_backends_ran(per_rank, backends)
+    _same_on_every_rank(per_rank)

@@ -1,10 +1,11 @@
 """Gradients spread over the ranks of a process group (``process_group=``), with real processes.
 
-Each test spawns 2 or 4 ranks that talk over gloo on the CPU. Every rank builds the same model
-gradients from one seed, keeps its share (a strided split, and with 4 ranks one rank owns nothing)
-and clips with ``process_group``; the parent compares every rank's norm and clipped gradients with
-the reference run on all gradients in one process. The ranks run every CPU backend: the reference,
-the CUDA engine's CPU operators and the Triton kernels in the interpreter.
+Each spawning test starts 2 or 4 ranks that talk over gloo on the CPU. Every rank builds the same
+model gradients from one seed, keeps its share (a strided split, and with 4 ranks one rank owns
+nothing) and clips with ``process_group``, once with every backend that runs CPU tensors here (the
+C++ engine, the Triton kernels in the interpreter, the reference: ``ranks.cpu_backends``); the
+parent compares every rank's norm and clipped gradients, for every backend, with the fp64 oracle
+on all gradients in one process.
 """
 
 from __future__ import annotations
@@ -15,17 +16,28 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import clip_rtol, make_params
-from ranks import rank_backend, spawn, spawned_backend
+from gradients import make_params
+from oracle import assert_norm_close, clip_rtol, oracle_clipped, oracle_norm
+from ranks import about, backends_not_run, check_backends_ran, cpu_backends, spawn
 
 import fusedclip
-from fusedclip import distributed
+from fusedclip import _select, distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
 SHAPES = [(33, 17), (70001,), (5,), (1,), (0,), (64, 3, 3), (257,), (4099,), (9, 9)]
 CASES = [(2.0, 0.5), (1.0, 3.0), (math.inf, 0.01), (1.5, 1e6)]  # (norm_type, max_norm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _select.BACKEND_NAMES)
+def test_ranks_run_every_cpu_backend(name):
+    """What the spawned ranks do not run here, as a visible skip with its reason."""
+    reason = backends_not_run().get(name)
+    if reason:
+        pytest.skip(f"{name} on cpu: not run by the spawned ranks: {reason}")
+    assert name in cpu_backends()
 
 
 def _share(params, rank, world):
@@ -36,58 +48,69 @@ def _share(params, rank, world):
     return [p for i, p in enumerate(params) if i % owners == rank]
 
 
-def _rank(rank, world, backend):
-    backend = rank_backend(backend)
-    results = []
-    for norm_type, max_norm in CASES:
-        params = make_params(SHAPES, seed=3)
-        mine = _share(params, rank, world)
-        total = fusedclip.get_total_norm([p.grad for p in mine], norm_type, backend=backend,
-                                         process_group=dist.group.WORLD)
-        norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
-                                         process_group=dist.group.WORLD)
-        results.append((norm, total, [p.grad for p in mine]))
-    return results
+def _rank(rank, world, backends):
+    per_backend = {}
+    for backend in backends:
+        results = []
+        for norm_type, max_norm in CASES:
+            params = make_params(SHAPES, seed=3)
+            mine = _share(params, rank, world)
+            total = fusedclip.get_total_norm([p.grad for p in mine], norm_type, backend=backend,
+                                             process_group=dist.group.WORLD)
+            norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
+                                             process_group=dist.group.WORLD)
+            results.append((norm, total, [p.grad for p in mine]))
+        per_backend[backend] = results
+    return per_backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
-def test_group_norm_matches_unsharded(cpu_backend, world):
-    backend = spawned_backend(cpu_backend)
-    per_rank = spawn(_rank, world, backend)
+def test_group_norm_matches_unsharded(world):
+    backends = cpu_backends()
+    per_rank = spawn(_rank, world, backends)
+    check_backends_ran(per_rank, backends)
     for case, (norm_type, max_norm) in enumerate(CASES):
-        params = make_params(SHAPES, seed=3)
-        before = [p.grad.clone() for p in params]
-        expected = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend="reference")
-        clipped = float(expected) > max_norm
-        for rank in range(world):
-            norm, total, grads = per_rank[rank][case]
-            torch.testing.assert_close(norm.double(), expected.double(), rtol=1e-5, atol=0)
-            torch.testing.assert_close(total.double(), expected.double(), rtol=1e-5, atol=0)
-            mine = _share(list(range(len(params))), rank, world)
-            assert len(grads) == len(mine)
-            for g, i in zip(grads, mine):
-                ref = params[i].grad
-                torch.testing.assert_close(g, ref, rtol=2 * clip_rtol(g.dtype), atol=0)
-                if clipped and g.numel():  # the clip did something on every rank
-                    assert not torch.equal(g, before[i])
+        before = [p.grad for p in make_params(SHAPES, seed=3)]
+        exact = oracle_norm(before, norm_type)
+        clipped = exact > max_norm
+        for backend in backends:
+            for rank in range(world):
+                norm, total, grads = per_rank[rank][backend][case]
+                with about(f"backend {backend}, rank {rank}, norm_type={norm_type}"):
+                    assert norm.dtype == torch.float32 and norm.shape == ()
+                    assert_norm_close(norm, exact)
+                    assert_norm_close(total, exact)
+                    mine = _share(list(range(len(before))), rank, world)
+                    assert len(grads) == len(mine)
+                    for g, i in zip(grads, mine):
+                        expected = oracle_clipped(before[i], max_norm, exact)
+                        torch.testing.assert_close(g, expected, rtol=clip_rtol(g.dtype), atol=0)
+                        if clipped and g.numel():  # the clip did something on every rank
+                            assert not torch.equal(g, before[i])
 
 
 def test_single_rank_group_is_the_plain_call():
-    """A group of one rank, in this process: the same norm as without process_group."""
+    """A group of one rank, in this process: the same norm as without process_group, with the
+    automatic choice and with every backend that runs CPU tensors here."""
     with tempfile.TemporaryDirectory() as d:
         dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
         try:
-            params = make_params(SHAPES, seed=4)
-            twin = make_params(SHAPES, seed=4)
-            a = fusedclip.clip_grad_norm_(params, 0.5, process_group=dist.group.WORLD)
-            b = fusedclip.clip_grad_norm_(twin, 0.5)
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-            params[1].grad[3] = math.nan
-            c = fusedclip.clip_grad_norm_(params, 0.5, math.inf, process_group=dist.group.WORLD)
-            assert math.isnan(float(c))  # NaN survives the MAX reduction
-            with pytest.raises(ValueError, match="process_group"):
-                fusedclip.clip_grad_norm_(params, 0.5, return_stats=True,
-                                          process_group=dist.group.WORLD)
+            for backend in (None, *cpu_backends()):
+                with about(f"backend {backend}"):
+                    params = make_params(SHAPES, seed=4)
+                    twin = make_params(SHAPES, seed=4)
+                    a = fusedclip.clip_grad_norm_(params, 0.5, backend=backend,
+                                                  process_group=dist.group.WORLD)
+                    b = fusedclip.clip_grad_norm_(twin, 0.5, backend=backend)
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+                    params[1].grad[3] = math.nan
+                    c = fusedclip.clip_grad_norm_(params, 0.5, math.inf, backend=backend,
+                                                  process_group=dist.group.WORLD)
+                    assert math.isnan(float(c))  # NaN survives the MAX reduction
+                    with pytest.raises(ValueError, match="process_group"):
+                        fusedclip.clip_grad_norm_(params, 0.5, return_stats=True,
+                                                  backend=backend, process_group=dist.group.WORLD)
         finally:
             dist.destroy_process_group()
 
@@ -152,10 +175,13 @@ def nccl_group(request):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_nccl_single_rank_capture(nccl_group, backend):
     """NCCL on the device: the same norm as the plain call, no host sync, and the whole clip,
     all-reduce included, captured in a CUDA graph and replayed."""
+    status = fusedclip.available_backends()[backend]
+    if not status.runs_on("cuda"):
+        pytest.skip(f"{backend} on cuda: {status.reason}")
     shapes = [(70000,), (3, 5), (0,), (300, 7)] + [(n % 50,) for n in range(200)]
     params = make_params(shapes, device="cuda", seed=5)
     twin = make_params(shapes, device="cuda", seed=5)

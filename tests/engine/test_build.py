@@ -1,193 +1,124 @@
-"""The compiled operators of fusedclip._C: build, registration, opcheck, and the CUDA kernels.
+"""What was built, and that it is what the backends expect: fusedclip._C's operators, schemas and
+fake implementations, its module attributes, and the Triton kernels compiled for an H100 (Triton
+needs no GPU to compile).
 
-CI builds the extension and sets FUSEDCLIP_REQUIRE_EXTENSION=1, so a missing build fails there
-instead of skipping.
+CI builds the extension and sets FUSEDCLIP_REQUIRE_EXTENSION=1 (see conftest), so a missing build
+fails there instead of skipping.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-from conftest import BITS_DTYPE, DTYPES, assert_bitwise_equal, random_tensors
 
 import fusedclip
-from fusedclip import _extension, reference
+from fusedclip.backends import _schema
+from fusedclip.backends.cpp import _lib
 
-if not _extension.loaded():
-    if os.environ.get("FUSEDCLIP_REQUIRE_EXTENSION") == "1":
-        raise RuntimeError(f"fusedclip._C must be built here: {_extension.LOAD_ERROR}")
-    pytest.skip(f"fusedclip._C is not built: {_extension.LOAD_ERROR}", allow_module_level=True)
-
-# Sizes around the chunk (65536) and vector (16-byte) boundaries, plus empty and one element.
-SIZES = [0, 1, 3, 7, 8, 9, 255, 65535, 65536, 65537, 3 * 65536 + 5]
+needs_extension = pytest.mark.skipif(not _lib.loaded(),
+                                     reason=f"fusedclip._C is not built ({_lib.LOAD_ERROR})")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed")
 
 
-def coef(value: float, device="cpu") -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float64, device=device)
-
-
-def test_operators_are_registered():
-    assert "scale_" in _extension.op_names()
+@needs_extension
+def test_operators_are_registered_with_their_fakes():
+    assert set(_schema.OPS) <= set(_lib.op_names())
     schema = str(torch.ops.fusedclip.scale_.default._schema)
     assert "Tensor(a!)[] tensors" in schema
-    assert "fusedclip._C is built" in fusedclip.available_backends()["cuda"].reason
+    assert "fusedclip._C is built" in fusedclip.available_backends()["cpp"].reason
+    for op in _schema.OPS:  # what torch.compile traces them with
+        assert torch._library.simple_registry.singleton.find(
+            f"fusedclip::{op}").fake_impl.kernel is not None, op
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck_cpu(dtype):
-    tensors = random_tensors([5, 0, 17], dtype) + [torch.randn(4, 6).to(dtype).t()]
-    torch.library.opcheck(torch.ops.fusedclip.scale_, (tensors, coef(0.37)))
+@needs_extension
+@needs_triton
+def test_both_backends_share_one_schema_per_operator():
+    for op in _schema.OPS:
+        cpp = torch.ops.fusedclip.__getattr__(op).default._schema
+        triton = torch.ops.fusedclip.__getattr__(f"triton_{op}").default._schema
+        assert [(a.name, str(a.type), a.default_value) for a in cpp.arguments] == \
+            [(a.name, str(a.type), a.default_value) for a in triton.arguments], op
+        assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in triton.returns], op
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scale_cpu_is_the_reference_bit_for_bit(dtype):
-    tensors = random_tensors(SIZES[:8], dtype, seed=1)
-    expected = [t.clone() for t in tensors]
-    fusedclip.ops.scale_(tensors, coef(0.6180339887))
-    reference.scale_(expected, coef(0.6180339887))
-    assert_bitwise_equal(tensors, expected)
+@needs_extension
+def test_module_attributes():
+    module = _lib.module()
+    assert module.CHUNK_ELEMS == 1 << 16
+    assert isinstance(module.CUDA_KERNELS, bool)
+    assert fusedclip.available_backends()["cpp"].runs_on("cpu")
+    if torch.cuda.is_available():
+        assert fusedclip.available_backends()["cpp"].runs_on("cuda") == module.CUDA_KERNELS
 
 
-def with_odd_nan(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with one NaN of a non-canonical payload. A GPU that multiplies it writes its canonical
-    NaN instead, so on CUDA unchanged bits prove nothing was written (x86 keeps payloads, so on the
-    CPU they only prove nothing changed)."""
-    odd = {torch.float32: 0x7FC01234, torch.float64: 0x7FF8000000001234,
-           torch.float16: 0x7E12, torch.bfloat16: 0x7FD2}[t.dtype]
-    as_ints = t.view(BITS_DTYPE[t.element_size()])
-    as_ints[tuple(s // 2 for s in t.shape)] = odd
-    assert t.isnan().sum() == 1
-    return t
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_kernels_compile_for_sm90():
+    """The kernels compile for an H100 (Triton needs no GPU for that), and the aligned variants
+    use 16-byte vector loads and stores."""
+    script = textwrap.dedent("""
+        import re, triton, triton.language as tl
+        from triton.compiler import ASTSource
+        from triton.backends.compiler import GPUTarget
+        from fusedclip.backends.triton.kernels import norm, scale
+        from fusedclip.backends.triton.plan import CHUNK
 
+        def ptx(fn, sig, consts, warps=8):
+            src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            return k.asm["ptx"]
 
-def test_scale_by_one_changes_nothing():
-    tensors = [with_odd_nan(t) for t in random_tensors([10, 3], torch.bfloat16, seed=2)]
-    before = [t.clone() for t in tensors]
-    fusedclip.ops.scale_(tensors, coef(1.0))
-    assert_bitwise_equal(tensors, before, nan_payloads=True)
-
-
-@pytest.mark.parametrize(
-    "tensors, c, match",
-    [
-        ([torch.ones(3)], torch.tensor(0.5), "coef must be float64"),
-        ([torch.ones(3)], torch.ones(2, dtype=torch.float64), "coef must have one element"),
-        ([torch.ones(3, dtype=torch.int32)], coef(0.5), r"tensors\[0\] has dtype Int"),
-        ([torch.ones(3), torch.ones(2).to_sparse()], coef(0.5), "'SparseCPU' backend"),
-        ([torch.ones(3), torch.ones(4, 4)[:, ::2]], coef(0.5), r"tensors\[1\] is a view with gaps"),
-        ([torch.ones(3), torch.ones(1, 3).expand(2, 3)], coef(0.5), r"tensors\[1\] is a view"),
-    ],
-)
-def test_scale_rejects_bad_arguments(tensors, c, match):
-    before = [t.clone() for t in tensors]
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.fusedclip.scale_(tensors, c)
-    for t, b in zip(tensors, before):
-        assert torch.equal(t.to_dense(), b.to_dense())
-
-
-def test_compiles_without_graph_breaks():
-    def step(tensors, c):
-        fusedclip.ops.scale_(tensors, c)
-        return tensors[0] + 1
-
-    tensors = random_tensors([9, 4], torch.float32, seed=3)
-    expected = [t.clone() for t in tensors]
-    reference.scale_(expected, coef(0.25))
-    out = torch.compile(step, backend="aot_eager", fullgraph=True)(tensors, coef(0.25))
-    assert_bitwise_equal(tensors, expected)
-    torch.testing.assert_close(out, expected[0] + 1)
-
-
-# ---- CUDA ----------------------------------------------------------------------------------
-
-
-def cuda_layouts(dtype, seed):
-    """Dense, misaligned, aligned-offset, permuted and empty tensors; more than a table's worth."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).cuda()
-
-    per_16_bytes = 16 // torch.tensor([], dtype=dtype).element_size()
-    tensors = random_tensors(SIZES, dtype, "cuda", seed)
-    tensors += [rand(4099)[1:], rand(65536 * 2 + 3)[3:], rand(300, 7).t()]  # scalar path, permuted
-    tensors += [rand(70001 + per_16_bytes)[per_16_bytes:]]  # offset view that is still aligned
-    tensors += [rand(n % 97) for n in range(300)]  # more tensors than one launch's table holds
-    return tensors
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("value", [0.3, 0.0, 1.0 - 2**-40, float("nan")])
-def test_scale_cuda_is_the_reference_bit_for_bit(dtype, value):
-    tensors = cuda_layouts(dtype, seed=4)
-    expected = [t.cpu() for t in tensors]
-    fusedclip.ops.scale_(tensors, coef(value, "cuda"))
-    reference.scale_(expected, coef(value))
-    assert_bitwise_equal([t.cpu() for t in tensors], expected)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_scale_cuda_by_one_writes_nothing(dtype):
-    tensors = [with_odd_nan(t) if t.numel() else t for t in cuda_layouts(dtype, seed=5)]
-    before = [t.clone() for t in tensors]
-    fusedclip.ops.scale_(tensors, coef(1.0, "cuda"))
-    assert_bitwise_equal(tensors, before, nan_payloads=True)
-
-
-@pytest.mark.gpu
-def test_scale_cuda_over_2_31_elements():
-    n = 2**31 + 2**16 + 3  # past int32 indexing, with a ragged last chunk
-    if torch.cuda.mem_get_info()[0] < 3 * n * 2:
-        pytest.skip("needs about 13 GB of free GPU memory")
-    t = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    t.view(-1)[: 2**20].normal_()
-    t[2**20 :] = 1.5
-    t[-5:] = torch.tensor([3.0, -2.0, 0.25, 7.0, -1.0])
-    before = t.clone()
-    fusedclip.ops.scale_([t], coef(0.3, "cuda"))
-    for start in range(0, n, 2**28):  # compare in slices so the fp64 temporaries stay small
-        chunk = before[start : start + 2**28]
-        assert torch.equal(t[start : start + 2**28], (chunk.double() * 0.3).to(torch.bfloat16))
-
-
-@pytest.mark.gpu
-def test_scale_cuda_opcheck():
-    tensors = random_tensors([5, 65537, 0], torch.bfloat16, "cuda", seed=6)
-    torch.library.opcheck(torch.ops.fusedclip.scale_, (tensors, coef(0.5, "cuda")))
-
-
-@pytest.mark.gpu
-def test_scale_cuda_graph_capture_reads_coef_at_replay():
-    tensors = random_tensors([1000, 70000, 3] + [n % 50 for n in range(200)], torch.float32,
-                             "cuda", seed=7)
-    original = [t.clone() for t in tensors]
-    c = coef(1.0, "cuda")
-    fusedclip.ops.scale_(tensors, c)  # warm up outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fusedclip.ops.scale_(tensors, c)
-    c.fill_(0.5)
-    graph.replay()
-    expected = [t.clone() for t in original]
-    reference.scale_(expected, coef(0.5, "cuda"))
-    assert_bitwise_equal(tensors, expected)
-
-
-@pytest.mark.gpu
-def test_scale_cuda_rejects_tensors_on_another_device():
-    with pytest.raises(RuntimeError, match=r"coef is on cuda:0 but tensors\[0\] is on cpu"):
-        torch.ops.fusedclip.scale_([torch.ones(3)], coef(0.5, "cuda"))
-
-
-@pytest.mark.gpu
-def test_scale_cuda_rejects_views_with_gaps_before_any_launch():
-    first = torch.ones(5, device="cuda")
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] is a view with gaps"):
-        torch.ops.fusedclip.scale_([first, torch.ones(4, 4, device="cuda")[:, ::2]],
-                                   coef(0.5, "cuda"))
-    assert torch.equal(first, torch.ones(5, device="cuda"))
+        part = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "partials": "*fp64",
+                "p_bits": "i64"}
+        tile = {"CHUNK": CHUNK, "BLOCK": norm.BLOCK}
+        variants = [(tl.bfloat16, 1, True, True), (tl.float32, 2, False, True),
+                    (tl.float16, 3, False, False), (tl.float64, 1, False, True)]
+        for dt, kind, plain, aligned in variants:
+            code = ptx(norm.chunk_partials, part, {"DT": dt, "KIND": kind, "PLAIN": plain,
+                                                   "ALIGNED": aligned, **tile})
+            if aligned:  # 16-byte vectors: v4 of 32-bit words, or v2 of 64-bit ones
+                assert re.search(r"ld\\.global[.\\w]*\\.v(4\\.b32|2\\.b64)", code), (dt, kind)
+        fin = {"partials": "*fp64", "num_chunks": "i32", "p_bits": "i64", "max_norm_bits": "i64",
+               "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16",
+               "inv_ptr": "*fp64", "found_ptr": "*fp64"}
+        plain = {"UNSCALE": False, "FLAG": False, "MODE": 0}
+        ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK, **plain})
+        amp = {**fin, "out_ptr": "*fp32", "inv_ptr": "*fp32", "found_ptr": "*fp32"}
+        code = ptx(norm.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": norm.FBLOCK,
+                                      "UNSCALE": True, "FLAG": True, "MODE": 1})
+        assert "cvt.f64.f32" in code  # the AMP variant reads the fp32 inverse scale
+        per = {"table": "*i64", "n_tensors": "i32", "partials": "*fp64", "p_bits": "i64",
+               "out_ptr": "*fp64", "inv_ptr": "*fp32", "max_norms_ptr": "*fp64",
+               "coef_ptr": "*fp64", "max_norm_bits": "i64", "eps_bits": "i64",
+               "factor_bits": "i64"}
+        for unscale, coef, mode in ((False, 0, 0), (True, 1, 1), (False, 2, 0), (False, 2, 2)):
+            ptx(norm.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
+                                             "FBLOCK": norm.FBLOCK, "UNSCALE": unscale,
+                                             "COEF": coef, "MODE": mode}, warps=4)
+        sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
+        for per_tensor in (False, True):
+            code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True,
+                                         "PER_TENSOR": per_tensor, **tile})
+            assert "st.global.v4" in code and "ld.global.v4" in code
+        ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile})
+        cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64",
+              "neg_bound_bits": "i64"}
+        for dt in (tl.bfloat16, tl.float16, tl.float32):
+            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, "CUDA_RULE": True, **tile})
+            assert "st.global.v4" in code and "ld.global.v4" in code, dt
+        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, "CUDA_RULE": True, **tile})
+        print("compiled")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

@@ -1,9 +1,12 @@
-"""``torch.compile``: fusedclip's functions trace into one graph (no graph break inside
-fusedclip) on every CPU backend, and compiled calls give the eager results. A CUDA test captures
-a whole training step, clip included, in a CUDA graph.
+"""``torch.compile``: fusedclip's functions and ``AutoClipper.step`` trace into one graph (no graph
+break inside fusedclip, ``fullgraph=True``) for every backend on every device of the conftest
+matrix, and compiled calls give the eager results. A CUDA test captures a whole training step,
+clip included, in a CUDA graph.
 
 The fused backends are custom operators with fake implementations, so Dynamo keeps them as
-single nodes; the reference backend traces as ordinary torch code.
+single nodes; the reference backend traces as ordinary torch code. For the fused backends the
+compiled and the eager call run the same operators, so these tests check the plumbing around them
+(the operators' numerics are the oracle's business: tests/api, tests/engine).
 """
 
 from __future__ import annotations
@@ -12,11 +15,21 @@ import math
 
 import pytest
 import torch
-from conftest import clone_params, make_params
+from gradients import clone_params, grads, make_params
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import fusedclip
 
 SHAPES = [(33, 17), (4099,), (5,), (1,), (0,), (64, 3, 3)]
+
+
+def _with_data(params, seed):
+    """Parameters with random values (adaptive clipping reads them), gradients as they are."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)
+    return params
+
 
 # name -> call(params, backend); each returns a tensor (or None) and may modify the gradients.
 CALLS = {
@@ -30,6 +43,8 @@ CALLS = {
                                                                backend=b),
     "value": lambda ps, b: fusedclip.clip_grad_value_(ps, 0.01, backend=b),
     "per-tensor": lambda ps, b: fusedclip.clip_grad_norm_per_tensor_(ps, 0.5, backend=b),
+    # (The first four: every row is a program of Triton's interpreter.)
+    "adaptive": lambda ps, b: fusedclip.adaptive_clip_grad_(ps[:4], 0.01, 1e-3, backend=b),
 }
 
 
@@ -39,45 +54,90 @@ def _grads_match(params, twin):
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-def test_no_graph_break_and_eager_results(cpu_backend, name):
+def test_no_graph_break_and_eager_results(backend, device, name):
     call = CALLS[name]
-    explained = torch._dynamo.explain(call)(make_params(SHAPES, seed=1), cpu_backend)
+    explained = torch._dynamo.explain(call)(_with_data(make_params(SHAPES, device=device, seed=1),
+                                                       1), backend)
     assert explained.graph_break_count == 0, explained.break_reasons
 
     torch._dynamo.reset()
     compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
     for seed in (2, 3):  # the second call reuses the compiled graph
-        params = make_params(SHAPES, seed=seed)
+        params = _with_data(make_params(SHAPES, device=device, seed=seed), seed)
         twin = clone_params(params)
-        got = compiled(params, cpu_backend)
-        expected = call(twin, cpu_backend)
+        before = [g.clone() for g in grads(params)]
+        got = compiled(params, backend)
+        expected = call(twin, backend)
         if expected is not None:
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
         _grads_match(params, twin)
+        if name not in ("total-norm", "with-norm"):  # (7.0 is under the norm: nothing to clip)
+            assert any(not torch.equal(g, b) for g, b in zip(grads(params), before))
 
 
-def _model():
+@pytest.mark.parametrize("method", ["zscore", "percentile"])
+def test_auto_clipper_step_compiles_and_matches_eager(backend, device, method):
+    """``AutoClipper.step`` under ``fullgraph=True`` through warmup, spikes and an inf step: the
+    same norms, thresholds and gradients as an eager clipper. The host step count is guarded on
+    while it decides the branches (warmup), then traced as a symbolic int: the graphs stop
+    multiplying once the warmup and the window are behind."""
+    scales = [1.0 + 0.05 * math.sin(i) for i in range(16)]
+    scales[9], scales[11], scales[13] = 20.0, math.inf, 50.0
+    params = make_params([(50,), (7, 3)], device=device, seed=7)
+    twin = clone_params(params)
+    base = [p.grad.clone() for p in params]
+    eager = fusedclip.AutoClipper(twin, method, warmup_steps=3, window=4, backend=backend)
+    explained = torch._dynamo.explain(
+        fusedclip.AutoClipper(clone_params(params), method, warmup_steps=3, window=4,
+                              backend=backend).step)()
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+    torch._dynamo.reset()
+    clipper = fusedclip.AutoClipper(params, method, warmup_steps=3, window=4, backend=backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(clipper.step, backend=counter, fullgraph=True)
+    frames, thresholds, norms = [], [], []
+    for s in scales:
+        for p, q, b in zip(params, twin, base):
+            p.grad, q.grad = b * s, b * s
+        got = compiled()
+        expected = eager.step()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0, equal_nan=True)
+        torch.testing.assert_close(clipper.threshold, eager.threshold, rtol=1e-12, atol=0)
+        for p, q in zip(params, twin):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0, equal_nan=True)
+        frames.append(counter.frame_count)
+        thresholds.append(float(clipper.threshold))
+        norms.append(float(got))
+    assert clipper.steps == eager.steps == len(scales)
+    assert thresholds[13] < norms[13]  # the last spike was clipped
+    assert frames[-1] == frames[8], frames  # no new graph after the warmup and the first window
+
+
+def _model(device):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 3)).to(device)
 
 
-def test_training_step_has_no_break_inside_fusedclip(cpu_backend):
+def test_training_step_has_no_break_inside_fusedclip(backend, device):
     """A whole step (forward, backward, clip, SGD step): Dynamo breaks the graph at
     ``backward()`` as it does for any step, but never inside fusedclip; the compiled steps train
     as the eager ones do."""
-    models = [_model(), _model()]
+    models = [_model(device), _model(device)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
 
     def step(model, opt, x):
         loss = model(x).pow(2).sum()
         loss.backward()
-        norm = fusedclip.clip_grad_norm_(model.parameters(), 0.05, backend=cpu_backend)
+        norm = fusedclip.clip_grad_norm_(model.parameters(), 0.05, backend=backend)
         opt.step()
         opt.zero_grad()
         return norm
 
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(4))
-    explained = torch._dynamo.explain(step)(_model(), torch.optim.SGD(_model().parameters()), x)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(4)).to(device)
+    explained = torch._dynamo.explain(step)(_model(device),
+                                            torch.optim.SGD(_model(device).parameters()), x)
     for reason in explained.break_reasons:
         assert all("fusedclip" not in frame.filename for frame in reason.user_stack), reason
 
@@ -92,13 +152,15 @@ def test_training_step_has_no_break_inside_fusedclip(cpu_backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_cuda_graph_of_a_whole_training_step(backend):
     """Forward, backward, clip and a capturable Adam step captured in one CUDA graph and
     replayed: the same weights as the eager loop (torch's whole-network capture recipe)."""
-    torch.manual_seed(0)
-    model = _model().cuda()
-    twin = _model().cuda()
+    status = fusedclip.available_backends()[backend]
+    if not status.runs_on("cuda"):
+        pytest.skip(f"backend {backend} cannot run CUDA tensors here: {status.reason}")
+    model = _model("cuda")
+    twin = _model("cuda")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
     twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2, capturable=True)
     gen = torch.Generator(device="cuda").manual_seed(5)

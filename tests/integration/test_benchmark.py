@@ -1,7 +1,9 @@
-"""Smoke tests of the benchmark harness (fusedclip.benchmark, fusedclip.param_sets, the CLI).
+"""Smoke tests of the benchmark harness (``fusedclip.tools.bench``: ``measure``, ``report``,
+``sets``; the CLI).
 
-Everything runs on the CPU with tiny sets and a couple of iterations; the numbers are not checked,
-only that the machinery produces them in the promised form.
+Everything runs on the CPU with tiny sets and a couple of iterations; the timings are not checked,
+only that the machinery produces them in the promised form (and that the fusedclip rows report
+the norm they clipped with).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from fusedclip import benchmark
-from fusedclip.__main__ import main
-from fusedclip.param_sets import (
+import fusedclip
+from fusedclip import _select
+from fusedclip.tools.bench import measure, report
+from fusedclip.tools.bench.sets import (
     BUILTIN_SETS,
     CPU_SETS,
     DEFAULT_SETS,
@@ -28,11 +31,15 @@ from fusedclip.param_sets import (
     many_small,
     parse_sets,
 )
+from fusedclip.tools.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 TINY = ParamSet.of("tiny", "shapes", shapes=[[64, 32], [32], [7], [3, 5, 2]])
 FEW_SMALL = ParamSet.of("few-small", "many_small", n=20, max_numel=300)
+_CPP_ON_CPU = _select.backend_status("cpp").runs_on("cpu")
 
 TOML = """
 [mini-llama]
@@ -56,7 +63,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     """One CPU run of the engine on two tiny sets, both dtypes and every scenario."""
     out = tmp_path_factory.mktemp("bench")
     console = Console(file=io.StringIO(), width=200)
-    res = benchmark.run(
+    res = measure.run(
         sets=[TINY, FEW_SMALL],
         iters=2,
         warmup=1,
@@ -86,28 +93,37 @@ def test_run_writes_json_with_metadata_and_rows(results: tuple[dict, Path, str])
         assert key in meta
     assert meta["cpu_numbers"] is True
     assert meta["copy_bandwidth_gbps"] > 0
+    assert set(meta["backends"]) == set(_select.BACKEND_NAMES)
+    for name, status in fusedclip.available_backends().items():
+        assert meta["backends"][name] == {"available": status.available, "reason": status.reason}
     assert on_disk["errors"] == []
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
+    assert on_disk["skipped"] == res["skipped"]
 
 
 def test_rows_cover_every_case_with_positive_ratios(results: tuple[dict, Path, str]) -> None:
     rows = results[0]["rows"]
     impls = {r["implementation"] for r in rows}
     assert {"torch-foreach", "torch-loop", "fusedclip-reference"} <= impls
+    assert ("fusedclip-cpp" in impls) == _CPP_ON_CPU
+    assert "fusedclip-triton" not in impls
     # sets x dtypes x scenarios x implementations
-    assert len(rows) == 2 * 2 * len(benchmark.SCENARIOS) * len(impls)
+    assert len(rows) == 2 * 2 * len(measure.SCENARIOS) * len(impls)
     for r in rows:
         assert r["ratio_to_floor"] > 0
         assert r["gbps"] > 0
         assert r["ms_min"] <= r["ms_median"]
         assert r["speedup_vs_torch_foreach"] > 0
-        passes = benchmark.FLOOR_PASSES[r["scenario"]]
+        passes = measure.FLOOR_PASSES[r["scenario"]]
         assert r["floor_bytes"] == passes * r["grad_bytes"]
 
 
-def test_reference_rows_report_the_true_norm(results: tuple[dict, Path, str]) -> None:
-    rows = [r for r in results[0]["rows"] if r["implementation"] == "fusedclip-reference"]
-    assert rows
+@pytest.mark.parametrize("impl", ["fusedclip-reference", "fusedclip-cpp"])
+def test_fusedclip_rows_report_the_true_norm(results: tuple[dict, Path, str], impl: str) -> None:
+    if impl == "fusedclip-cpp" and not _CPP_ON_CPU:
+        pytest.skip(f"cpp on cpu: {_select.backend_status('cpp').reason}")
+    rows = [r for r in results[0]["rows"] if r["implementation"] == impl]
+    assert len(rows) == 2 * 2 * len(measure.SCENARIOS)
     for r in rows:
         if r["scenario"] in ("per-tensor", "value", "agc"):  # no global norm to report
             assert math.isnan(r["reported_norm"])
@@ -122,18 +138,41 @@ def test_png_and_table_say_cpu(results: tuple[dict, Path, str]) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "CPU NUMBERS, NOT GPU NUMBERS" in printed
     assert "fusedclip-reference" in printed
+    assert ("fusedclip-cpp" in printed) == _CPP_ON_CPU
+    assert "skipped fusedclip-triton: runs CUDA tensors" in printed
 
 
-def test_gpu_backends_are_skipped_on_cpu() -> None:
-    chosen, skipped = benchmark.candidates(CPU)
-    assert "fusedclip-reference" in [c.name for c in chosen]
-    assert {s["implementation"] for s in skipped} == {"fusedclip-cuda", "fusedclip-triton"}
+def test_report_renders_the_saved_results(results: tuple[dict, Path, str], tmp_path: Path) -> None:
+    """``report`` works from results.json alone: the table and the plot of a saved run."""
+    _, out, printed = results
+    saved = json.loads((out / "results.json").read_text())
+    console = Console(file=io.StringIO(), width=200)
+    report.print_table(saved, console)
+    assert console.file.getvalue() in printed  # the table run() printed, then its file names
+    report.plot(saved, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_candidates_and_skips() -> None:
+    """On the CPU: torch, the reference and (when built) the C++ engine run; Triton is skipped
+    with its reason (its interpreter is a test tool, not worth timing)."""
+    chosen, skipped = measure.candidates(CPU)
+    names = [c.name for c in chosen]
+    assert names[:3] == ["torch-foreach", "torch-loop", "fusedclip-reference"]
+    assert ("fusedclip-cpp" in names) == _CPP_ON_CPU
+    reasons = {s["implementation"]: s["reason"] for s in skipped}
+    assert "fusedclip-triton" not in names
+    assert "Triton's interpreter" in reasons["fusedclip-triton"]
+    if _CPP_ON_CPU:
+        assert set(reasons) == {"fusedclip-triton"}
+    else:
+        assert reasons["fusedclip-cpp"] == _select.backend_status("cpp").reason
 
 
 def test_restore_before_each_timed_call_keeps_clipping_active() -> None:
     """Every call, timed or warmup, starts from the pristine gradients, and each one clips."""
-    workload = benchmark.Workload.create(FEW_SMALL, torch.float32, CPU)
-    max_norm = benchmark.SCENARIOS["clip"] * workload.norm
+    workload = measure.Workload.create(FEW_SMALL, torch.float32, CPU)
+    max_norm = measure.SCENARIOS["clip"] * workload.norm
     seen_pristine, seen_norms = [], []
 
     def spy(params: list[torch.Tensor], limit: float) -> torch.Tensor:
@@ -143,8 +182,8 @@ def test_restore_before_each_timed_call_keeps_clipping_active() -> None:
         seen_norms.append(float(norm))
         return norm
 
-    benchmark.measure(
-        benchmark.Candidate("spy", spy), workload, max_norm, iters=3, warmup=2, device=CPU
+    measure.measure(
+        measure.Candidate("spy", spy), workload, max_norm, iters=3, warmup=2, device=CPU
     )
 
     assert len(seen_pristine) == 1 + 2 + 3  # the checked call, warmup, timed
@@ -158,7 +197,7 @@ def test_restore_before_each_timed_call_keeps_clipping_active() -> None:
 
 def test_time_calls_prepares_before_every_call_and_times_only_iters() -> None:
     log = []
-    timing = benchmark.time_calls(
+    timing = measure.time_calls(
         lambda: log.append("call"),
         prepare=lambda: log.append("prep"),
         iters=4,
@@ -218,10 +257,10 @@ def test_many_small_is_deterministic_and_in_range() -> None:
 
 
 def test_default_sets_follow_the_device() -> None:
-    assert benchmark.resolve_sets(None, CPU) == list(CPU_SETS.values())
-    assert benchmark.resolve_sets(None, torch.device("cuda")) == list(DEFAULT_SETS.values())
+    assert measure.resolve_sets(None, CPU) == list(CPU_SETS.values())
+    assert measure.resolve_sets(None, torch.device("cuda")) == list(DEFAULT_SETS.values())
     with pytest.raises(ValueError, match="unknown set"):
-        benchmark.resolve_sets(["no-such-set"], CPU)
+        measure.resolve_sets(["no-such-set"], CPU)
 
 
 def test_cli_help_exits_zero() -> None:
@@ -256,4 +295,4 @@ def test_cli_reports_unknown_set(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_backends_lists_reference(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backends"]) == 0
-    assert "reference: available" in capsys.readouterr().out
+    assert "reference: available" in capsys.readouterr().out  # (the rest: test_dispatch.py)

@@ -3,14 +3,19 @@ test_benchmark.py)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fusedclip import selfcheck
-from fusedclip.__main__ import main
+import fusedclip
+from fusedclip import _select
+from fusedclip.tools import selfcheck
+from fusedclip.tools.cli import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_top_level_help_lists_every_command():
@@ -23,14 +28,33 @@ def test_top_level_help_lists_every_command():
         assert listed.count(command) == 1, proc.stdout  # each command listed once, with its text
 
 
-def test_check_passes_and_reports_every_backend(cpu_backend, capsys):
+def test_check_passes_and_reports_every_backend(monkeypatch, capsys):
+    """One run of the command checks every backend on every device it runs here."""
+    runs = []
+    real = selfcheck.run_check
+    monkeypatch.setattr(selfcheck, "run_check", lambda seconds: runs.append(real(seconds)) or
+                        runs[-1])
     assert main(["check", "--seconds", "3"]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "pass" in out and "FAIL" not in out
-    results = {r.backend: r for r in selfcheck.run_check(1.0)}
-    assert set(results) == {"cuda", "triton", "reference"}
-    assert results["reference"].passed and results["reference"].cases >= 1
-    assert results[cpu_backend.replace("cuda-ops-on-cpu", "cuda")].passed
+    assert len(runs) == 1
+    results = runs[0]
+    assert {r.backend for r in results} == set(_select.BACKEND_NAMES)
+    status = fusedclip.available_backends()
+    for name in _select.BACKEND_NAMES:
+        mine = [r for r in results if r.backend == name]
+        expected = {d for d in ("cpu", "cuda") if status[name].runs_on(d)
+                    and (d == "cpu" or torch.cuda.is_available())}
+        assert {r.device for r in mine if r.available} == expected, name
+        for r in mine:
+            if not r.available:  # listed, with the reason, not silently left out
+                assert not expected and r.reason == status[name].reason
+                assert re.search(rf"^\s*{name}\s+-\s+cannot run here", out, re.M), out
+                continue
+            assert r.passed and r.cases >= 1, (name, r.device, r.failures)
+            assert re.search(rf"^\s*{name}\s+{r.device}\s+pass\s+{r.cases}\s", out, re.M), out
+    # Here: the reference, the C++ engine (when built) and Triton's interpreter, on CPU tensors.
+    assert "reference" in {r.backend for r in results if r.available and r.device == "cpu"}
 
 
 def test_check_cases_cover_every_dtype_norm_type_and_mode():

@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
-from conftest import clone_params, make_params
+from gradients import clone_params, make_params
 
 import fusedclip
 from fusedclip import api, torch_patch
+
+pytestmark = pytest.mark.slow
 
 NAMES = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]
 SHAPES = [(33, 17), (70001,), (5,), (1,), (0,), (64, 3, 3)]
@@ -70,15 +72,15 @@ def test_patched_context_nests_and_restores_on_error():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_patched_functions_route_and_match_torch(cpu_backend, name):
-    params = make_params(SHAPES, seed=11)
+def test_patched_functions_route_and_match_torch(backend, device, name):
+    params = make_params(SHAPES, device=device, seed=11)
     twin = clone_params(params)
     expected = _torch_calls(name, twin, [p.grad for p in twin])
     real = getattr(api, name)
-    with mock.patch.object(api, name, wraps=real) as spy, fusedclip.patched(backend=cpu_backend):
+    with mock.patch.object(api, name, wraps=real) as spy, fusedclip.patched(backend=backend):
         got = _torch_calls(name, params, [p.grad for p in params])
     assert spy.call_count == 1
-    assert spy.call_args.kwargs["backend"] == cpu_backend
+    assert spy.call_args.kwargs["backend"] == backend
     # torch sums in fp32 and derives the coefficient from that rounded norm: a few ulps apart.
     if expected is not None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
@@ -86,6 +88,20 @@ def test_patched_functions_route_and_match_torch(cpu_backend, name):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0)
     if name == "clip_grad_value_":  # no sums: torch's results exactly
         assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, twin))
+
+
+def test_patch_checks_the_backend_name_now():
+    """An unknown name is refused at patch() time; the old name "cuda" warns there (and means
+    the C++ engine on CUDA tensors, see tests/api/test_dispatch.py)."""
+    with pytest.warns(FutureWarning, match="'cuda' is now called 'cpp'"):
+        fusedclip.patch(backend="cuda")
+    try:
+        assert fusedclip.is_patched()
+    finally:
+        fusedclip.unpatch()
+    with pytest.raises(ValueError, match="unknown backend 'cuda-ops-on-cpu'"):
+        fusedclip.patch(backend="cuda-ops-on-cpu")
+    assert not fusedclip.is_patched()
 
 
 def test_deprecated_alias_and_fusedclip_errors_follow():

@@ -43,7 +43,7 @@ def loaded() -> bool:
 
 def cuda_kernels() -> bool:
     """Whether ``fusedclip._C`` was built with its CUDA kernels (not only the CPU engine)."""
-    return _MODULE is not None and bool(getattr(_MODULE, "CUDA_KERNELS", True))
+    return _MODULE is not None and bool(_MODULE.CUDA_KERNELS)
 
 
 def op_names() -> list[str]:
