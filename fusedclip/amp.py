@@ -1,24 +1,8 @@
-"""The AMP path of ``clip_grad_norm_``: GradScaler-scaled gradients unscaled, checked for inf/NaN,
-measured and clipped in the fused passes, and the fold into torch's fused optimizers.
-
-torch's recipe is ``scaler.unscale_(opt); clip_grad_norm_(params, max_norm); scaler.step(opt)``:
-five passes over the gradients (unscale reads and writes, the norm reads, the clip reads and
-writes). ``fusedclip.clip_grad_norm_(params, max_norm, scaler=scaler, optimizer=opt)`` replaces
-the first two lines with pass 1 (one read: the norm of the unscaled values and the inf/NaN flag,
-on the device) and pass 2 (one read and write: ``grad * inv_scale * clip_coef``), and leaves the
-scaler as ``unscale_`` would: the optimizer's stage is UNSCALED and its ``found_inf_per_device``
-holds a 0/1 flag per device, so ``scaler.step`` skips the step after an inf/NaN, ``scaler.update``
-backs off, and a second ``unscale_`` raises as in torch.
-
-With ``fold_into_optimizer=True`` and torch's fused Adam/AdamW/SGD/Adagrad (``fused=True``) even
-pass 2 goes: the gradients stay as they are and the optimizer gets the combined factor as its
-``grad_scale`` (it divides every gradient by it inside its own kernel) and the flag as its
-``found_inf`` (it skips the update when it is exactly 1), so unscale + check + norm + clip cost one
-read. ``scaler.step`` hands both over and removes them after the step; without a scaler a
-one-shot step hook removes ``grad_scale``.
-
-``fusedclip.scaler.ClippingGradScaler`` is the same as a GradScaler method,
-``scaler.unscale_and_clip_(opt, max_norm)``.
+"""The AMP path of ``clip_grad_norm_`` (``scaler=``, ``optimizer=``, ``fold_into_optimizer=``):
+GradScaler-scaled gradients unscaled, checked for inf/NaN, measured and clipped in the two passes,
+the scaler left as ``unscale_`` leaves it, and the fold of the factor into torch's fused optimizers
+(``grad_scale`` / ``found_inf``). README.md "AMP: GradScaler and the optimizer fold" is the
+account of what this does and why; the docstrings here say how.
 
 This module reads GradScaler's per-optimizer state (``_per_optimizer_states``, ``OptState``,
 ``_scale``), private to torch but unchanged since torch 1.6; the tests run torch's own recipe

@@ -142,18 +142,14 @@ def clip_grad_norm_(
     host synchronization; ``return_stats="per_tensor"`` adds every gradient's own norm, from the
     same read. ``fusedclip.stats.StatsWindow`` turns them into logger dicts.
 
-    AMP (``fusedclip.amp``): with ``scaler=`` (a ``torch.amp.GradScaler``) and ``optimizer=`` (one
-    optimizer or a list), this call replaces ``scaler.unscale_(optimizer)`` followed by the clip:
-    the gradients are unscaled, checked for inf/NaN, measured and clipped in two passes, the
-    returned norm is that of the unscaled gradients, and the scaler is left as ``unscale_`` leaves
-    it, so ``scaler.step(optimizer)`` and ``scaler.update()`` follow as usual. fp16 gradients are
-    refused, as ``unscale_`` refuses them. With ``error_if_nonfinite=True`` the gradients are
-    unscaled (not clipped) before the error, as in torch's recipe.
-
-    ``fold_into_optimizer=True`` (with torch's fused Adam/AdamW/SGD/Adagrad, ``fused=True``) leaves
-    the gradients as they are and hands the factor that would unscale and clip them to the
-    optimizer's next step (its ``grad_scale``): one read of the gradients in all. Until that step
-    the gradients are neither unscaled nor clipped.
+    AMP (``fusedclip.amp``; README.md "AMP"): with ``scaler=`` (a ``torch.amp.GradScaler``) and
+    ``optimizer=`` (one optimizer or a list) the call replaces ``scaler.unscale_(optimizer)`` and
+    the clip, returns the norm of the unscaled gradients and leaves the scaler as ``unscale_``
+    does, so ``scaler.step`` and ``scaler.update`` follow as usual. fp16 gradients are refused, as
+    ``unscale_`` refuses them; with ``error_if_nonfinite=True`` the gradients are unscaled (not
+    clipped) before the error, as in torch's recipe. ``fold_into_optimizer=True`` (torch's fused
+    Adam/AdamW/SGD/Adagrad) leaves the gradients as they are and hands the factor to the
+    optimizer's next step (its ``grad_scale``).
 
     ``process_group`` (``fusedclip.distributed``): the gradients are this rank's share of a model
     spread over the group (tensor or pipeline parallel); the norm is over every rank's gradients,

@@ -1,11 +1,11 @@
 """The test matrix: every backend on CPU tensors, and on CUDA tensors when a GPU is present.
 
-Tests that take the ``backend`` and ``device`` fixtures run once per (backend, device) pair of
-``TARGETS``; ``engine`` and ``engine_device`` are the same for the two compiled backends (the
-operator suite). A pair that cannot run here is a visible skip with its reason (the summary at the
-end counts the skips by reason), never a silent omission: no GPU, no ``fusedclip._C``, no Triton, or Triton's interpreter off. CI
-sets ``FUSEDCLIP_REQUIRE_EXTENSION=1`` and ``FUSEDCLIP_REQUIRE_TRITON=1``, which turn a missing
-extension or Triton leg into an error instead.
+Tests that take the ``backend`` and ``device`` fixtures run once per (backend, device) pair;
+``engine_target`` is the same for the two compiled backends (the operator suite). A pair that
+cannot run here is a visible skip with its reason (the summary at the end counts the skips by
+reason), never a silent omission: no GPU, no ``fusedclip._C``, no Triton, or Triton's interpreter
+off. CI sets ``FUSEDCLIP_REQUIRE_EXTENSION=1`` and ``FUSEDCLIP_REQUIRE_TRITON=1``, which turn a
+missing extension or Triton leg into an error instead.
 """
 
 from __future__ import annotations

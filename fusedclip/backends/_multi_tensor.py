@@ -41,8 +41,10 @@ class Operators:
     adaptive_clip: Callable[[list[Tensor], list[Tensor], float, float, float], None]
 
 
-# clip_params / norm_params of a backend (see ``Backend``).
-ParamsPath = Callable[..., object]
+# The one-call path of a backend: run_params(params, max_norm, norm_type, cuda_only, inv_scale,
+# found_inf, soft, scale) -> (the norm in torch's dtype, the fp64 factor or None) after pass 1 and,
+# with ``scale``, pass 2; None when some gradient needs the general path.
+ParamsPath = Callable[..., tuple[Tensor, Tensor | None] | None]
 
 
 def kernels_take(tensors: list[Tensor]) -> bool:
@@ -99,7 +101,7 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _no_params_path(*args: object, **kwargs: object) -> None:
+def _no_params_path(*args: object) -> None:
     return None
 
 
@@ -111,15 +113,13 @@ class FusedBackend:
         name: str,
         ops: Operators,
         status: Callable[[], BackendStatus],
-        clip_params: ParamsPath = _no_params_path,
-        norm_params: ParamsPath = _no_params_path,
+        run_params: ParamsPath = _no_params_path,
     ) -> None:
         self.NAME = name
         self.ops = ops
         self._find_status = status
         self._status: BackendStatus | None = None
-        self.clip_params = clip_params
-        self.norm_params = norm_params
+        self._run_params = run_params
 
     def __repr__(self) -> str:
         return f"<fusedclip backend {self.NAME!r}>"
@@ -162,6 +162,40 @@ class FusedBackend:
         return groups
 
     # ---- the Backend contract --------------------------------------------------------------------
+
+    def clip_params(
+        self,
+        params: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        *,
+        cuda_only: bool = True,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        soft: bool = False,
+    ) -> Tensor | None:
+        """``clip_grad_norm_`` on the ``.grad``s of ``params`` in one call (read and checked in
+        C++, the cached plan, both passes): the norm in torch's dtype, or None for the general
+        path. ``inv_scale``/``found_inf``: the AMP path; ``soft``: the soft coefficient."""
+        done = self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
+                                soft, True)
+        return None if done is None else done[0]
+
+    def norm_params(
+        self,
+        params: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        *,
+        cuda_only: bool = True,
+        inv_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        soft: bool = False,
+    ) -> tuple[Tensor, Tensor] | None:
+        """Pass 1 of ``clip_params`` alone: (the norm in torch's dtype, the fp64 factor that would
+        unscale and clip), gradients untouched; None for the general path."""
+        return self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
+                                soft, False)
 
     def total_norm(
         self,

@@ -189,7 +189,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 TOP_DESCRIPTION = """\
-fusedclip: global gradient-norm clipping for PyTorch in the fewest passes over GPU memory.
+fusedclip: global gradient-norm clipping for PyTorch in two passes over memory.
 
 commands:
   check      which backends run here, and a ~10 s self-test of each against an fp64 oracle

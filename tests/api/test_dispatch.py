@@ -246,8 +246,9 @@ def _signature_mismatches(expected, actual) -> list[str]:
     """Why ``actual`` cannot be called as the Protocol method ``expected`` is (empty: it can).
 
     Positional parameters: the same names in the same order, of a kind that takes them by
-    position and by name. Keyword-only ones: the same names in the same order. A default of the Protocol's must be the implementation's too; the
-    implementation may add defaults, and parameters that have one (or ``*args``/``**kwargs``).
+    position and by name. Keyword-only ones: the same names in the same order. A default of the
+    Protocol's must be the implementation's too; the implementation may add defaults, and
+    parameters that have one (or ``*args``/``**kwargs``).
     Annotations are not compared.
     """
     want = list(inspect.signature(expected).parameters.values())[1:]  # without self

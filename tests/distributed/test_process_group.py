@@ -33,7 +33,8 @@ CASES = [(2.0, 0.5), (1.0, 3.0), (math.inf, 0.01), (1.5, 1e6)]  # (norm_type, ma
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _select.BACKEND_NAMES)
 def test_ranks_run_every_cpu_backend(name):
-    """What the spawned ranks do not run here, as a visible skip with its reason."""
+    """What the spawned ranks (here and in test_dtensor.py) do not run here, as a visible skip
+    with its reason."""
     reason = backends_not_run().get(name)
     if reason:
         pytest.skip(f"{name} on cpu: not run by the spawned ranks: {reason}")

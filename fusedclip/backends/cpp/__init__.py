@@ -7,20 +7,19 @@ coefficient is 1; ``clip_`` runs both. The tensor table behind them is a cached 
 has CPU kernels in every build and CUDA kernels when nvcc and a CUDA build of torch were there at
 build time; ``status().devices`` says which this machine can use.
 
-``clip_params`` / ``norm_params`` are the one-call path of ``clip_grad_norm_``: one C++ call reads
-every ``.grad``, checks the cached plan and launches the passes.
+``BACKEND.clip_params`` / ``norm_params`` are the one-call path of ``clip_grad_norm_``: one C++
+call reads every ``.grad``, checks the cached plan and launches the passes.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from fusedclip.backends import BackendStatus
 from fusedclip.backends._multi_tensor import FusedBackend, Operators
 from fusedclip.backends.cpp import _lib
 
-__all__ = ["BACKEND", "NAME", "clip_params", "norm_params", "status"]
+__all__ = ["BACKEND", "NAME", "status"]
 
 NAME = "cpp"
 
@@ -50,42 +49,19 @@ def _operators() -> Operators:
                      adaptive_clip=ops.adaptive_clip_)
 
 
-def clip_params(
-    params: list[Tensor],
-    max_norm: float,
-    norm_type: float,
-    *,
-    cuda_only: bool = True,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    soft: bool = False,
-) -> Tensor | None:
-    """``clip_grad_norm_`` on ``params`` in one C++ call (gradients read, plan checked, both passes
-    launched), returning the norm in torch's dtype; None when some gradient needs the general path
-    (not dense, not a kernel dtype, on several devices or one without kernels, a tensor
-    subclass...) or there is none. ``inv_scale``/``found_inf``: the AMP path."""
+def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, scale):
+    """The one-call path (``FusedBackend.clip_params``/``norm_params``): one C++ call reads every
+    ``.grad``, checks the cached plan and launches the passes; None when some gradient needs the
+    general path (not dense, not a kernel dtype, on several devices or one without kernels, a
+    tensor subclass...) or there is none."""
     if not _lib.loaded():
         return None
-    return _lib.module().clip_params(params, max_norm, norm_type, cuda_only, inv_scale,
-                                     found_inf, soft)
+    module = _lib.module()
+    if not scale:
+        return module.norm_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
+                                  soft)
+    norm = module.clip_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft)
+    return None if norm is None else (norm, None)
 
 
-def norm_params(
-    params: list[Tensor],
-    max_norm: float,
-    norm_type: float,
-    *,
-    cuda_only: bool = True,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    soft: bool = False,
-) -> tuple[Tensor, Tensor] | None:
-    """Pass 1 of ``clip_params`` alone: (the norm in torch's dtype, the fp64 factor that would
-    unscale and clip), gradients untouched; None for the general path."""
-    if not _lib.loaded():
-        return None
-    return _lib.module().norm_params(params, max_norm, norm_type, cuda_only, inv_scale,
-                                     found_inf, soft)
-
-
-BACKEND = FusedBackend(NAME, _operators(), status, clip_params, norm_params)
+BACKEND = FusedBackend(NAME, _operators(), status, _run_params)

@@ -8,7 +8,8 @@ unless the coefficient is exactly 1. No host synchronization, no per-tensor laun
 
 Plans (the device-side table) come from ``plan.py``, built in Python and cached; when
 ``fusedclip._C`` is built, ``clip_grad_norm_(..., backend="triton")`` takes its C++ plan instead
-(``clip_params``): the ``.grad``s are read and checked in C++ and only the launches are Python.
+(``BACKEND.clip_params``): the ``.grad``s are read and checked in C++ and only the launches are
+Python.
 
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 Triton was first imported (that is how CI tests their logic). The operators
@@ -36,8 +37,8 @@ from fusedclip.backends._schema import register_fakes
 from fusedclip.backends.triton import plan as plans
 from fusedclip.backends.triton.plan import CHUNK, Plan
 
-__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "clip_params", "interpreting",
-           "norm_params", "norm_pass", "scale_pass", "status"]
+__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "interpreting", "norm_pass", "scale_pass",
+           "status"]
 
 NAME = "triton"
 _NUM_WARPS = 8
@@ -322,52 +323,19 @@ register_fakes("triton_")
 
 # ---- the one-call path of clip_grad_norm_, on fusedclip._C's plan -----------------------------
 
-def _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, writing):
-    plan = plans.of_params(params, cuda_only, writing, inv_scale is not None,
+def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, scale):
+    """The one-call path (``FusedBackend.clip_params``/``norm_params``) on the plan of
+    ``fusedclip._C`` (its C++ loop over the ``.grad``s and its cache) with these kernels; None
+    without ``fusedclip._C`` or when some gradient needs the general path."""
+    plan = plans.of_params(params, cuda_only, scale, inv_scale is not None,
                            "cpu" if interpreting() else "cuda")
     if plan is None:
-        return None, None
+        return None
     r = norm_pass(plan, Request(norm_type, max_norm, False, plan.result_dtype, inv_scale,
                                 found_inf, soft))
-    return plan, r
-
-
-def clip_params(
-    params: list[Tensor],
-    max_norm: float,
-    norm_type: float,
-    *,
-    cuda_only: bool = True,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    soft: bool = False,
-) -> Tensor | None:
-    """``clip_grad_norm_`` on ``params`` with the plan of ``fusedclip._C`` (its C++ loop over the
-    ``.grad``s and its cache) and these kernels; the norm in torch's dtype, or None when
-    ``fusedclip._C`` is not built or some gradient needs the general path. ``inv_scale`` and
-    ``found_inf``: the AMP path; ``soft``: the soft coefficient."""
-    plan, r = _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft,
-                            True)
-    if plan is None:
-        return None
-    scale_pass(plan, r.coef)
-    return r.out
-
-
-def norm_params(
-    params: list[Tensor],
-    max_norm: float,
-    norm_type: float,
-    *,
-    cuda_only: bool = True,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    soft: bool = False,
-) -> tuple[Tensor, Tensor] | None:
-    """Pass 1 of ``clip_params`` alone: (norm in torch's dtype, fp64 factor), or None."""
-    plan, r = _params_pass1(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft,
-                            False)
-    return None if plan is None else (r.out, r.coef)
+    if scale:
+        scale_pass(plan, r.coef)
+    return r.out, r.coef
 
 
 BACKEND = FusedBackend(
@@ -375,5 +343,5 @@ BACKEND = FusedBackend(
     Operators(norm=_total_norm_op, clip=_clip_op, scale=_scale_op,
               clip_per_tensor=_clip_per_tensor_op, clamp=_clamp_op,
               adaptive_clip=_adaptive_clip_op),
-    status, clip_params, norm_params,
+    status, _run_params,
 )
