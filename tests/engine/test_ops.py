@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from gradients import DTYPES, NORM_TYPES, clone_params, grads, make_params, random_tensors
+from matrix import why_not
 from oracle import (
     BITS_DTYPE,
     assert_bitwise_equal,
@@ -384,8 +385,6 @@ def test_plan_cache_evicts_the_least_recently_used(engine, dev):
 def test_triton_plan_table_is_the_cpp_one(dev):
     """The Python plan (Triton's operators) and the C++ plan (fusedclip._C, which
     clip_grad_norm_(backend="triton") walks) lay out identical tables and groups."""
-    from conftest import why_not
-
     reason = why_not("cpp", dev)
     if reason:
         pytest.skip(f"cpp on {dev}: {reason}")
@@ -406,8 +405,6 @@ def test_triton_plan_table_is_the_cpp_one(dev):
 def test_triton_norm_out_in_the_requested_dtype(dev):
     """Triton's pass 1 writes the norm rounded to the dtype clip_grad_norm_ returns (the C++
     engine's is read through clip_params, test_one_call_path_matches_oracle)."""
-    from conftest import why_not
-
     from fusedclip.backends import triton
 
     reason = why_not("triton", dev)

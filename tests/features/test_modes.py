@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 from gradients import DTYPES, clone_params, grads, make_params, random_tensors
+from matrix import why_not
 from oracle import (
     assert_bitwise_equal,
     clip_rtol,
@@ -100,8 +101,9 @@ def _torch_cuda_clamp(x: torch.Tensor, v: float) -> torch.Tensor:
 @pytest.mark.parametrize("clip_value", [0.0, 1.005, 0.5])
 def test_clamp_cuda_rule_in_the_interpreter(dtype, clip_value):
     """The Triton kernel's CUDA variant (what runs on a GPU) against torch's CUDA rule."""
-    if not triton_backend.interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1")
+    reason = why_not("triton", "cpu")
+    if reason:
+        pytest.skip(f"triton on cpu: {reason}")
     tensors = random_tensors([70001, 5], dtype, seed=21)
     tensors[1].copy_(torch.tensor([math.inf, -math.nan, -0.0, 0.0, -1.0], dtype=torch.float64))
     expected = [_torch_cuda_clamp(t, clip_value) for t in tensors]
