@@ -60,6 +60,7 @@ __all__ = ["Local", "backend_map", "buffer_device_type", "check_group", "full", 
            "has_dtensor", "local_shards", "refuse_dtensors", "sharded_norm", "wrap_norm"]
 
 if dist.is_available():
+    from torch.distributed import _functional_collectives as funcol
     from torch.distributed.tensor import DTensor, Replicate
 else:  # pragma: no cover - torch built without distributed
     DTensor = None
@@ -231,9 +232,10 @@ def _all_reduce(pairs: list[Tensor], p: float, group: dist.ProcessGroup | None) 
     """One all-reduce of the stacked pairs over ``group``; returns them reduced, where they were."""
     home = pairs[0].device
     buf = torch.stack(pairs).to(group_device(group, home))
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM,
-                    group=group)
-    return list(buf.to(home).unbind(0))
+    # The functional collective, as torch's own clip issues it: tools that count collectives
+    # (CommDebugMode) see the same, and torch.compile traces it. Reading the result waits for it.
+    reduced = funcol.all_reduce(buf, "max" if math.isinf(p) else "sum", group)
+    return list(funcol.wait_tensor(reduced).to(home).unbind(0))
 
 
 def _combine(pairs: list[Tensor], p: float) -> Tensor:

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from oracle import clip_rtol, oracle_coef, oracle_norm, rtol_for
+from oracle import clip_rtol, oracle_coef, oracle_norm
 from ranks import about, check_backends_ran, cpu_backends, spawn
 from torch import nn
 
@@ -29,24 +29,34 @@ import fusedclip
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
+if dist.is_available():
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed.tensor.debug import CommDebugMode
+
 CASES = [(2.0, 0.05), (1.0, 1.0), (math.inf, 0.01), (3.0, 1e6)]  # (norm_type, max_norm)
 
 
 @contextlib.contextmanager
 def _counting_all_reduces():
-    """Counts ``torch.distributed.all_reduce`` calls inside the block."""
+    """The groups of the all-reduces issued inside the block, in order. They must be functional
+    collectives, as torch's own clip issues them: ``CommDebugMode`` (what PyTorch's FSDP2 clip test
+    counts with) must see exactly as many ``c10d_functional.all_reduce`` and no ``allreduce_``."""
     calls = []
-    original = dist.all_reduce
+    original = funcol.all_reduce
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("group"))
-        return original(*args, **kwargs)
+    def counted(tensor, reduce_op, group, *args, **kwargs):
+        calls.append(group)
+        return original(tensor, reduce_op, group, *args, **kwargs)
 
-    dist.all_reduce = counted
+    funcol.all_reduce = counted
     try:
-        yield calls
+        with CommDebugMode() as comm:
+            yield calls
     finally:
-        dist.all_reduce = original
+        funcol.all_reduce = original
+    counts = comm.get_comm_counts()
+    assert counts.get(torch.ops.c10d_functional.all_reduce, 0) == len(calls), counts
+    assert counts.get(torch.ops.c10d.allreduce_, 0) == 0, counts
 
 
 def _fsdp_model(mesh, dtype):
@@ -107,10 +117,10 @@ def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
             orders.append([group.group_name for group in calls])
         assert isinstance(norm, DTensor) and norm.device_mesh == mesh
         assert all(pl.is_replicate() for pl in norm.placements)
-        assert norm.dtype == dtype
-        # The norm in the gradients' dtype: one rounding of bf16 (was 1e-2) or the 1e-5 contract.
+        assert norm.dtype == torch.promote_types(dtype, torch.float32)
+        # The norm in the gradients' dtype promoted with float32: the 1e-5 contract (was 1e-2).
         torch.testing.assert_close(norm.to_local().double(), torch.tensor(expected).double(),
-                                   rtol=rtol_for(dtype), atol=0)
+                                   rtol=1e-5, atol=0)
         for p, g in zip(params, start):
             mine = p.grad.to_local()
             torch.testing.assert_close(mine.double(), g.double() * coef,
@@ -121,7 +131,11 @@ def _check_clip(params, backend, reductions, mesh, compare_torch, orders=None):
         assert isinstance(total, DTensor)
         torch.testing.assert_close(total.to_local(), norm.to_local(), rtol=0, atol=0)
         if compare_torch and not (math.isinf(norm_type) and empty.item()):
-            theirs = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            with CommDebugMode() as comm:
+                theirs = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            # torch's clip reduces with functional all-reduces too, as many as fusedclip's.
+            counts = comm.get_comm_counts()
+            assert counts.get(torch.ops.c10d_functional.all_reduce, 0) == reductions, counts
             torch.testing.assert_close(norm.full_tensor(), theirs.full_tensor(), rtol=1e-5,
                                        atol=0)
             for p, g in zip(params, start):

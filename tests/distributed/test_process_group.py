@@ -26,6 +26,9 @@ from fusedclip import _select, distributed
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
+if dist.is_available():
+    from torch.distributed.tensor.debug import CommDebugMode
+
 SHAPES = [(33, 17), (70001,), (5,), (1,), (0,), (64, 3, 3), (257,), (4099,), (9, 9)]
 CASES = [(2.0, 0.5), (1.0, 3.0), (math.inf, 0.01), (1.5, 1e6)]  # (norm_type, max_norm)
 
@@ -58,9 +61,12 @@ def _rank(rank, world, backends):
             mine = _share(params, rank, world)
             total = fusedclip.get_total_norm([p.grad for p in mine], norm_type, backend=backend,
                                              process_group=dist.group.WORLD)
-            norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
-                                             process_group=dist.group.WORLD)
-            results.append((norm, total, [p.grad for p in mine]))
+            with CommDebugMode() as comm:
+                norm = fusedclip.clip_grad_norm_(mine, max_norm, norm_type, backend=backend,
+                                                 process_group=dist.group.WORLD)
+            # One functional all-reduce, as torch's clip issues (by name: the ranks pickle it).
+            counts = {str(op): n for op, n in comm.get_comm_counts().items()}
+            results.append((norm, total, [p.grad for p in mine], counts))
         per_backend[backend] = results
     return per_backend
 
@@ -77,8 +83,9 @@ def test_group_norm_matches_unsharded(world):
         clipped = exact > max_norm
         for backend in backends:
             for rank in range(world):
-                norm, total, grads = per_rank[rank][backend][case]
+                norm, total, grads, counts = per_rank[rank][backend][case]
                 with about(f"backend {backend}, rank {rank}, norm_type={norm_type}"):
+                    assert counts == {"c10d_functional.all_reduce": 1}, counts
                     assert norm.dtype == torch.float32 and norm.shape == ()
                     assert_norm_close(norm, exact)
                     assert_norm_close(total, exact)
