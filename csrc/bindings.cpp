@@ -91,7 +91,7 @@ const at::Tensor* optional_tensor(py::handle obj, at::ScalarType dtype, const at
 }
 
 // Pass 1 (and, with `scale`, pass 2) of clip_grad_norm_ over `params` through the cached plan:
-// (the norm as torch returns it, the fp64 factor pass 2 multiplies by), or None to say "take the
+// (the norm as clip_grad_norm_ returns it, the fp64 factor pass 2 multiplies by), or None to say "take the
 // general path". Raises, touching nothing, when two gradients share memory. inv_scale/found_inf:
 // the AMP path (NormRequest); soft: the soft coefficient.
 py::object run_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
@@ -124,7 +124,7 @@ py::object run_params(py::handle params, double max_norm, double norm_type, bool
                         py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(coef))));
 }
 
-// clip_grad_norm_ over `params`: the norm as torch returns it, or None for the general path.
+// clip_grad_norm_ over `params`: the norm as clip_grad_norm_ returns it, or None for the general path.
 py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
                        py::handle inv_scale, py::handle found_inf, bool soft) {
   HANDLE_TH_ERRORS
@@ -134,7 +134,7 @@ py::object clip_params(py::handle params, double max_norm, double norm_type, boo
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
-// Pass 1 only: (norm as torch returns it, fp64 factor), or None for the general path. The
+// Pass 1 only: (norm as clip_grad_norm_ returns it, fp64 factor), or None for the general path. The
 // gradients are not written (the factor goes to a fused optimizer instead).
 py::object norm_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
                        py::handle inv_scale, py::handle found_inf, bool soft) {

@@ -150,12 +150,18 @@ def as_stats_request(return_stats: object) -> bool:
 
 
 def as_norm_type(value: object) -> float:
-    """A p > 0 or ``inf``; ``'inf'`` as a string is accepted as in torch."""
-    p = _as_float(value, "norm_type")
+    """Any float torch's ``clip_grad_norm_`` takes: p > 0 and inf (the passes), and 0, negative p,
+    -inf and NaN (``fusedclip.backends._math.general_norm``); ``'inf'`` as a string, as in torch."""
+    return _as_float(value, "norm_type")
+
+
+def as_pass_norm_type(value: object, what: str) -> float:
+    """A norm type for ``what``, which only the passes compute: p > 0 or inf."""
+    p = as_norm_type(value)
     if not p > 0:  # also rejects NaN
         raise ValueError(
-            f"norm_type must be a positive number or inf, got {p}; fusedclip supports the p-norms "
-            "with p > 0 and the max norm (norm_type=inf)"
+            f"{what} takes norm_type p > 0 or inf, got {p} (clip_grad_norm_ and get_total_norm "
+            "take every norm type torch does)"
         )
     return p
 
@@ -179,8 +185,10 @@ def _norm_dtype(t: Tensor) -> torch.dtype:
 
 
 def norm_result_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """The dtype torch gives the total norm: its per-tensor norms promoted together."""
-    return functools.reduce(torch.promote_types, (_norm_dtype(t) for t in tensors))
+    """The dtype of a returned norm: the gradients' (real) dtypes promoted together and with
+    float32, so that it holds the fp64 norm to 1e-5 for every dtype (torch returns a bf16 norm for
+    bf16 gradients: 83.0 for 82.83, and inf for an fp16 norm past 65504)."""
+    return functools.reduce(torch.promote_types, (_norm_dtype(t) for t in tensors), torch.float32)
 
 
 NONFINITE_MESSAGE = (

@@ -7,15 +7,17 @@ it (``fusedclip.backends.Backend``). ``foreach`` is accepted for compatibility a
 the fused backends already handle all tensors of a device and dtype group in one launch per pass,
 and the reference is a loop.
 
-Differences from torch, all deliberate:
+Every ``norm_type`` torch takes is taken: p > 0 and inf by the backends' passes, and 0, negative
+p, -inf and NaN by ``fusedclip.backends._math.general_norm`` (then the backend scales).
 
-* The norm is accumulated in fp64 (reference) or at least fp32, and the clip coefficient is
-  computed from that unrounded norm, so an all-bf16/fp16 model is clipped by its true norm rather
-  than by a norm rounded to 8 (or 11) bits, and an fp16 norm above 65504 does not zero the
-  gradients.
-  The returned norm still has torch's dtype (the gradients' dtypes promoted together).
-* A negative or NaN ``max_norm``/``clip_value`` and a ``norm_type`` that is not p > 0 or inf raise
-  ``ValueError`` instead of silently flipping or counting gradients.
+Differences from torch, all deliberate (README.md "Different from torch"):
+
+* The norm is accumulated in fp64 and the clip coefficient is computed from that unrounded norm,
+  and the norm is returned in the gradients' dtypes promoted with float32 (torch: in the
+  gradients' dtype, so a bf16 norm reads 83.0 for 82.83 and an fp16 norm above 65504 is inf,
+  which zeroes the gradients).
+* A negative or NaN ``max_norm``/``clip_value`` raises ``ValueError`` instead of silently
+  flipping or pinning the gradients.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fusedclip import _select, amp, distributed
 from fusedclip._args import (
     TensorOrTensors,
     as_norm_type,
+    as_pass_norm_type,
     as_soft,
     as_stats_request,
     as_threshold,
@@ -43,7 +46,7 @@ from fusedclip._args import (
     norm_result_dtype,
     raise_if_nonfinite,
 )
-from fusedclip.backends._math import clip_coef
+from fusedclip.backends._math import clip_coef, general_norm, kernels_take_norm_type
 from fusedclip.stats import ClipStats
 
 __all__ = [
@@ -68,9 +71,10 @@ def get_total_norm(
 ) -> Tensor:
     """The norm of ``tensors`` viewed as one vector (like ``torch.nn.utils.get_total_norm``).
 
-    Returns a 0-dim tensor on the first tensor's device with torch's dtype; ``tensor(0.)`` on the
-    CPU when ``tensors`` is empty. With ``process_group`` (``fusedclip.distributed``) the norm is
-    over the tensors of every rank of the group (every rank must call it; one with no tensors
+    Returns a 0-dim tensor on the first tensor's device, of the tensors' dtypes promoted with
+    float32; ``tensor(0.)`` on the CPU when ``tensors`` is empty. With ``process_group``
+    (``fusedclip.distributed``) the norm is over the tensors of every rank of the group (every
+    rank must call it; one with no tensors
     gets an fp32 norm on the group's device). DTensors are reduced over the mesh dimensions that
     shard them, and the norm is then a DTensor replicated over their mesh, as torch returns it.
     """
@@ -78,6 +82,7 @@ def get_total_norm(
     p = as_norm_type(norm_type)
     choice = _select.parse(backend)
     if process_group is not None or distributed.has_dtensor(items):
+        _refuse_general_norm_type(p, "process_group= and DTensor gradients")
         local = distributed.local_shards(items, "tensors")
         norm, _, result_dtype = _spread_norm(local, p, choice, process_group)
         norm = norm.to(result_dtype)
@@ -87,7 +92,9 @@ def get_total_norm(
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
-    norm = _select.select(choice, items).total_norm(items, p).to(norm_result_dtype(items))
+    impl = _select.select(choice, items)
+    norm = impl.total_norm(items, p) if kernels_take_norm_type(p) else general_norm(items, p)
+    norm = norm.to(norm_result_dtype(items))
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
     return norm
@@ -166,6 +173,8 @@ def clip_grad_norm_(
     choice = _select.parse(backend)
     amp_call = scaler is not None or optimizer is not None or fold_into_optimizer
     _check_options(amp_call, bool(return_stats), process_group, scaler, fold_into_optimizer)
+    if amp_call or process_group is not None:
+        _refuse_general_norm_type(p, "scaler=, fold_into_optimizer= and process_group=")
 
     if amp_call:
         check_tensor_items(params, "parameters")
@@ -176,7 +185,7 @@ def clip_grad_norm_(
         if norm is not None:
             return norm  # (None: a disabled scaler, nothing to unscale: clip as usual)
     if not (error_if_nonfinite or return_stats or process_group is not None
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or not kernels_take_norm_type(p)):
         norm = _clip_params(params, limit, p, soft, choice)
         if norm is not None:
             return norm
@@ -185,6 +194,7 @@ def clip_grad_norm_(
     if process_group is not None or distributed.has_dtensor(grads):
         if return_stats:
             raise ValueError(_SPREAD_OPTIONS.format("DTensor gradients"))
+        _refuse_general_norm_type(p, "DTensor gradients")
         return _spread_clip(grads, limit, p, error_if_nonfinite, choice, soft, process_group)
     return _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,
                        per_tensor)
@@ -203,6 +213,14 @@ def _check_options(amp_call: bool, return_stats: bool, process_group: object, sc
         raise ValueError("optimizer= is for scaler= or fold_into_optimizer=True")
     if amp_call and return_stats:
         raise ValueError("return_stats is not available with scaler= or fold_into_optimizer=")
+
+
+def _refuse_general_norm_type(p: float, what: str) -> None:
+    """0, negative p, -inf and NaN are computed on the general path alone, which ``what`` does not
+    take yet: a clear error before anything is touched."""
+    if not kernels_take_norm_type(p):
+        raise ValueError(f"norm_type={p} is not available with {what} yet (there: p > 0 or inf); "
+                         "without them every norm type torch takes is")
 
 
 def _clip_params(params, limit, p, soft, choice) -> Tensor | None:
@@ -228,8 +246,12 @@ def _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,
     check_writable_grads(grads)
     impl = _select.select(choice, grads)
     result_dtype = norm_result_dtype(grads)
+    if not kernels_take_norm_type(p):
+        return _general_clip(impl, grads, limit, p, error_if_nonfinite, soft, return_stats,
+                             per_tensor, result_dtype)
     if error_if_nonfinite:
-        # torch tests the norm it returns (in the gradients' dtype): an fp16 norm past 65504 raises.
+        # As torch, the norm as returned is tested (fp32 or wider: an fp16 model's norm past 65504
+        # is finite here, where torch's is inf).
         norm = impl.total_norm(grads, p)
         raise_if_nonfinite(norm.to(result_dtype), p)
         if not return_stats:
@@ -241,9 +263,26 @@ def _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,
     return impl.clip_(grads, limit, p, soft=soft).to(result_dtype)
 
 
+def _general_clip(impl, grads, limit, p, error_if_nonfinite, soft, return_stats, per_tensor,
+                  result_dtype) -> Tensor | ClipStats:
+    """``_local_clip`` for the norm types the passes do not compute: the norm on the general path,
+    then the backend's scale."""
+    norm = general_norm(grads, p)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm.to(result_dtype), p)
+    per = None
+    if return_stats and per_tensor:  # before the gradients change
+        per = torch.stack([general_norm([g], p).to(norm.device) for g in grads])
+    coef = clip_coef(limit, norm, soft)
+    impl.scale_(grads, coef)
+    if return_stats:
+        return ClipStats.of(norm, coef, result_dtype, per)
+    return norm.to(result_dtype)
+
+
 def _spread_norm(local: distributed.Local, p, choice, group):
-    """(global fp64 norm, backend or None, torch's dtype for it) of ``local``'s tensors over their
-    meshes and ``group``; a rank without tensors contributes a zero norm."""
+    """(global fp64 norm, backend or None, the dtype it is returned in) of ``local``'s tensors over
+    their meshes and ``group``; a rank without tensors contributes a zero norm."""
     distributed.check_group(local, group)
     tensors = local.tensors
     if not tensors:
@@ -290,10 +329,11 @@ def clip_grad_norm_per_tensor_(
     a 1-D tensor, read on the host). Gradient i is scaled by ``min(1, max_norm[i] / (norm_i +
     1e-6))`` (``mode="soft"``: ``max_norm[i] / (norm_i + max_norm[i])``), in the same two passes
     as global clipping. Returns the per-gradient norms before clipping, a 1-D tensor on the first
-    gradient's device in torch's norm dtype (empty, on the CPU, when there are no gradients).
+    gradient's device, in the gradients' dtypes promoted with float32 (empty, on the CPU, when there
+    are no gradients).
     """
     grads = grads_of(collect_tensors(parameters, name="parameters"))
-    p = as_norm_type(norm_type)
+    p = as_pass_norm_type(norm_type, "clip_grad_norm_per_tensor_")
     soft = as_soft(mode)
     limits = as_thresholds(max_norm, len(grads))
     choice = _select.parse(backend)
@@ -325,7 +365,7 @@ def adaptive_clip_grad_(
     params = [p for p in collect_tensors(parameters, name="parameters") if p.grad is not None]
     factor = as_threshold(clip_factor, "clip_factor")
     floor = as_threshold(eps, "eps")
-    p = as_norm_type(norm_type)
+    p = as_pass_norm_type(norm_type, "adaptive_clip_grad_")
     choice = _select.parse(backend)
     if not params:
         return

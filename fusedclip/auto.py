@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fusedclip import _select, distributed
 from fusedclip._args import (
-    as_norm_type,
+    as_pass_norm_type,
     as_soft,
     check_writable_grads,
     collect_tensors,
@@ -89,7 +89,7 @@ class AutoClipper:
         self.method, self.z_thresh, self.alpha = method, float(z_thresh), float(alpha)
         self.clip_option = clip_option
         self.warmup_steps, self.percentile, self.window = warmup_steps, float(percentile), window
-        self.norm_type = as_norm_type(norm_type)
+        self.norm_type = as_pass_norm_type(norm_type, "AutoClipper")
         self.soft = as_soft(mode)
         # Checked now; None reads FUSEDCLIP_BACKEND at every step, as the functions do.
         self._choice = _select.parse(backend) if backend is not None else None
@@ -156,7 +156,7 @@ class AutoClipper:
     @torch.no_grad()
     def step(self) -> Tensor:
         """Measure, derive the threshold, clip in place; returns the total norm before clipping
-        (torch's dtype, on the first gradient's device; ``tensor(0.)`` without gradients)."""
+        (float32 or wider, on the first gradient's device; ``tensor(0.)`` without gradients)."""
         grads = grads_of(self.params)
         if not grads:
             return torch.tensor(0.0)

@@ -20,7 +20,7 @@ __all__ = ["ClipStats", "StatsWindow"]
 class ClipStats:
     """One clip's decisions, all 0-dim device tensors on the first gradient's device.
 
-    total_norm: the norm before clipping, as ``clip_grad_norm_`` returns it (torch's dtype).
+    total_norm: the norm before clipping, as ``clip_grad_norm_`` returns it (float32 or wider).
     clip_coef: the fp64 coefficient the gradients were multiplied by (1: untouched).
     clipped: bool, the coefficient was below 1.
     nonfinite: bool, the norm was inf or NaN.

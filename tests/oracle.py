@@ -36,6 +36,15 @@ def oracle_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
     return peak * math.fsum((flat / peak).pow(norm_type).tolist()) ** (1.0 / norm_type)
 
 
+def oracle_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype a returned norm has: the tensors' real dtypes promoted together and with float32
+    (so that it holds the fp64 norm to 1e-5; torch's own is the gradients' dtype)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.real.dtype if t.is_complex() else t.dtype)
+    return dtype
+
+
 def oracle_coef(max_norm: float, norm: float, soft: bool = False) -> float:
     """torch's clip coefficient ``min(1, max_norm / (norm + 1e-6))`` (soft: ``max_norm / (norm +
     max_norm)``, 1 for a zero norm or an infinite limit), on Python floats."""

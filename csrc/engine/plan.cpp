@@ -72,7 +72,7 @@ std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device devic
   // tensors in list order inside a group.
   std::vector<int64_t> first_chunk(n, 0), chunk_tensor;
   const at::ScalarType order[] = {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble};
-  plan->result_dtype = keys.empty() ? at::kFloat : keys[0].dtype;
+  plan->result_dtype = at::kFloat;
   for (const TensorKey& k : keys) {
     plan->result_dtype = at::promote_types(plan->result_dtype, k.dtype);
   }

@@ -57,7 +57,9 @@ struct Plan {
   std::vector<TensorKey> keys;
   std::vector<Group> groups;
   int64_t num_chunks = 0;
-  at::ScalarType result_dtype = at::kFloat;  // the dtypes promoted together, as torch's norm
+  // The returned norm's dtype: the tensors' dtypes promoted together and with float32, so that
+  // it holds the fp64 norm to 1e-5 (a bf16 one would round 82.83 to 83.0).
+  at::ScalarType result_dtype = at::kFloat;
   std::vector<int64_t> host_table;           // 3 * T + C values (table.h)
   at::Tensor table;                          // the same on `device`
 

@@ -28,7 +28,7 @@ struct NormRequest {
   float* found_inf = nullptr;        // fp32 [1]: set to 1 when an element is inf/NaN, never cleared
   double* norm = nullptr;        // fp64 [1]: the total norm
   double* coef = nullptr;        // fp64 [1]: [inv_scale *] min(1, max_norm / (norm + 1e-6))
-  void* norm_out = nullptr;      // [1] of norm_out_dtype: the norm as torch returns it
+  void* norm_out = nullptr;      // [1] of norm_out_dtype: the norm as clip_grad_norm_ returns it
   at::ScalarType norm_out_dtype = at::kDouble;
   double* per_tensor = nullptr;  // fp64 [T]: each tensor's own norm
   ClipMode mode = ClipMode::kHard;  // how norms become coefficients (coef, per_tensor_coef)

@@ -16,8 +16,8 @@ A backend is a module with the members of ``Backend`` below. ``fusedclip._select
 for a call; the public functions (``fusedclip.api``) validate their arguments first, so a backend
 receives lists of tensors it was chosen for and checked arguments: ``norm_type`` a float p > 0 or
 inf, thresholds non-negative floats. Every returned norm is a 0-dim fp64 tensor on the first
-tensor's device (converting it to torch's dtype is the caller's business), and nothing here
-synchronizes with the device.
+tensor's device (converting it to the returned norm's dtype is the caller's business), and nothing
+here synchronizes with the device.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class Backend(Protocol):
         soft: bool = False,
     ) -> Tensor | None:
         """``clip_grad_norm_`` on the ``.grad``s of ``params`` in one call, returning the norm in
-        torch's dtype; None when this backend has no such path or some gradient needs the general
-        one (``cuda_only``: CUDA gradients only)."""
+        its returned dtype; None when this backend has no such path or some gradient needs the
+        general one (``cuda_only``: CUDA gradients only)."""
 
     def norm_params(
         self,
@@ -136,5 +136,5 @@ class Backend(Protocol):
         found_inf: Tensor | None = None,
         soft: bool = False,
     ) -> tuple[Tensor, Tensor] | None:
-        """Pass 1 of ``clip_params`` alone: (the norm in torch's dtype, the fp64 factor that would
-        unscale and clip), gradients untouched; None as for ``clip_params``."""
+        """Pass 1 of ``clip_params`` alone: (the norm in its returned dtype, the fp64 factor that
+        would unscale and clip), gradients untouched; None as for ``clip_params``."""

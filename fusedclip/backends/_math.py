@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NORM_EPS", "clip_coef", "combine_norms"]
+__all__ = ["NORM_EPS", "clip_coef", "combine_norms", "general_norm", "kernels_take_norm_type"]
 
 # Added to the total norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
 NORM_EPS = 1e-6
@@ -31,6 +31,65 @@ def clip_coef(max_norm: float | Tensor, norm: Tensor, soft: bool = False) -> Ten
     limit = torch.as_tensor(max_norm, dtype=torch.float64, device=norm.device)
     coef = torch.where((norm == 0) | torch.isinf(limit), 1.0, limit / (norm + limit))
     return torch.where(torch.isnan(norm), norm, coef)
+
+
+def kernels_take_norm_type(norm_type: float) -> bool:
+    """Whether the passes compute this norm type: p > 0, or inf. The others torch accepts (0,
+    negative p, -inf, NaN) take ``general_norm``."""
+    return norm_type > 0
+
+
+def _magnitudes(t: Tensor) -> Tensor:
+    """|elements| in fp64: a sparse tensor's coalesced values, a complex one's moduli."""
+    v = t.detach()
+    if v.is_sparse:
+        v = v.coalesce().values()
+    if v.is_complex():
+        v = v.to(torch.complex128)  # |z| of a complex64 is a rounded result: widen first
+    return v.abs().to(torch.float64)
+
+
+def _scaled_negative_norm(values: Tensor, p: float) -> Tensor:
+    """``(sum |x|^p)^(1/p)`` for p < 0 in fp64, divided by the smallest magnitude first so that no
+    power overflows: 0 when some |x| is 0, inf when all are inf, NaN when any is NaN."""
+    low = values.amin()  # NaN when any is NaN
+    scale = torch.where(torch.isfinite(low) & (low > 0), low, 1.0)
+    norm = scale * (values / scale).pow(p).sum().pow(1.0 / p)
+    return torch.where(torch.isnan(low) | (low == 0), low, norm)
+
+
+def general_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The norms the passes do not take, as ``torch.nn.utils.get_total_norm`` defines them (the
+    norm of the per-tensor norms), computed in fp64: fp64 0-dim on ``tensors[0]``'s device.
+
+    p = 0 counts, per tensor, the elements that are not 0 (NaN counts), then the tensors whose count
+    is not 0. p < 0 is ``(sum |x|^p)^(1/p)`` over all elements, so one zero makes it 0 (an
+    infinite element adds nothing); -inf is the smallest magnitude; NaN gives NaN. As in torch, an
+    empty tensor has no p < 0 or -inf norm (no identity for the reduction): a ``RuntimeError``.
+    """
+    device = tensors[0].device
+    if math.isnan(norm_type):
+        return torch.full((), math.nan, dtype=torch.float64, device=device)
+    if norm_type < 0 and any(t.numel() == 0 for t in tensors):
+        raise RuntimeError(
+            f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor because "
+            "the operation does not have an identity"
+        )
+    per = []
+    for t in tensors:
+        values = _magnitudes(t)
+        if norm_type == 0:
+            per.append((values != 0).sum().to(torch.float64))
+        elif math.isinf(norm_type):
+            per.append(values.amin())
+        else:
+            per.append(_scaled_negative_norm(values, norm_type))
+    norms = torch.stack([n.to(device) for n in per])
+    if norm_type == 0:
+        return (norms != 0).sum().to(torch.float64)
+    if math.isinf(norm_type):
+        return norms.amin()
+    return _scaled_negative_norm(norms, norm_type)
 
 
 def combine_norms(norms: list[Tensor], norm_type: float) -> Tensor:

@@ -42,8 +42,8 @@ class Operators:
 
 
 # The one-call path of a backend: run_params(params, max_norm, norm_type, cuda_only, inv_scale,
-# found_inf, soft, scale) -> (the norm in torch's dtype, the fp64 factor or None) after pass 1 and,
-# with ``scale``, pass 2; None when some gradient needs the general path.
+# found_inf, soft, scale) -> (the norm in its returned dtype, the fp64 factor or None) after pass 1
+# and, with ``scale``, pass 2; None when some gradient needs the general path.
 ParamsPath = Callable[..., tuple[Tensor, Tensor | None] | None]
 
 
@@ -175,7 +175,7 @@ class FusedBackend:
         soft: bool = False,
     ) -> Tensor | None:
         """``clip_grad_norm_`` on the ``.grad``s of ``params`` in one call (read and checked in
-        C++, the cached plan, both passes): the norm in torch's dtype, or None for the general
+        C++, the cached plan, both passes): the norm in its returned dtype, or None for the general
         path. ``inv_scale``/``found_inf``: the AMP path; ``soft``: the soft coefficient."""
         done = self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
                                 soft, True)
@@ -192,8 +192,8 @@ class FusedBackend:
         found_inf: Tensor | None = None,
         soft: bool = False,
     ) -> tuple[Tensor, Tensor] | None:
-        """Pass 1 of ``clip_params`` alone: (the norm in torch's dtype, the fp64 factor that would
-        unscale and clip), gradients untouched; None for the general path."""
+        """Pass 1 of ``clip_params`` alone: (the norm in its returned dtype, the fp64 factor that
+        would unscale and clip), gradients untouched; None for the general path."""
         return self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
                                 soft, False)
 

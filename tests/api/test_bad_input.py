@@ -72,11 +72,38 @@ def test_max_norm_edge_values_are_accepted(params, backend, device):
 
 
 @pytest.mark.parametrize("norm_type", [0, 0.0, -1.0, -math.inf, math.nan, "-inf"])
-def test_unsupported_norm_type(params, backend, norm_type):
-    expect_untouched(params, ValueError, "norm_type must be a positive number or inf",
-                     lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, backend=backend))
-    expect_untouched(params, ValueError, "norm_type must be a positive number or inf",
-                     lambda: fusedclip.get_total_norm(grads(params), norm_type, backend=backend))
+def test_norm_types_that_only_torchs_functions_take(params, backend, norm_type):
+    """0, negative p, -inf and NaN: clip_grad_norm_ and get_total_norm take them as torch does
+    (tests/api/test_parity.py); fusedclip's own functions, and the AMP and spread paths, refuse
+    them before anything is touched."""
+    device = params[0].device
+    for call in (lambda: fusedclip.clip_grad_norm_per_tensor_(params, 1.0, norm_type,
+                                                               backend=backend),
+                 lambda: fusedclip.adaptive_clip_grad_(params, norm_type=norm_type,
+                                                       backend=backend),
+                 lambda: fusedclip.AutoClipper(params, norm_type=norm_type, backend=backend)):
+        expect_untouched(params, ValueError, "takes norm_type p > 0 or inf", call)
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler(device.type)
+    expect_untouched(params, ValueError, "not available with scaler=",
+                     lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, scaler=scaler,
+                                                       optimizer=opt, backend=backend))
+    expect_untouched(params, ValueError, "not available with process_group=",
+                     lambda: fusedclip.get_total_norm(grads(params), norm_type, backend=backend,
+                                                      process_group=object()))
+
+
+@pytest.mark.parametrize("norm_type", [-1.0, -0.5, -math.inf])
+def test_negative_norm_of_an_empty_tensor_refused_as_torch(backend, device, norm_type):
+    """torch has no p < 0 or -inf norm of an empty tensor (no identity for the reduction): the
+    same error, before anything is touched."""
+    params = make_params([(5, 3), (0,), (4,)], torch.float32, device=device, seed=22)
+    with pytest.raises(RuntimeError, match="on an empty tensor") as theirs:
+        torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type)
+    for call in (lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, backend=backend),
+                 lambda: fusedclip.get_total_norm(grads(params), norm_type, backend=backend)):
+        expect_untouched(params, RuntimeError, "on an empty tensor", call)
+    assert "does not have an identity" in str(theirs.value)
 
 
 @pytest.mark.parametrize("norm_type, error", [("fro", ValueError), ("nuc", ValueError),

@@ -46,7 +46,7 @@ class Plan:
     num_tensors: int
     num_chunks: int
     groups: tuple[Group, ...]
-    result_dtype: torch.dtype
+    result_dtype: torch.dtype  # of the returned norm: the dtypes and float32 promoted together
 
 
 Key = tuple[int, int, torch.dtype]  # (address, numel, dtype); address 0 for an empty tensor
@@ -132,7 +132,7 @@ def build(keys: list[Key], device: torch.device) -> Plan:
                 groups.append(Group(dtype, aligned, lo, len(chunk_tensor)))
     host = [k[0] for k in keys] + [k[1] for k in keys] + first_chunk + chunk_tensor
     table = torch.tensor(host, dtype=torch.int64).to(device)
-    result_dtype = functools.reduce(torch.promote_types, (k[2] for k in keys))
+    result_dtype = functools.reduce(torch.promote_types, (k[2] for k in keys), torch.float32)
     _built += 1
     return Plan(device, table, n, len(chunk_tensor), tuple(groups), result_dtype)
 

@@ -9,7 +9,7 @@ Kernels and their passes over memory:
 - ``chunk_partials``: one read of every element of one dtype group (one program per chunk), one
   (m, s) pair written per chunk.
 - ``finish``: one program reads the C partials (16 bytes per 128 KiB of gradients), twice, in a
-  fixed order, and writes the norm, the coefficient and the norm in the gradients' dtype; on the
+  fixed order, and writes the norm, the coefficient and the norm in its returned dtype; on the
   AMP path it also unscales the norm and sets the found-inf flag.
 - ``per_tensor_norms``: one program per tensor over its own chunks' partials (only when asked).
 Everything is in a fixed order: the results are bitwise identical from run to run.
