@@ -18,6 +18,7 @@ import torch
 from gradients import clone_params, grads, make_params, random_tensors
 from oracle import (
     assert_bitwise_equal,
+    assert_norm_close,
     clip_rtol,
     oracle_coef,
     oracle_norm,
@@ -248,6 +249,24 @@ def _found(scaler, opt, device):
     """The found-inf flag GradScaler keeps for ``opt`` on ``device``, as a float."""
     return float(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"][
         torch.device(device, 0) if device == "cuda" else torch.device(device)])
+
+
+def test_bf16_model_norm_is_float32_to_the_contract(backend, device):
+    """A bf16 model's unscaled norm comes back as float32 within 1e-5 of the fp64 one (torch's
+    recipe returns a bf16 norm), on the one-call path and on the general one."""
+    for general in (False, True):
+        model = _model(device).to(torch.bfloat16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = _scaler(device)
+        scale = scaler.scale(torch.ones((), device=device))  # creates the scale tensor
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * scale.to(p.dtype)
+        unscaled = [p.grad.double() / float(scale) for p in model.parameters()]
+        norm = fusedclip.clip_grad_norm_(list(model.parameters()), 1e9, scaler=scaler,
+                                         optimizer=opt, backend=backend,
+                                         error_if_nonfinite=general)
+        assert norm.dtype == torch.float32
+        assert_norm_close(norm, oracle_norm(unscaled, 2.0))
 
 
 def test_scaler_state_after_call(backend, device):
