@@ -74,9 +74,9 @@ def get_total_norm(
     Returns a 0-dim tensor on the first tensor's device, of the tensors' dtypes promoted with
     float32; ``tensor(0.)`` on the CPU when ``tensors`` is empty. With ``process_group``
     (``fusedclip.distributed``) the norm is over the tensors of every rank of the group (every
-    rank must call it; one with no tensors
-    gets an fp32 norm on the group's device). DTensors are reduced over the mesh dimensions that
-    shard them, and the norm is then a DTensor replicated over their mesh, as torch returns it.
+    rank must call it; one with no tensors gets an fp32 norm on the group's device). DTensors are
+    reduced over the mesh dimensions that shard them, and the norm is then a DTensor replicated
+    over their mesh, as torch returns it.
     """
     items = collect_tensors(tensors, name="tensors")
     p = as_norm_type(norm_type)
