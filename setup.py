@@ -83,6 +83,18 @@ def _extra_include_dirs():
     return [d for r in roots for d in sorted(glob.glob(os.path.join(r, "cu*", "include")))]
 
 
+# The host compiler's flags. The CPU engine runs its passes on torch's intra-op threads
+# (at::parallel_for, which is an OpenMP loop in torch's Linux builds: it needs -fopenmp, and links
+# the libgomp torch itself loads). FMA contraction stays off so that the baseline and AVX2 chunk
+# loops compute the same bits (csrc/cpu/kernels.h); -Wno-psabi silences GCC's note on the vector
+# arguments of those loops' internal functions.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
+LINK_FLAGS: list[str] = []
+if sys.platform.startswith("linux"):
+    CXX_FLAGS.append("-fopenmp")
+    LINK_FLAGS.append("-fopenmp")
+
+
 def _sources(*patterns):
     return sorted(path for pattern in patterns for path in glob.glob(os.path.join("csrc", pattern)))
 
@@ -103,7 +115,8 @@ def _ext_modules():
             name="fusedclip._C",
             sources=sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": ["-O3"]},
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=LINK_FLAGS,
         )
         return [ext], {"build_ext": BuildExtension}
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -113,9 +126,10 @@ def _ext_modules():
         sources=sources + _sources("cuda/*.cpp", "cuda/*.cu"),
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": CXX_FLAGS,
             "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"],
         },
+        extra_link_args=LINK_FLAGS,
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "engine/checks.h"
 #include "engine/device.h"
 #include "engine/plan.h"
@@ -184,6 +185,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CHUNK_ELEMS") = fusedclip::kChunkElems;
   // The CUDA engine registers itself exactly when its sources are compiled in.
   m.attr("CUDA_KERNELS") = fusedclip::find_engine(c10::DeviceType::CUDA) != nullptr;
+  m.def("cpu_capability", &fusedclip::cpu::capability,
+        "the chunk-loop set the CPU engine runs: 'avx2' or 'baseline' (both compute the same bits)");
+  m.def(
+      "set_cpu_capability",
+      [](const std::string& name) {
+        TORCH_CHECK_VALUE(fusedclip::cpu::set_capability(name.c_str()),
+                          "fusedclip: no chunk-loop set named '", name,
+                          "' runs on this CPU and build (baseline, or avx2 on an x86-64 CPU with "
+                          "AVX2, FMA and F16C)");
+      },
+      py::arg("name"), "switch the CPU engine's chunk loops (tests and benchmarks)");
   m.def("plans_built", &fusedclip::plans_built, "plans built since the process started");
   m.def("clear_plan_cache", &fusedclip::clear_plan_cache,
         "drop every cached plan that no captured CUDA graph uses");

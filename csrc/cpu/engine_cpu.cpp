@@ -1,19 +1,21 @@
-// The CPU engine: the two passes and the value clamp on the CPU, with the same table, chunks and
-// accumulation rules as the CUDA kernels (norm_math.h), one thread, chunk after chunk; its
-// registration, and the operators' TORCH_LIBRARY_IMPL for CPU tensors. Built with any torch, this
-// is how the operators run on CPU tensors and how every machine tests the plan, the table layout
-// and the reduction rules.
+// The CPU engine: the two passes and the value clamp over a plan's chunks, on torch's intra-op
+// threads (at::parallel_for) with the vectorized chunk loops of cpu/kernels.h; its registration,
+// and the operators' TORCH_LIBRARY_IMPL for CPU tensors.
+//
+// Work and reduction order depend only on the plan: each chunk's partial is computed by one
+// thread, in the loops' fixed lane order, into its own slot, and the slots are combined in chunk
+// order afterwards. So results are the same bits whatever the thread count (and whatever the
+// instruction set: cpu/kernels.h).
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/clamp.h>
-#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
 #include "engine/device.h"
 #include "engine/dispatch.h"
 #include "engine/norm_math.h"
@@ -24,25 +26,63 @@
 namespace fusedclip {
 namespace {
 
+// Below this many elements a pass runs on the calling thread: waking the pool costs more.
+constexpr int64_t kSerialElems = int64_t{1} << 15;
+
+int storage_index(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return cpu::kBF16;
+    case at::kHalf: return cpu::kF16;
+    case at::kFloat: return cpu::kF32;
+    default: return cpu::kF64;
+  }
+}
+
+int64_t total_elems(const TableView& table) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < table.num_tensors; ++t) n += table.numel[t];
+  return n;
+}
+
+// f(chunk) for every chunk of the plan, spread over the intra-op threads in contiguous ranges.
+template <typename F>
+void for_each_chunk(const Plan& plan, const TableView& table, const F& f) {
+  const int64_t grain = total_elems(table) < kSerialElems ? plan.num_chunks + 1 : 1;
+  at::parallel_for(0, plan.num_chunks, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) f(c);
+  });
+}
+
+// The exact scalar loop of norm_math.h: general p, and fp64 chunks the vector loop declines.
 template <typename T>
-Partial chunk_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
-  using M = math_t<T>;
-  if (kind == NormKind::kInf) {
-    M m = 0;
-    for (int64_t k = begin; k < end; ++k) m = max_magnitude(m, std::abs(static_cast<M>(data[k])));
-    return {static_cast<double>(m), 0.0};
-  }
-  if (std::is_same_v<T, double> || kind == NormKind::kGeneral) {
-    Partial acc{0.0, 0.0};
-    for (int64_t k = begin; k < end; ++k) add_scaled(acc, std::abs(static_cast<double>(data[k])), p, kind);
-    return acc;
-  }
-  double s = 0.0;
+Partial scalar_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
+  Partial acc{0.0, 0.0};
   for (int64_t k = begin; k < end; ++k) {
-    const double a = std::abs(static_cast<double>(static_cast<float>(data[k])));
-    s += kind == NormKind::kTwo ? a * a : a;
+    add_scaled(acc, std::abs(static_cast<double>(static_cast<math_t<T>>(data[k]))), p, kind);
   }
-  return from_plain_sum(s);
+  return acc;
+}
+
+// The (m, s) partial of one chunk.
+Partial chunk_partial(const cpu::CpuKernels& k, at::ScalarType dtype, const void* base,
+                      const ChunkSpan& span, double p, NormKind kind) {
+  const int64_t n = span.end - span.begin;
+  const int s = storage_index(dtype);
+  const void* data = static_cast<const char*>(base) + span.begin * c10::elementSize(dtype);
+  if (kind == NormKind::kInf) return {k.max_abs[s](data, n), 0.0};
+  if (kind == NormKind::kGeneral) {
+    return FUSEDCLIP_DISPATCH_FLOATING(dtype, "fusedclip::total_norm", [&] {
+      return scalar_partial(static_cast<const scalar_t*>(base), span.begin, span.end, p, kind);
+    });
+  }
+  const bool squares = kind == NormKind::kTwo;
+  if (s != cpu::kF64) {
+    return from_plain_sum(squares ? k.sum_squares[s](data, n) : k.sum_abs[s](data, n));
+  }
+  double scale = 0.0, sum = 0.0, max = 0.0;
+  if (k.scaled_sum_f64[squares ? 0 : 1](data, n, &scale, &sum, &max)) return {scale, sum};
+  if (max == 0.0 || is_nonfinite({max, 0.0})) return {max, 0.0};
+  return scalar_partial(static_cast<const double*>(base), span.begin, span.end, p, kind);
 }
 
 template <typename T>
@@ -50,32 +90,29 @@ void store_as(void* dst, double v) {
   *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
 }
 
+// Pass 1: one read of every element, a partial per chunk, combined in chunk order.
 void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const TableView table = plan.view();
   const NormKind kind = norm_kind(r.p);
+  const cpu::CpuKernels& k = cpu::kernels();
   std::vector<Partial> partials(table.num_chunks);
-  for (const Group& g : plan.groups) {
-    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::total_norm", [&] {
-      for (int64_t c = g.chunk_lo; c < g.chunk_hi; ++c) {
-        const ChunkSpan span = table.span(c);
-        partials[c] = chunk_partial(table.data<const scalar_t>(span.tensor), span.begin, span.end,
-                                    r.p, kind);
-      }
-    });
-  }
+  for_each_chunk(plan, table, [&](int64_t c) {
+    const ChunkSpan span = table.span(c);
+    partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype, table.data<const void>(span.tensor),
+                                span, r.p, kind);
+  });
   Partial total{0.0, 0.0};
   if (r.wants_total()) {
     for (const Partial& part : partials) total = combine(total, part, r.p, kind);
   }
   const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
   const Finished f = finish_total(total, r.p, kind, r.max_norm, r.mode, inv);
-  const double norm = f.norm;
-  if (r.norm) *r.norm = norm;
+  if (r.norm) *r.norm = f.norm;
   if (r.coef) *r.coef = f.coef;
   if (r.found_inf && f.nonfinite) *r.found_inf = 1.0f;
   if (r.norm_out) {
     FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
-                                [&] { store_as<scalar_t>(r.norm_out, norm); });
+                                [&] { store_as<scalar_t>(r.norm_out, f.norm); });
   }
   if (r.per_tensor || r.per_tensor_coef) {
     for (int64_t t = 0; t < table.num_tensors; ++t) {
@@ -89,44 +126,34 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   }
 }
 
+// Pass 2: every element of a chunk whose coefficient is not 1 read and written once.
 void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
   const TableView table = plan.view();
-  for (const Group& g : plan.groups) {
-    FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::scale_", [&] {
-      for (int64_t chunk = g.chunk_lo; chunk < g.chunk_hi; ++chunk) {
-        const ChunkSpan span = table.span(chunk);
-        const double c = coef[per_tensor ? span.tensor : 0];
-        if (c == 1.0) continue;  // nothing to write
-        scalar_t* data = table.data<scalar_t>(span.tensor);
-        for (int64_t k = span.begin; k < span.end; ++k) data[k] = scaled(data[k], c);
-      }
-    });
-  }
+  const cpu::CpuKernels& k = cpu::kernels();
+  if (!per_tensor && *coef == 1.0) return;  // nothing to write
+  for_each_chunk(plan, table, [&](int64_t chunk) {
+    const ChunkSpan span = table.span(chunk);
+    const double c = coef[per_tensor ? span.tensor : 0];
+    if (c == 1.0) return;
+    const at::ScalarType dtype = plan.keys[span.tensor].dtype;
+    char* data = table.data<char>(span.tensor) + span.begin * c10::elementSize(dtype);
+    k.scale[storage_index(dtype)](data, span.end - span.begin, c);
+  });
 }
 
-// Tensors from this many elements are clamped by torch's own CPU kernel (vectorized, on its
-// intra-op threads): its result is clamped<false>'s bit for bit, and past a few thousand elements
-// it beats the scalar loop below by more than its call costs.
-constexpr int64_t kTorchClampElems = 16384;
-
-// One read and one write of every element, tensor by tensor. The bound is rounded to the tensor's
-// dtype first (an fp16 bound past 65504 becomes inf, which clamps nothing), as the CUDA kernel does.
+// Value clipping in one read and write of every element. The bound is rounded to each tensor's
+// dtype first (an fp16 bound past 65504 becomes inf, which clamps nothing), as torch does.
 void clamp_pass_cpu(const Plan& plan, double clip_value) {
   const TableView table = plan.view();
-  for (int64_t t = 0; t < table.num_tensors; ++t) {
-    const int64_t n = table.numel[t];
-    if (n == 0) continue;
-    FUSEDCLIP_DISPATCH_FLOATING(plan.keys[t].dtype, "fusedclip::clamp_", [&] {
-      const double bound = bound_as<scalar_t>(clip_value);
-      scalar_t* data = table.data<scalar_t>(t);
-      if (n >= kTorchClampElems) {
-        at::from_blob(data, {n}, at::TensorOptions().dtype(plan.keys[t].dtype))
-            .clamp_(-bound, bound);
-        return;
-      }
-      for (int64_t k = 0; k < n; ++k) data[k] = clamped<false>(data[k], bound);
-    });
-  }
+  const cpu::CpuKernels& k = cpu::kernels();
+  for_each_chunk(plan, table, [&](int64_t chunk) {
+    const ChunkSpan span = table.span(chunk);
+    const at::ScalarType dtype = plan.keys[span.tensor].dtype;
+    const double bound = FUSEDCLIP_DISPATCH_FLOATING(
+        dtype, "fusedclip::clamp_", [&] { return bound_as<scalar_t>(clip_value); });
+    char* data = table.data<char>(span.tensor) + span.begin * c10::elementSize(dtype);
+    k.clamp[storage_index(dtype)](data, span.end - span.begin, bound);
+  });
 }
 
 // The table is host memory: written once, when the plan is built, and ready from then on.

@@ -1,0 +1,423 @@
+// The CPU engine's per-chunk loops: every element read once (norms) or read and written once
+// (scale, clamp), 16 elements per step in explicit SIMD vectors of the instruction set's width
+// (32 bytes for AVX2, 16 for the baseline: SSE2 on x86-64, NEON on ARM).
+//
+// Included once per instruction set by cpu/kernels_<isa>.cpp, which opens the namespace and sets
+// the target: the same source becomes the baseline loops (SSE2 on x86-64) and the AVX2/FMA/F16C
+// ones, and the engine picks one set at run time (cpu/kernels.h). The vectors are GCC/Clang vector
+// extensions, whose arithmetic is element-wise IEEE: each instruction set computes exactly the
+// same values (the build turns off FMA contraction), so results depend neither on the CPU nor on
+// the thread count. Deliberately free of torch and of any header with out-of-line inline
+// functions: everything here has internal linkage, so code built for AVX2 can never be linked into
+// the baseline path.
+//
+// Accumulation order, fixed: element k of a chunk goes to lane k % 16 (k counted from the chunk's
+// first element), each lane sums its elements in order, and the 16 lanes are then added as a
+// fixed pairwise tree. Sums of squares and magnitudes are fp64, as on the GPU.
+
+// NOLINTBEGIN: this header is meant to be included inside a namespace.
+
+#if FUSEDCLIP_AVX2
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int kLanes = 16;                   // accumulation lanes (elements per loop step)
+constexpr int kFloats = kVecBytes / 4;       // fp32 per vector
+constexpr int kDoubles = kVecBytes / 8;      // fp64 per vector
+
+// Full vectors, and the narrower ones that hold as many lanes as a full fp32 or fp64 vector.
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));  // vf's comparison masks
+typedef uint32_t vu __attribute__((vector_size(kVecBytes)));
+typedef double vd __attribute__((vector_size(kVecBytes)));
+typedef int64_t vl __attribute__((vector_size(kVecBytes)));  // vd's comparison masks
+typedef uint64_t vul __attribute__((vector_size(kVecBytes)));
+typedef uint16_t qs __attribute__((vector_size(kVecBytes / 2)));   // kFloats 16-bit lanes
+typedef int16_t qsi __attribute__((vector_size(kVecBytes / 2)));
+typedef float hf __attribute__((vector_size(kVecBytes / 2)));      // kDoubles fp32 lanes
+typedef uint32_t hu __attribute__((vector_size(kVecBytes / 2)));
+typedef uint16_t hs __attribute__((vector_size(kVecBytes / 4)));   // kDoubles 16-bit lanes
+typedef int16_t hsi __attribute__((vector_size(kVecBytes / 4)));
+
+// Storage tags: bf16 and fp16 are 16-bit patterns here (no c10 types in this header).
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+template <typename To, typename From>
+static inline To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To t;
+  __builtin_memcpy(&t, &v, sizeof(To));
+  return t;
+}
+
+// Every lane = a (a broadcast; V{} + a would turn -0.0 into +0.0).
+template <typename V, typename A>
+static inline V splat(A a) {
+  V v;
+  for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(A)); ++j) v[j] = a;
+  return v;
+}
+
+template <typename V, typename S>
+static inline V load_vec(const S* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename S>
+static inline void store_vec(S* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// --- scalar conversions to and from fp32 ---------------------------------------------------------
+
+static inline float bits_to_f32(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+
+static inline float to_f32(float x) { return x; }
+static inline float to_f32(BF16 x) { return bits_to_f32(static_cast<uint32_t>(x.bits) << 16); }
+// fp16 <-> fp32 by their bit layouts (exact, round to nearest even), for scalar tails and the
+// baseline's vectors; the AVX2 build converts vectors with F16C's instructions, which agree.
+static inline float f16_bits_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0x1F) return bits_to_f32(sign | 0x7F800000u | (mant << 13));  // inf, NaN
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float v = static_cast<float>(mant) * 0x1p-24f;
+    return bits_to_f32(sign | f32_to_bits(v));
+  }
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+static inline float to_f32(F16 x) { return f16_bits_to_f32(x.bits); }
+
+// Round to nearest even; every NaN becomes torch's canonical one (c10's conversions).
+static inline uint16_t f32_to_bf16_bits(float f) {
+  if (f != f) return 0x7FC0;
+  const uint32_t u = f32_to_bits(f);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline uint16_t f32_to_f16_bits(float f) {
+  const uint32_t all = f32_to_bits(f), sign = (all >> 16) & 0x8000u, w = all & 0x7FFFFFFFu;
+  if (w > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  if (w >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // |f| >= 65520: inf
+  if (w < 0x38800000u) {  // below 2^-14: a subnormal (or zero, or the smallest normal) fp16
+    // |f| * 2^24 is below 1024 and exact; adding 2^23 rounds it to an integer, ties to even.
+    const float q = (bits_to_f32(w) * 0x1p24f + 0x1p23f) - 0x1p23f;
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(q));
+  }
+  const uint32_t r = w - (112u << 23);  // rebias the exponent; rounding may carry into it
+  return static_cast<uint16_t>(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+}
+
+static inline void from_f32(float& out, float f) { out = f; }
+static inline void from_f32(BF16& out, float f) { out.bits = f32_to_bf16_bits(f); }
+static inline void from_f32(F16& out, float f) { out.bits = f32_to_f16_bits(f); }
+
+// --- vector conversions -----------------------------------------------------------------------------
+// AVX2 spells out the instructions where GCC 12's generic lowering of __builtin_convertvector
+// goes through two-lane pieces or scalars; the values are the same either way.
+
+// 16-bit lanes widened to 32 bits and back (a narrowed lane never exceeds 0xFFFF).
+static inline vu widen(qs v) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<vu>(_mm256_cvtepu16_epi32(bit_cast<__m128i>(v)));
+#else
+  return __builtin_convertvector(v, vu);
+#endif
+}
+static inline hu widen(hs v) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<hu>(_mm_cvtepu16_epi32(_mm_cvtsi64_si128(bit_cast<int64_t>(v))));
+#else
+  return __builtin_convertvector(v, hu);
+#endif
+}
+static inline hs narrow(hu v) {
+#if FUSEDCLIP_AVX2
+  const __m128i packed = _mm_packus_epi32(bit_cast<__m128i>(v), bit_cast<__m128i>(v));
+  return bit_cast<hs>(_mm_cvtsi128_si64(packed));
+#else
+  return __builtin_convertvector(v, hs);
+#endif
+}
+// A vf comparison mask as a 16-bit lane mask.
+static inline qsi narrow_mask(vi m) {
+#if FUSEDCLIP_AVX2
+  const __m256i w = bit_cast<__m256i>(m);
+  return bit_cast<qsi>(_mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+#else
+  return __builtin_convertvector(m, qsi);
+#endif
+}
+
+static inline vd to_f64(hf v) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<vd>(_mm256_cvtps_pd(bit_cast<__m128>(v)));
+#else
+  return __builtin_convertvector(v, vd);
+#endif
+}
+static inline hf to_f32(vd v) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<hf>(_mm256_cvtpd_ps(bit_cast<__m256d>(v)));
+#else
+  return __builtin_convertvector(v, hf);
+#endif
+}
+
+// kFloats elements as fp32 (the maximum and the clamp need no fp64).
+static inline vf load_f32(const float* p) { return load_vec<vf>(p); }
+static inline vf load_f32(const BF16* p) { return bit_cast<vf>(widen(load_vec<qs>(p)) << 16); }
+static inline vf load_f32(const F16* p) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<vf>(_mm256_cvtph_ps(load_vec<__m128i>(p)));
+#else
+  vf v;
+  for (int j = 0; j < kFloats; ++j) v[j] = to_f32(p[j]);
+  return v;
+#endif
+}
+
+// kDoubles elements as fp32, and back: the width at which fp32 becomes fp64 and returns.
+static inline hf load_half(const float* p) { return load_vec<hf>(p); }
+static inline hf load_half(const BF16* p) { return bit_cast<hf>(widen(load_vec<hs>(p)) << 16); }
+static inline hf load_half(const F16* p) {
+#if FUSEDCLIP_AVX2
+  return bit_cast<hf>(_mm_cvtph_ps(_mm_cvtsi64_si128(load_vec<int64_t>(p))));
+#else
+  hf v;
+  for (int j = 0; j < kDoubles; ++j) v[j] = to_f32(p[j]);
+  return v;
+#endif
+}
+
+// An element's value in the precision its maximum is taken in.
+template <typename S>
+static inline float value_of(S x) {
+  return to_f32(x);
+}
+static inline double value_of(double x) { return x; }
+
+static inline void store_half(float* p, hf v) { store_vec(p, v); }
+static inline void store_half(BF16* p, hf v) {
+  const hu u = bit_cast<hu>(v);
+  const hu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  store_vec(p, narrow(v != v ? splat<hu>(0x7FC0u) : rounded));
+}
+static inline void store_half(F16* p, hf v) {
+#if FUSEDCLIP_AVX2
+  const hs bits = bit_cast<hs>(_mm_cvtsi128_si64(
+      _mm_cvtps_ph(bit_cast<__m128>(v), _MM_FROUND_TO_NEAREST_INT)));
+#else
+  hs bits;
+  for (int j = 0; j < kDoubles; ++j) bits[j] = f32_to_f16_bits(v[j]);
+#endif
+  const hu u = bit_cast<hu>(v);
+  const hsi nan = bit_cast<hsi>(narrow(bit_cast<hu>(v != v) >> 16));
+  store_vec(p, nan ? narrow(((u >> 16) & 0x8000u) | 0x7E00u) : bits);  // torch's NaN
+}
+
+template <typename S>
+static inline vd load_f64(const S* p) {
+  return to_f64(load_half(p));
+}
+static inline vd load_f64(const double* p) { return load_vec<vd>(p); }
+
+static inline vf abs_v(vf v) { return bit_cast<vf>(bit_cast<vu>(v) & 0x7FFFFFFFu); }
+static inline vd abs_v(vd v) { return bit_cast<vd>(bit_cast<vul>(v) & 0x7FFFFFFFFFFFFFFFull); }
+
+// --- reductions ------------------------------------------------------------------------------------
+
+// The 16 lane sums, added as a fixed tree: (0+8, 1+9, ...), then (0+4, ...), (0+2, ...), 0+1.
+static inline double sum_lanes(double* lanes) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+// The largest of 16 lanes, or NaN if any element was NaN (a separate flag, so that the loop's
+// maximum is one instruction).
+template <typename A>
+static inline double max_or_nan(const A* lanes, bool nan) {
+  A m = 0;
+  for (int j = 0; j < kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
+  return nan ? __builtin_nan("") : static_cast<double>(m);
+}
+
+// Plain fp64 sum of |x|^p, p = 2 (kSquares) or 1, over n elements of a 16/32-bit type.
+template <bool kSquares, typename S>
+static double plain_sum(const void* data, int64_t n) {
+  const S* x = static_cast<const S*>(data);
+  vd acc[kLanes / kDoubles] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int j = 0; j < kLanes / kDoubles; ++j) {
+      const vd v = load_f64(x + k + kDoubles * j);
+      acc[j] += kSquares ? v * v : abs_v(v);
+    }
+  }
+  double lanes[kLanes];
+  __builtin_memcpy(lanes, acc, sizeof(lanes));
+  for (int j = 0; k < n; ++k, ++j) {
+    const double v = static_cast<double>(to_f32(x[k]));
+    lanes[j] += kSquares ? v * v : __builtin_fabs(v);
+  }
+  return sum_lanes(lanes);
+}
+
+// max |x|, NaN if any x is NaN: in fp32 for 16/32-bit types (every value is exact there).
+template <typename S, typename V, typename A>
+static double max_abs_as(const S* x, int64_t n) {
+  constexpr int kWidth = kVecBytes / sizeof(A);
+  V acc[kLanes / kWidth] = {};
+  decltype(acc[0] != acc[0]) nan = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int j = 0; j < kLanes / kWidth; ++j) {
+      V a;
+      if constexpr (sizeof(A) == 8) {
+        a = abs_v(load_vec<V>(x + k + kWidth * j));
+      } else {
+        a = abs_v(load_f32(x + k + kWidth * j));
+      }
+      acc[j] = a > acc[j] ? a : acc[j];
+      nan |= a != a;
+    }
+  }
+  A lanes[kLanes];
+  __builtin_memcpy(lanes, acc, sizeof(lanes));
+  bool any_nan = false;
+  for (int j = 0; j < kWidth; ++j) any_nan |= nan[j] != 0;
+  for (int j = 0; k < n; ++k, ++j) {
+    const A a = __builtin_fabs(static_cast<A>(value_of(x[k])));
+    lanes[j] = a > lanes[j] ? a : lanes[j];
+    any_nan |= a != a;
+  }
+  return max_or_nan(lanes, any_nan);
+}
+
+template <typename S>
+static double max_abs(const void* data, int64_t n) {
+  return max_abs_as<S, vf, float>(static_cast<const S*>(data), n);
+}
+static double max_abs_f64(const void* data, int64_t n) {
+  return max_abs_as<double, vd, double>(static_cast<const double*>(data), n);
+}
+
+// fp64 elements, whose squares may overflow or underflow: the sum of |x * 2^-e|^p (p = 2 or 1)
+// with 2^e the power of two just below the chunk's largest magnitude, so that the terms lie in
+// [0, 4) and the sum stands for 2^(e p) times itself: the pair (scale 2^e, sum) is a partial of
+// norm_math.h. The chunk is read twice (its maximum first); the second read hits the cache.
+// Returns false, computing nothing, when the largest magnitude is 0, inf, NaN or below 2^-960
+// (the caller's exact scalar loop handles those); `max` gets it in every case.
+template <bool kSquares>
+static bool scaled_sum_f64(const void* data, int64_t n, double* scale, double* sum, double* max) {
+  const double m = max_abs_f64(data, n);
+  *max = m;
+  if (!(m >= 0x1p-960) || m > 0x1.fffffffffffffp+1023) return false;  // also NaN
+  int e;
+  __builtin_frexp(m, &e);  // m = f 2^e, f in [0.5, 1): the terms are below 2^1 in magnitude
+  const double up = __builtin_ldexp(1.0, 1 - e), down = __builtin_ldexp(1.0, e - 1);
+  const double* x = static_cast<const double*>(data);
+  vd acc[kLanes / kDoubles] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int j = 0; j < kLanes / kDoubles; ++j) {
+      const vd v = load_f64(x + k + kDoubles * j) * up;
+      acc[j] += kSquares ? v * v : abs_v(v);
+    }
+  }
+  double lanes[kLanes];
+  __builtin_memcpy(lanes, acc, sizeof(lanes));
+  for (int j = 0; k < n; ++k, ++j) {
+    const double v = x[k] * up;
+    lanes[j] += kSquares ? v * v : __builtin_fabs(v);
+  }
+  *scale = down;
+  *sum = sum_lanes(lanes);
+  return true;
+}
+
+// x[k] = round(x[k] * c): the product in fp64, rounded to fp32 and then to the storage type
+// (norm_math.h's scaled, which the reference's conversions also follow).
+template <typename S>
+static void scale_chunk(void* data, int64_t n, double c) {
+  S* x = static_cast<S*>(data);
+  int64_t k = 0;
+  for (; k + kDoubles <= n; k += kDoubles) store_half(x + k, to_f32(load_f64(x + k) * c));
+  for (; k < n; ++k) from_f32(x[k], static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
+}
+
+static void scale_chunk_f64(void* data, int64_t n, double c) {
+  double* x = static_cast<double*>(data);
+  int64_t k = 0;
+  for (; k + kDoubles <= n; k += kDoubles) store_vec(x + k, load_vec<vd>(x + k) * c);
+  for (; k < n; ++k) x[k] *= c;
+}
+
+// x[k] clamped to [-b, b], b exactly representable in the storage type, as torch's CPU
+// clamp_min/clamp_max (norm_math.h's clamped<false>): an element inside keeps its bits, NaN stays.
+template <typename V, typename A>
+static void clamp_plain(void* data, int64_t n, double bound) {
+  constexpr int kWidth = kVecBytes / sizeof(A);
+  A* x = static_cast<A*>(data);
+  const A hi = static_cast<A>(bound), lo = -hi;
+  int64_t k = 0;
+  for (; k + kWidth <= n; k += kWidth) {
+    const V v = load_vec<V>(x + k);
+    V r = v < lo ? splat<V>(lo) : v;
+    r = v > hi ? splat<V>(hi) : r;
+    store_vec(x + k, r);
+  }
+  for (; k < n; ++k) x[k] = x[k] < lo ? lo : (x[k] > hi ? hi : x[k]);
+}
+
+template <typename S>
+static void clamp_16(void* data, int64_t n, double bound) {
+  S* x = static_cast<S*>(data);
+  const float hi = static_cast<float>(bound), lo = -hi;
+  S hi_bits, lo_bits;
+  from_f32(hi_bits, hi);  // exact: the bound is a value of S
+  from_f32(lo_bits, lo);
+  int64_t k = 0;
+  for (; k + kFloats <= n; k += kFloats) {
+    const vf v = load_f32(x + k);
+    qs r = load_vec<qs>(x + k);
+    r = narrow_mask(v < lo) ? splat<qs>(lo_bits.bits) : r;
+    r = narrow_mask(v > hi) ? splat<qs>(hi_bits.bits) : r;
+    store_vec(x + k, r);
+  }
+  for (; k < n; ++k) {
+    const float v = to_f32(x[k]);
+    if (v < lo) x[k] = lo_bits;
+    if (v > hi) x[k] = hi_bits;
+  }
+}
+
+// The table this instruction set exports (cpu/kernels.h), by storage type.
+constexpr CpuKernels kKernels = {
+    /*sum_squares=*/{&plain_sum<true, BF16>, &plain_sum<true, F16>, &plain_sum<true, float>},
+    /*sum_abs=*/{&plain_sum<false, BF16>, &plain_sum<false, F16>, &plain_sum<false, float>},
+    /*max_abs=*/{&max_abs<BF16>, &max_abs<F16>, &max_abs<float>, &max_abs_f64},
+    /*scaled_sum_f64=*/{&scaled_sum_f64<true>, &scaled_sum_f64<false>},
+    /*scale=*/{&scale_chunk<BF16>, &scale_chunk<F16>, &scale_chunk<float>, &scale_chunk_f64},
+    /*clamp=*/{&clamp_16<BF16>, &clamp_16<F16>, &clamp_plain<vf, float>, &clamp_plain<vd, double>},
+};
+
+// NOLINTEND

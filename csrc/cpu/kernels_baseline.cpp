@@ -1,0 +1,21 @@
+// The chunk loops for any CPU this build targets (SSE2 on x86-64): the fallback, and the set the
+// tests compare the others with bit for bit.
+
+#include "cpu/kernels.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of internal functions only
+
+namespace fusedclip {
+namespace cpu {
+namespace {
+
+#define FUSEDCLIP_AVX2 0
+#include "cpu/chunk_loops.h"
+#undef FUSEDCLIP_AVX2
+
+}  // namespace
+
+const CpuKernels& baseline_kernels() { return kKernels; }
+
+}  // namespace cpu
+}  // namespace fusedclip

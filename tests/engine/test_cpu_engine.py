@@ -1,0 +1,194 @@
+"""The CPU engine's own promises, beyond the operator suite's (test_ops.py):
+
+- the same bits whatever the thread count (1, 2 and 3 threads) and whichever chunk-loop set runs
+  (the AVX2 loops against the baseline ones, where the CPU has AVX2);
+- the fp16/bf16 rounding of a scaled element, over every 16-bit pattern, exactly as torch converts
+  the fp64 product (through fp32);
+- fp64 chunks, whose squares overflow or underflow, against the fp64 oracle at the extremes.
+
+Sizes are picked to cross the engine's thresholds: sets above the serial limit (2^15 elements) run
+on several threads, chunks of 2^16 elements split big tensors, and odd sizes and misaligned views
+leave vector tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from gradients import DTYPES, random_tensors
+from oracle import assert_bitwise_equal, assert_norm_close, oracle_norm
+
+from fusedclip.backends.cpp import _lib
+
+pytestmark = pytest.mark.skipif(not _lib.loaded(),
+                                reason=f"fusedclip._C is not built ({_lib.LOAD_ERROR})")
+
+# Big enough to be split over threads, with tails everywhere: a multi-chunk tensor, odd sizes,
+# tiny ones, an empty one, and a view one element into its storage (misaligned).
+SIZES = [200_003, 65_536, 1, 17, 0, 4_099, 70_001, 31]
+NORM_TYPES = [2.0, 1.0, math.inf, 3.0]
+
+
+def _tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    ts = random_tensors(SIZES, dtype, seed=seed)
+    ts.append(random_tensors([12_346], dtype, seed=seed + 1)[0][1:])  # misaligned
+    return ts
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _capability(name: str):
+    module = _lib.module()
+    before = module.cpu_capability()
+    module.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        module.set_cpu_capability(before)
+
+
+def _run_everything(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every CPU pass's outputs on one set: norms (total and per tensor) for each norm type, a
+    clip, a per-tensor clip and a clamp, each on fresh copies."""
+    out = []
+    for p in NORM_TYPES:
+        norm, coef, per = torch.ops.fusedclip.total_norm(_tensors(dtype), p, 1.0, True, None, None,
+                                                         False)
+        out += [norm, coef, per]
+    ts = _tensors(dtype)
+    out.append(torch.ops.fusedclip.clip_(ts, 0.5, 2.0, False, None, None, False)[0])
+    out += ts
+    ts = _tensors(dtype)
+    max_norms = torch.rand(len(ts), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out.append(torch.ops.fusedclip.clip_per_tensor_(ts, max_norms, 2.0, False))
+    out += ts
+    ts = _tensors(dtype)
+    torch.ops.fusedclip.clamp_(ts, 0.75)
+    return out + ts
+
+
+def _has_avx2() -> bool:
+    return _lib.loaded() and _capability_runs("avx2")
+
+
+def _capability_runs(name: str) -> bool:
+    module = _lib.module()
+    before = module.cpu_capability()
+    try:
+        module.set_cpu_capability(name)
+    except ValueError:
+        return False
+    module.set_cpu_capability(before)
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_bits_for_every_thread_count(dtype):
+    with _threads(1):
+        expected = _run_everything(dtype)
+    for n in (2, 3):
+        with _threads(n):
+            assert_bitwise_equal(_run_everything(dtype), expected, nan_payloads=True)
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2, FMA and F16C")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx2_loops_give_the_baseline_bits(dtype):
+    with _capability("baseline"):
+        expected = _run_everything(dtype)
+    with _capability("avx2"):
+        assert_bitwise_equal(_run_everything(dtype), expected, nan_payloads=True)
+
+
+def test_capability_names():
+    module = _lib.module()
+    assert module.cpu_capability() in ("avx2", "baseline")
+    with pytest.raises(ValueError, match="no chunk-loop set named 'avx512'"):
+        module.set_cpu_capability("avx512")
+
+
+def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("capability", ["baseline", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("coef", [0.7, 1.0 + 2**-30, 3.0e4, 1e-7, float("nan")])
+def test_scaled_16bit_patterns_round_as_torch(dtype, coef, capability):
+    """Every fp16/bf16 bit pattern (NaNs, infinities and subnormals included) times a coefficient,
+    against torch's conversion of the fp64 product through fp32, bit for bit. (A NaN matches any
+    NaN: torch's own vectorized fp16 conversion keeps payloads that its scalar one drops.)"""
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
+    x = _every_pattern(dtype)
+    expected = (x.double() * coef).float().to(dtype)
+    with _capability(capability):
+        got = x.clone()
+        torch.ops.fusedclip.scale_([got], torch.tensor(coef, dtype=torch.float64))
+    assert_bitwise_equal([got], [expected])
+
+
+@pytest.mark.parametrize("capability", ["baseline", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bound", [0.0, 1e-6, 0.5, 6e4])
+def test_clamped_16bit_patterns_as_torch(dtype, bound, capability):
+    """Every 16-bit pattern clamped as torch's CPU clamp_min_/clamp_max_ does, signs of zero
+    included. (NaNs stay NaN; their bits are kept here, where torch's fp16 round trip through fp32
+    quiets signaling ones.)"""
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
+    x = _every_pattern(dtype)
+    expected = x.clone().clamp_min_(-bound).clamp_max_(bound)
+    with _capability(capability):
+        got = x.clone()
+        torch.ops.fusedclip.clamp_([got], bound)
+    assert_bitwise_equal([got], [expected])
+
+
+FP64_EXTREMES = {
+    "huge": [1e300, -3e302, 1e303],  # squares overflow; the norm does not
+    "tiny": [1e-300, -3e-310, 5e-324],
+    "mixed": [1e300, 1e-300, 5e-324, -1.0],
+    "subnormal_only": [5e-324, -1e-315, 2e-310],
+}
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("case", list(FP64_EXTREMES))
+def test_fp64_extremes_match_the_oracle(case, p):
+    """fp64 chunks are summed scaled by a power of two near their largest element (or exactly,
+    element by element, when that is tiny): no overflow to inf, no underflow to 0."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.tensor(FP64_EXTREMES[case], dtype=torch.float64)
+    ts = [values[torch.randint(len(values), (n,), generator=gen)]
+          * torch.rand(n, dtype=torch.float64, generator=gen) for n in (70_001, 33, 1)]
+    norm, _, per = torch.ops.fusedclip.total_norm(ts, p, 1.0, True, None, None, False)
+    expected = oracle_norm(ts, p)
+    assert math.isfinite(expected) and expected > 0
+    assert_norm_close(norm, expected)
+    for t, n in zip(ts, per):
+        assert_norm_close(n, oracle_norm([t], p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_elements_on_every_thread(dtype):
+    """An inf or NaN anywhere (here in the last chunk a thread takes) decides the norm."""
+    for bad, expected in ((math.inf, math.inf), (math.nan, math.nan)):
+        ts = _tensors(dtype)
+        ts[0][-1] = bad
+        with _threads(2):
+            for p in NORM_TYPES:
+                norm = torch.ops.fusedclip.total_norm(ts, p, 1.0, False, None, None, False)[0]
+                assert_norm_close(norm, expected)
