@@ -10,6 +10,12 @@ gradient; every local shard must be its start scaled by the oracle's coefficient
 Where torch's own clip accepts the model (one mesh for all gradients) it is run too, and both
 agree. The 2-D model has a LayerNorm on the ``dp`` sub-mesh beside the tensor-parallel layers on
 the full mesh, which torch's clip refuses (operands on different meshes).
+
+FSDP2 with ``CPUOffloadPolicy`` reduces the gradients into host memory: DTensors whose local shards
+are CPU tensors, which auto clips with the compiled engine's CPU kernels (``cpp``), as it clips
+plain CPU tensors, and every backend agrees there with the oracle and with torch's own clip. (On
+gloo the mesh is the CPU's, so the shards would be in host memory without the policy too: these
+ranks run the policy's code path, not a device-to-host copy.)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ranks import about, check_backends_ran, cpu_backends, spawn
 from torch import nn
 
 import fusedclip
+from fusedclip.backends.cpp import _lib
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -59,16 +66,17 @@ def _counting_all_reduces():
     assert counts.get(torch.ops.c10d.allreduce_, 0) == 0, counts
 
 
-def _fsdp_model(mesh, dtype):
-    """Linear layers with uneven shards: 13 rows over 2 ranks, and 1 row (one rank empty)."""
+def _fsdp_model(mesh, dtype, outputs=1, **policies):
+    """Linear layers with uneven shards: 13 rows over 2 ranks, and ``outputs`` rows (1: one rank
+    empty); ``policies`` go to every ``fully_shard`` (``offload_policy=``)."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 1)).to(dtype)
+    model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, outputs)).to(dtype)
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **policies)
+    return fully_shard(model, mesh=mesh, **policies)
 
 
 def _tp_model(mesh, norm_layer):
@@ -245,6 +253,50 @@ def test_fsdp2_one_dim_mesh():
     per_rank = spawn(_fsdp_rank, 2, backends)
     check_backends_ran(per_rank, backends)
     _same_on_every_rank(per_rank)
+
+
+def _offload_rank(rank, world, backends, auto):
+    """FSDP2 with ``CPUOffloadPolicy``: auto (asserted to pick ``auto``) and every backend against
+    the oracle and torch's clip, on every norm type (no empty shard: torch's inf-norm runs too)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    # pin_memory=True pins through the CUDA driver: fully_shard raises without one.
+    model = _fsdp_model(mesh, torch.float32, outputs=3,
+                        offload_policy=CPUOffloadPolicy(pin_memory=False))
+    _backward(model, rank, torch.float32)
+    params = list(model.parameters())
+    assert all(isinstance(p.grad, DTensor) and p.grad.device_mesh == mesh for p in params)
+    shards = [p.grad.to_local() for p in params]  # what the backends clip
+    assert all(g.device.type == "cpu" and g.numel() > 0 for g in shards)  # host memory, no empty
+    assert all(g.count_nonzero() > 0 for g in shards)  # a real backward, never all zeros
+    assert fusedclip.select_backend(shards) == auto
+    results = {}
+    for backend in (*backends, None):  # auto last, against its pick named
+        with about(f"backend {backend}, rank {rank}"):
+            norms = _check_clip(params, backend, 1, mesh, compare_torch=True)
+            if backend is None:
+                assert norms == results[auto], (norms, results[auto])  # the same bits
+            else:
+                results[backend] = norms
+    return results
+
+
+@pytest.mark.slow
+def test_fsdp2_cpu_offload():
+    """FSDP2 with ``CPUOffloadPolicy`` on 2 ranks: CPU local shards, which auto clips with the
+    CPU engine (``cpp``; ``reference`` without the extension), bit for bit as naming it does; auto
+    and every backend give torch's norm (1e-5) and the oracle's shards, as torch's clip does, for
+    every norm type of ``CASES``, of which some clip and some do not."""
+    backends = cpu_backends()
+    auto = "cpp" if _lib.loaded() else "reference"
+    per_rank = spawn(_offload_rank, 2, backends, auto)
+    check_backends_ran(per_rank, backends)
+    _same_on_every_rank(per_rank)
+    over = [norm > max_norm for norm, (_, max_norm) in zip(per_rank[0][auto], CASES)]
+    assert any(over) and not all(over), over  # some cases scale the gradients, some leave them
 
 
 @pytest.mark.slow

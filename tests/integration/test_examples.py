@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from fusedclip.backends.cpp import _lib
+
 pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -60,11 +62,16 @@ def test_amp_training():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_fsdp2_training():
-    out = _run("fsdp2_training.py", "--spawn", "2", "--steps", "2")
-    assert out.startswith("2 ranks (gloo): "), out
+@pytest.mark.parametrize("offload", [False, True], ids=["sharded", "cpu-offload"])
+def test_fsdp2_training(offload):
+    """On gloo both modes' gradients are CPU DTensors: auto clips them with the CPU engine."""
+    out = _run("fsdp2_training.py", "--spawn", "2", "--steps", "2",
+               *(["--cpu-offload"] if offload else []))
+    assert out.startswith("2 ranks (gloo, CPU offload): " if offload else "2 ranks (gloo): "), out
     losses = _summary(out, 2)
     assert losses["last"] < losses["first"], out
+    auto = "cpp" if _lib.loaded() else "reference"
+    assert out.rstrip().endswith(f"; gradients on cpu, backend {auto}"), out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
