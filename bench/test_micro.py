@@ -71,3 +71,27 @@ def test_operation(timed, device, dtype, set_name, operation, implementation):
     call = OPERATIONS[operation]
     functions = _functions(implementation)
     timed(lambda: call(functions, params, norm), restore)
+
+
+# The one-call path's host work per gradient (reading every .grad in C++, checking it, looking up
+# the cached plan) against its floor, a bare C++ loop that only reads each .grad's data pointer;
+# and the whole one-call pass 1 on top. Tiny CPU gradients, so the passes cost next to nothing.
+HOST_CALLS = {
+    "floor": lambda c, ps: c.grad_pointer_floor(ps),
+    "collect+plan": lambda c, ps: c.plan_of_params(ps, False, False, True),
+    "one-call-norm": lambda c, ps: c.norm_params(ps, 1.0, 2.0, False),
+}
+
+
+@pytest.mark.skipif(not fusedclip.available_backends()["cpp"].available,
+                    reason="needs fusedclip._C")
+@pytest.mark.parametrize("call", list(HOST_CALLS))
+def test_host_cost(benchmark, call):
+    from fusedclip.backends.cpp import _lib
+
+    params = [torch.nn.Parameter(torch.empty(4)) for _ in range(5000)]
+    for p in params:
+        p.grad = torch.randn(4)
+    module = _lib.module()
+    benchmark.extra_info["tensors"] = len(params)
+    benchmark(HOST_CALLS[call], module, params)

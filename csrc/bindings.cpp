@@ -163,6 +163,19 @@ py::object plan_of_params(py::handle params, bool cuda_only, bool writing, bool 
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// The floor of the fast path's host cost, for the benchmark: a bare loop over `params` that only
+// reads each .grad's data pointer (no checks, no plan). Returns their sum so nothing is elided.
+int64_t grad_pointer_floor(py::handle params) {
+  PyObject* list = params.ptr();
+  TORCH_CHECK_TYPE(PyList_Check(list), "grad_pointer_floor: params must be a list");
+  int64_t sum = 0;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(list, i)).unsafeGetTensorImpl()->grad();
+    if (g.defined()) sum += reinterpret_cast<int64_t>(g.const_data_ptr());
+  }
+  return sum;
+}
+
 }  // namespace
 }  // namespace fusedclip
 
@@ -196,6 +209,9 @@ PYBIND11_MODULE(_C, m) {
                           "AVX2, FMA and F16C)");
       },
       py::arg("name"), "switch the CPU engine's chunk loops (tests and benchmarks)");
+  m.def("grad_pointer_floor", &fusedclip::grad_pointer_floor, py::arg("params"),
+        "benchmark floor of the fast path's host cost: a bare loop reading each .grad's data "
+        "pointer");
   m.def("plans_built", &fusedclip::plans_built, "plans built since the process started");
   m.def("clear_plan_cache", &fusedclip::clear_plan_cache,
         "drop every cached plan that no captured CUDA graph uses");

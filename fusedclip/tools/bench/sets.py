@@ -219,6 +219,8 @@ CPU_SETS: dict[str, ParamSet] = _registry(
     ),
     ParamSet.of("small-500", "many_small", default_on="cpu", n=500, description="500 tiny"),
     ParamSet.of("huge-small", "one_huge", default_on="cpu", numel=1 << 22, description="one 4M"),
+    ParamSet.of("huge-64m", "one_huge", default_on="cpu", numel=1 << 26,
+                description="one 64M (a CPU-offloaded shard)"),
 )
 
 BUILTIN_SETS: dict[str, ParamSet] = {**DEFAULT_SETS, **CPU_SETS}
