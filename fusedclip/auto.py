@@ -125,15 +125,22 @@ class AutoClipper:
         return torch.where(torch.isnan(threshold), math.inf, threshold)
 
     def _zscore(self, state: dict[str, Tensor], norm: Tensor) -> Tensor:
-        """This step's threshold (inf: no clipping), updating the statistics."""
+        """This step's threshold (inf: no clipping), updating the statistics.
+
+        The 0-dim statistics (and ``step``'s threshold) are replaced in ``state``, never written
+        in place: torch 2.13's ``torch.compile`` loses an in-place write into a 0-dim float64
+        CPU tensor that enters the graph holding a finite value (Dynamo gives it a float symbol,
+        as for a Python float, specializes that and restarts the trace, and the new trace has no
+        ``copy_``), which left a compiled ``step`` with mean and var at 0. The 1-dim warmup and
+        history buffers are written in place."""
         finite = torch.isfinite(norm)
         if self.steps < self.warmup_steps:
             warmup = state["warmup"]
             warmup[self.steps] = torch.where(finite, norm, math.nan)
             if self.steps == self.warmup_steps - 1:
                 mean = warmup.nanmean()
-                state["mean"].copy_(mean)
-                state["var"].copy_((warmup - mean).square().nanmean())
+                state["mean"] = mean
+                state["var"] = (warmup - mean).square().nanmean()
             return torch.full_like(norm, math.inf)
         mean, var = state["mean"], state["var"]
         std = var.sqrt()
@@ -147,8 +154,8 @@ class AutoClipper:
         seen = torch.where(spike, bound, norm)  # the norm after clipping
         new_mean = self.alpha * mean + (1 - self.alpha) * seen
         new_var = self.alpha * var + (1 - self.alpha) * (seen - new_mean).square()
-        mean.copy_(torch.where(finite, new_mean, mean))
-        var.copy_(torch.where(finite, new_var, var))
+        state["mean"] = torch.where(finite, new_mean, mean)
+        state["var"] = torch.where(finite, new_var, var)
         return threshold
 
     # ---- stepping --------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ class AutoClipper:
             threshold = self._percentile(state, norm)
             coef = clip_coef(threshold, norm, self.soft)
         impl.scale_(grads, coef)
-        state["threshold"].copy_(threshold)
+        state["threshold"] = threshold.to(torch.float64)  # replaced, not copied: see _zscore
         self.steps += 1
         return norm.to(norm_result_dtype(grads))
 

@@ -41,6 +41,13 @@ def _required_pieces() -> None:
 _required_pieces()
 
 
+def pytest_report_header(config):
+    """Which fusedclip is under test (the source tree's or an installed copy), and its engine."""
+    engine = (f"fusedclip._C loaded, CUDA kernels: {_lib.cuda_kernels()}" if _lib.loaded()
+              else f"fusedclip._C not loaded: {_lib.LOAD_ERROR}")
+    return f"fusedclip: {os.path.dirname(fusedclip.__file__)}; {engine}; torch {torch.__version__}"
+
+
 def pytest_terminal_summary(terminalreporter):
     """Every skip reason once, with how many tests it skipped: what this machine did not test."""
     reasons = collections.Counter()
