@@ -199,14 +199,15 @@ PYBIND11_MODULE(_C, m) {
   // The CUDA engine registers itself exactly when its sources are compiled in.
   m.attr("CUDA_KERNELS") = fusedclip::find_engine(c10::DeviceType::CUDA) != nullptr;
   m.def("cpu_capability", &fusedclip::cpu::capability,
-        "the chunk-loop set the CPU engine runs: 'avx2' or 'baseline' (both compute the same bits)");
+        "the chunk-loop set the CPU engine runs: 'avx512', 'avx2' or 'baseline' (all compute the "
+        "same bits)");
   m.def(
       "set_cpu_capability",
       [](const std::string& name) {
         TORCH_CHECK_VALUE(fusedclip::cpu::set_capability(name.c_str()),
                           "fusedclip: no chunk-loop set named '", name,
-                          "' runs on this CPU and build (baseline, or avx2 on an x86-64 CPU with "
-                          "AVX2, FMA and F16C)");
+                          "' runs on this CPU and build (baseline; avx2 on an x86-64 CPU with "
+                          "AVX2, FMA and F16C; avx512 on one with AVX-512 F, BW, VL and DQ too)");
       },
       py::arg("name"), "switch the CPU engine's chunk loops (tests and benchmarks)");
   m.def("grad_pointer_floor", &fusedclip::grad_pointer_floor, py::arg("params"),

@@ -12,20 +12,40 @@ namespace fusedclip {
 namespace cpu {
 namespace {
 
-bool cpu_has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
 }
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+}
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
+#endif
+
+struct Named {
+  const char* name;
+  const CpuKernels* kernels;  // null: not in this build
+  bool (*runs)();             // whether this CPU runs it
+};
+
+bool always() { return true; }
+
+// Widest first.
+const Named kSets[] = {
+    {"avx512", avx512_kernels(), &cpu_has_avx512},
+    {"avx2", avx2_kernels(), &cpu_has_avx2},
+    {"baseline", &baseline_kernels(), &always},
+};
 
 const CpuKernels* named(const char* name) {
-  if (std::strcmp(name, "baseline") == 0) return &baseline_kernels();
-  if (std::strcmp(name, "avx2") == 0 && avx2_kernels() != nullptr && cpu_has_avx2()) {
-    return avx2_kernels();
+  for (const Named& s : kSets) {
+    if (std::strcmp(name, s.name) == 0) return s.kernels != nullptr && s.runs() ? s.kernels : nullptr;
   }
   return nullptr;
 }
@@ -36,11 +56,13 @@ const CpuKernels* best() {
     if (const CpuKernels* k = named(env)) return k;
     throw std::invalid_argument(
         std::string("fusedclip: FUSEDCLIP_CPU_CAPABILITY=") + env +
-        " names no chunk-loop set this CPU and build can run (baseline, or avx2 on an x86-64 CPU "
-        "with AVX2, FMA and F16C)");
+        " names no chunk-loop set this CPU and build can run (baseline; avx2 on an x86-64 CPU "
+        "with AVX2, FMA and F16C; avx512 on one with AVX-512 F, BW, VL and DQ too)");
   }
-  const CpuKernels* avx2 = named("avx2");
-  return avx2 != nullptr ? avx2 : &baseline_kernels();
+  for (const Named& s : kSets) {
+    if (s.kernels != nullptr && s.runs()) return s.kernels;
+  }
+  return &baseline_kernels();
 }
 
 std::atomic<const CpuKernels*>& current() {
@@ -52,7 +74,12 @@ std::atomic<const CpuKernels*>& current() {
 
 const CpuKernels& kernels() { return *current().load(std::memory_order_relaxed); }
 
-const char* capability() { return &kernels() == &baseline_kernels() ? "baseline" : "avx2"; }
+const char* capability() {
+  for (const Named& s : kSets) {
+    if (s.kernels == &kernels()) return s.name;
+  }
+  return "baseline";
+}
 
 bool set_capability(const char* name) {
   const CpuKernels* k = named(name);

@@ -1,8 +1,8 @@
 // The CPU engine's chunk loops (cpu/chunk_loops.h) as a table of functions per instruction set,
-// and the choice of the set this process runs: AVX2 (with FMA and F16C) where the CPU has it, the
-// baseline otherwise. Every set computes the same values bit for bit (chunk_loops.h), so the
-// choice only changes the speed; FUSEDCLIP_CPU_CAPABILITY=baseline|avx2 overrides it (the tests
-// run both).
+// and the choice of the set this process runs: the widest the CPU has of AVX-512 (F, BW, VL, DQ),
+// AVX2 (with FMA and F16C) and the baseline. Every set computes the same values bit for bit
+// (chunk_loops.h), so the choice only changes the speed; FUSEDCLIP_CPU_CAPABILITY=baseline|avx2|
+// avx512 overrides it (the tests run each one the CPU has).
 #pragma once
 
 #include <cstdint>
@@ -30,13 +30,14 @@ struct CpuKernels {
 };
 
 const CpuKernels& baseline_kernels();
-// The AVX2 set, or null when this build has none (not x86-64, or a compiler without target
-// attributes).
+// The AVX2 and AVX-512 sets, or null when this build has none (not x86-64, or a compiler without
+// target attributes).
 const CpuKernels* avx2_kernels();
+const CpuKernels* avx512_kernels();
 
 // The set in use.
 const CpuKernels& kernels();
-// Its name: "avx2" or "baseline".
+// Its name: "avx512", "avx2" or "baseline".
 const char* capability();
 // Switches to the named set; false (changing nothing) when it is unknown or this CPU or build
 // cannot run it.

@@ -22,7 +22,9 @@ namespace cpu {
 namespace {
 
 #define FUSEDCLIP_AVX2 1
+#define FUSEDCLIP_AVX512 0
 #include "cpu/chunk_loops.h"
+#undef FUSEDCLIP_AVX512
 #undef FUSEDCLIP_AVX2
 
 }  // namespace

@@ -1,7 +1,7 @@
 """The CPU engine's own promises, beyond the operator suite's (test_ops.py):
 
 - the same bits whatever the thread count (1, 2 and 3 threads) and whichever chunk-loop set runs
-  (the AVX2 loops against the baseline ones, where the CPU has AVX2);
+  (the AVX2 and AVX-512 loops against the baseline ones, where the CPU has them);
 - the fp16/bf16 rounding of a scaled element, over every 16-bit pattern, exactly as torch converts
   the fp64 product (through fp32);
 - fp64 chunks, whose squares overflow or underflow, against the fp64 oracle at the extremes.
@@ -79,11 +79,12 @@ def _run_everything(dtype: torch.dtype) -> list[torch.Tensor]:
     return out + ts
 
 
-def _has_avx2() -> bool:
-    return _lib.loaded() and _capability_runs("avx2")
+CAPABILITIES = ["baseline", "avx2", "avx512"]
 
 
 def _capability_runs(name: str) -> bool:
+    if not _lib.loaded():
+        return False
     module = _lib.module()
     before = module.cpu_capability()
     try:
@@ -103,27 +104,31 @@ def test_same_bits_for_every_thread_count(dtype):
             assert_bitwise_equal(_run_everything(dtype), expected, nan_payloads=True)
 
 
-@pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2, FMA and F16C")
+@pytest.mark.parametrize("capability", CAPABILITIES[1:])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_avx2_loops_give_the_baseline_bits(dtype):
+def test_wider_loops_give_the_baseline_bits(dtype, capability):
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
     with _capability("baseline"):
         expected = _run_everything(dtype)
-    with _capability("avx2"):
+    with _capability(capability):
         assert_bitwise_equal(_run_everything(dtype), expected, nan_payloads=True)
 
 
 def test_capability_names():
     module = _lib.module()
-    assert module.cpu_capability() in ("avx2", "baseline")
-    with pytest.raises(ValueError, match="no chunk-loop set named 'avx512'"):
-        module.set_cpu_capability("avx512")
+    assert module.cpu_capability() in CAPABILITIES
+    # The default is the widest set this CPU runs.
+    assert module.cpu_capability() == [c for c in CAPABILITIES if _capability_runs(c)][-1]
+    with pytest.raises(ValueError, match="no chunk-loop set named 'sse9'"):
+        module.set_cpu_capability("sse9")
 
 
 def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
-@pytest.mark.parametrize("capability", ["baseline", "avx2"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("coef", [0.7, 1.0 + 2**-30, 3.0e4, 1e-7, float("nan")])
 def test_scaled_16bit_patterns_round_as_torch(dtype, coef, capability):
@@ -140,7 +145,7 @@ def test_scaled_16bit_patterns_round_as_torch(dtype, coef, capability):
     assert_bitwise_equal([got], [expected])
 
 
-@pytest.mark.parametrize("capability", ["baseline", "avx2"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bound", [0.0, 1e-6, 0.5, 6e4])
 def test_clamped_16bit_patterns_as_torch(dtype, bound, capability):
