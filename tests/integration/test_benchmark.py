@@ -244,8 +244,21 @@ def test_built_in_set_sizes() -> None:
     assert 0.9e9 < DEFAULT_SETS["llama-1b"].numel() < 1.2e9
     assert DEFAULT_SETS["small-5000"].num_tensors() == 5000
     assert CPU_SETS["huge-small"].nbytes(torch.bfloat16) == 2 * (1 << 22)
+    assert CPU_SETS["huge-64m"].numel() == 1 << 26  # the CPU engine's bars are set on it
     for param_set in CPU_SETS.values():
-        assert param_set.numel() < 10_000_000, param_set.name
+        if param_set.name != "huge-64m":
+            assert param_set.numel() < 10_000_000, param_set.name
+
+
+def test_cpu_runs_leave_the_reference_out_of_huge_sets() -> None:
+    chosen, _ = measure.candidates(CPU)
+    skipped: list[dict[str, str]] = []
+    small = measure._runs_set(chosen, CPU_SETS["small-500"], CPU, skipped)
+    assert small == chosen and not skipped
+    huge = measure._runs_set(chosen, CPU_SETS["huge-64m"], CPU, skipped)
+    assert [c.name for c in huge] == [c.name for c in chosen if c.name != "fusedclip-reference"]
+    assert skipped[0]["implementation"] == "fusedclip-reference"
+    assert "huge-64m" in skipped[0]["reason"]
 
 
 def test_many_small_is_deterministic_and_in_range() -> None:
