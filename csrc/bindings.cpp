@@ -92,9 +92,9 @@ const at::Tensor* optional_tensor(py::handle obj, at::ScalarType dtype, const at
 }
 
 // Pass 1 (and, with `scale`, pass 2) of clip_grad_norm_ over `params` through the cached plan:
-// (the norm as clip_grad_norm_ returns it, the fp64 factor pass 2 multiplies by), or None to say "take the
-// general path". Raises, touching nothing, when two gradients share memory. inv_scale/found_inf:
-// the AMP path (NormRequest); soft: the soft coefficient.
+// (the norm as clip_grad_norm_ returns it, the fp64 factor pass 2 multiplies by, the fp64 norm),
+// or None to say "take the general path". Raises, touching nothing, when two gradients share
+// memory. inv_scale/found_inf: the AMP path (NormRequest); soft: the soft coefficient.
 py::object run_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
                       py::handle inv_scale, py::handle found_inf, bool soft, bool scale) {
   constexpr const char* op = "fusedclip.clip_grad_norm_";
@@ -109,34 +109,37 @@ py::object run_params(py::handle params, double max_norm, double norm_type, bool
   const auto on_device = at::TensorOptions().device(grads.device);
   at::Tensor out = at::empty({}, on_device.dtype(plan->result_dtype));
   at::Tensor coef = at::empty({}, on_device.dtype(at::kDouble));
+  at::Tensor norm = at::empty({}, on_device.dtype(at::kDouble));
   NormRequest r;
   r.p = norm_type;
   r.max_norm = max_norm;
   r.mode = soft ? ClipMode::kSoft : ClipMode::kHard;
   r.inv_scale = inv ? inv->const_data_ptr<float>() : nullptr;
   r.found_inf = found ? found->data_ptr<float>() : nullptr;
+  r.norm = norm.data_ptr<double>();
   r.coef = coef.data_ptr<double>();
   r.norm_out = out.data_ptr();
   r.norm_out_dtype = plan->result_dtype;
   if (scale) grads.bump_versions();
   plan->engine->norm_pass(*plan, r);
   if (scale) plan->engine->scale_pass(*plan, coef.const_data_ptr<double>(), false);
-  return py::make_tuple(py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out))),
-                        py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(coef))));
+  auto wrap = [](at::Tensor t) {
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+  };
+  return py::make_tuple(wrap(std::move(out)), wrap(std::move(coef)), wrap(std::move(norm)));
 }
 
-// clip_grad_norm_ over `params`: the norm as clip_grad_norm_ returns it, or None for the general path.
+// clip_grad_norm_ over `params`: (the norm as clip_grad_norm_ returns it, the fp64 factor, the
+// fp64 norm), or None for the general path.
 py::object clip_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
                        py::handle inv_scale, py::handle found_inf, bool soft) {
   HANDLE_TH_ERRORS
-  py::object result = run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
-                                 soft, true);
-  return result.is_none() ? result : py::object(result.cast<py::tuple>()[0]);
+  return run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, true);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
-// Pass 1 only: (norm as clip_grad_norm_ returns it, fp64 factor), or None for the general path. The
-// gradients are not written (the factor goes to a fused optimizer instead).
+// Pass 1 only: the same triple, or None for the general path. The gradients are not written (the
+// factor goes to a fused optimizer instead).
 py::object norm_params(py::handle params, double max_norm, double norm_type, bool cuda_only,
                        py::handle inv_scale, py::handle found_inf, bool soft) {
   HANDLE_TH_ERRORS
@@ -185,12 +188,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
         py::arg("found_inf") = py::none(), py::arg("soft") = false,
         "clip_grad_norm_ on a list of parameters through the cached plan (unscaling too, given "
-        "inv_scale), or None when the gradients need the general path");
+        "inv_scale): (norm as returned, fp64 factor, fp64 norm), or None when the gradients need "
+        "the general path");
   m.def("norm_params", &fusedclip::norm_params, py::arg("params"), py::arg("max_norm"),
         py::arg("norm_type"), py::arg("cuda_only") = true, py::arg("inv_scale") = py::none(),
         py::arg("found_inf") = py::none(), py::arg("soft") = false,
-        "pass 1 only: (norm, fp64 factor that would unscale and clip), or None when the "
-        "gradients need the general path");
+        "pass 1 only: (norm as returned, fp64 factor that would unscale and clip, fp64 norm), or "
+        "None when the gradients need the general path");
   m.def("plan_of_params", &fusedclip::plan_of_params, py::arg("params"),
         py::arg("cuda_only") = true, py::arg("writing") = false, py::arg("allow_half") = true,
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "

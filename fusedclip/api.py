@@ -184,11 +184,11 @@ def clip_grad_norm_(
                                           fold_into_optimizer, choice, soft)
         if norm is not None:
             return norm  # (None: a disabled scaler, nothing to unscale: clip as usual)
-    if not (error_if_nonfinite or return_stats or process_group is not None
+    if not (error_if_nonfinite or per_tensor or process_group is not None
             or torch.compiler.is_compiling() or not kernels_take_norm_type(p)):
-        norm = _clip_params(params, limit, p, soft, choice)
-        if norm is not None:
-            return norm
+        done = _clip_params(params, limit, p, soft, choice, bool(return_stats))
+        if done is not None:
+            return done
     check_tensor_items(params, "parameters")
     grads = grads_of(params)
     if process_group is not None or distributed.has_dtensor(grads):
@@ -223,15 +223,21 @@ def _refuse_general_norm_type(p: float, what: str) -> None:
                          "without them every norm type torch takes is")
 
 
-def _clip_params(params, limit, p, soft, choice) -> Tensor | None:
+def _clip_params(params, limit, p, soft, choice, stats) -> Tensor | ClipStats | None:
     """The one-call path: one C++ call reads the ``.grad``s and reuses the cached plan, then both
-    passes launch. None when there is none, or some gradient needs the general path (which
-    validates everything)."""
+    passes launch; the norm, or with ``stats`` its ``ClipStats``. None when there is none, or some
+    gradient needs the general path (which validates everything)."""
     fast = _select.fast_path(choice)
     if fast is None:
         return None
     impl, cuda_only = fast
-    return impl.clip_params(params, limit, p, cuda_only=cuda_only, soft=soft)
+    if not stats:
+        return impl.clip_params(params, limit, p, cuda_only=cuda_only, soft=soft)
+    done = impl.clip_stats_params(params, limit, p, cuda_only=cuda_only, soft=soft)
+    if done is None:
+        return None
+    out, coef, norm = done
+    return ClipStats.of(norm, coef, out.dtype)
 
 
 def _local_clip(grads, limit, p, error_if_nonfinite, choice, soft, return_stats,

@@ -37,7 +37,6 @@ typedef double vd __attribute__((vector_size(kVecBytes)));
 typedef int64_t vl __attribute__((vector_size(kVecBytes)));  // vd's comparison masks
 typedef uint64_t vul __attribute__((vector_size(kVecBytes)));
 typedef uint16_t qs __attribute__((vector_size(kVecBytes / 2)));   // kFloats 16-bit lanes
-typedef int16_t qsi __attribute__((vector_size(kVecBytes / 2)));
 typedef float hf __attribute__((vector_size(kVecBytes / 2)));      // kDoubles fp32 lanes
 typedef uint32_t hu __attribute__((vector_size(kVecBytes / 2)));
 typedef uint16_t hs __attribute__((vector_size(kVecBytes / 4)));   // kDoubles 16-bit lanes
@@ -164,18 +163,6 @@ static inline hs narrow(hu v) {
   return __builtin_convertvector(v, hs);
 #endif
 }
-// A vf comparison mask as a 16-bit lane mask.
-static inline qsi narrow_mask(vi m) {
-#if FUSEDCLIP_AVX512
-  return bit_cast<qsi>(_mm512_cvtepi32_epi16(bit_cast<__m512i>(m)));
-#elif FUSEDCLIP_AVX2
-  const __m256i w = bit_cast<__m256i>(m);
-  return bit_cast<qsi>(_mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-#else
-  return __builtin_convertvector(m, qsi);
-#endif
-}
-
 static inline vd to_f64(hf v) {
 #if FUSEDCLIP_AVX512
   return bit_cast<vd>(_mm512_cvtps_pd(bit_cast<__m256>(v)));
@@ -431,45 +418,61 @@ static void scale_chunk_f64(void* data, int64_t n, double c) {
   for (; k < n; ++k) x[k] *= c;
 }
 
-// x[k] clamped to [-b, b], b exactly representable in the storage type, as torch's CPU
-// clamp_min/clamp_max (norm_math.h's clamped<false>): an element inside keeps its bits, NaN stays.
-template <typename V, typename A>
-static void clamp_plain(void* data, int64_t n, double bound) {
-  constexpr int kWidth = kVecBytes / sizeof(A);
-  A* x = static_cast<A*>(data);
-  const A hi = static_cast<A>(bound), lo = -hi;
-  int64_t k = 0;
-  for (; k + kWidth <= n; k += kWidth) {
-    if (k % (64 / sizeof(A)) == 0) prefetch_ahead<true>(x + k);
-    const V v = load_vec<V>(x + k);
-    V r = v < lo ? splat<V>(lo) : v;
-    r = v > hi ? splat<V>(hi) : r;
-    store_vec(x + k, r);
-  }
-  for (; k < n; ++k) x[k] = x[k] < lo ? lo : (x[k] > hi ? hi : x[k]);
+// x[k] clamped to [-b, b], b >= 0 exactly representable in the storage type, as torch's CPU
+// clamp_min/clamp_max (norm_math.h's clamped<false>): an element inside keeps its bits, NaN stays,
+// and an element past a bound takes that bound's bits (-0.0 below a zero bound). On the bit
+// patterns: magnitudes of IEEE values order as integers, so one integer compare per element says
+// whether it is past the bound (and not NaN), and the result is its sign bit with the bound's
+// magnitude. No conversion, so fp16 and bf16 cost what fp32 does.
+template <typename U>
+struct ClampBits {
+  U sign;   // the sign bit
+  U bound;  // the bound's magnitude bits
+  U inf;    // +inf's bits: magnitudes above it are NaN
+};
+
+template <typename V, typename U>
+static inline V clamp_vec(V u, ClampBits<U> c) {
+  const V m = u & static_cast<U>(~c.sign);
+  return ((m > c.bound) & (m <= c.inf)) ? ((u & c.sign) | c.bound) : u;
 }
+
+template <typename V, typename U>
+static void clamp_bits(void* data, int64_t n, ClampBits<U> c) {
+  U* x = static_cast<U*>(data);
+  constexpr int kWidth = kVecBytes / sizeof(U), kLine = 64 / sizeof(U);
+  int64_t k = 0;
+  for (; k + kLine <= n; k += kLine) {
+    prefetch_ahead(x + k);
+    for (int j = 0; j < kLine; j += kWidth) store_vec(x + k + j, clamp_vec(load_vec<V>(x + k + j), c));
+  }
+  for (; k < n; ++k) {
+    const U m = x[k] & static_cast<U>(~c.sign);
+    if (m > c.bound && m <= c.inf) x[k] = static_cast<U>((x[k] & c.sign) | c.bound);
+  }
+}
+
+typedef int16_t vs16 __attribute__((vector_size(kVecBytes)));
+typedef int32_t vs32 __attribute__((vector_size(kVecBytes)));
+typedef int64_t vs64 __attribute__((vector_size(kVecBytes)));
+
+// Signed lanes: magnitudes (sign cleared) compare the same, and every ISA compares them in one
+// instruction.
+static inline int16_t inf_bits(BF16) { return 0x7F80; }
+static inline int16_t inf_bits(F16) { return 0x7C00; }
 
 template <typename S>
 static void clamp_16(void* data, int64_t n, double bound) {
-  S* x = static_cast<S*>(data);
-  const float hi = static_cast<float>(bound), lo = -hi;
-  S hi_bits, lo_bits;
-  from_f32(hi_bits, hi);  // exact: the bound is a value of S
-  from_f32(lo_bits, lo);
-  int64_t k = 0;
-  for (; k + kFloats <= n; k += kFloats) {
-    if (k % 32 == 0) prefetch_ahead<true>(x + k);  // once a cache line
-    const vf v = load_f32(x + k);
-    qs r = load_vec<qs>(x + k);
-    r = narrow_mask(v < lo) ? splat<qs>(lo_bits.bits) : r;
-    r = narrow_mask(v > hi) ? splat<qs>(hi_bits.bits) : r;
-    store_vec(x + k, r);
-  }
-  for (; k < n; ++k) {
-    const float v = to_f32(x[k]);
-    if (v < lo) x[k] = lo_bits;
-    if (v > hi) x[k] = hi_bits;
-  }
+  S b;
+  from_f32(b, static_cast<float>(bound));  // exact: the bound is a value of S
+  clamp_bits<vs16, int16_t>(data, n, {INT16_MIN, static_cast<int16_t>(b.bits), inf_bits(S{})});
+}
+static void clamp_f32(void* data, int64_t n, double bound) {
+  const auto b = static_cast<int32_t>(f32_to_bits(static_cast<float>(bound)));
+  clamp_bits<vs32, int32_t>(data, n, {INT32_MIN, b, 0x7F800000});
+}
+static void clamp_f64(void* data, int64_t n, double bound) {
+  clamp_bits<vs64, int64_t>(data, n, {INT64_MIN, bit_cast<int64_t>(bound), 0x7FF0000000000000ll});
 }
 
 // The table this instruction set exports (cpu/kernels.h), by storage type.
@@ -479,7 +482,7 @@ constexpr CpuKernels kKernels = {
     /*max_abs=*/{&max_abs<BF16>, &max_abs<F16>, &max_abs<float>, &max_abs_f64},
     /*scaled_sum_f64=*/{&scaled_sum_f64<true>, &scaled_sum_f64<false>},
     /*scale=*/{&scale_chunk<BF16>, &scale_chunk<F16>, &scale_chunk<float>, &scale_chunk_f64},
-    /*clamp=*/{&clamp_16<BF16>, &clamp_16<F16>, &clamp_plain<vf, float>, &clamp_plain<vd, double>},
+    /*clamp=*/{&clamp_16<BF16>, &clamp_16<F16>, &clamp_f32, &clamp_f64},
 };
 
 // NOLINTEND

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -85,9 +86,15 @@ Partial chunk_partial(const cpu::CpuKernels& k, at::ScalarType dtype, const void
   return scalar_partial(static_cast<const double*>(base), span.begin, span.end, p, kind);
 }
 
+// The norm in the returned dtype: fp64 as it is, the others rounded once to fp32 first (as the
+// CUDA finish does).
 template <typename T>
 void store_as(void* dst, double v) {
-  *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
+  if constexpr (std::is_same_v<T, double>) {
+    *static_cast<double*>(dst) = v;
+  } else {
+    *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
+  }
 }
 
 // Pass 1: one read of every element, a partial per chunk, combined in chunk order.

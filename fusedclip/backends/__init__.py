@@ -138,3 +138,10 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Tensor] | None:
         """Pass 1 of ``clip_params`` alone: (the norm in its returned dtype, the fp64 factor that
         would unscale and clip), gradients untouched; None as for ``clip_params``."""
+
+    def clip_stats_params(
+        self, params: list[Tensor], max_norm: float, norm_type: float, *, cuda_only: bool = True,
+        soft: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``clip_params`` returning what ``return_stats=True`` reports: (the norm in its returned
+        dtype, the fp64 coefficient, the fp64 norm); None as for ``clip_params``."""

@@ -42,9 +42,9 @@ class Operators:
 
 
 # The one-call path of a backend: run_params(params, max_norm, norm_type, cuda_only, inv_scale,
-# found_inf, soft, scale) -> (the norm in its returned dtype, the fp64 factor or None) after pass 1
-# and, with ``scale``, pass 2; None when some gradient needs the general path.
-ParamsPath = Callable[..., tuple[Tensor, Tensor | None] | None]
+# found_inf, soft, scale) -> (the norm in its returned dtype, the fp64 factor, the fp64 norm) after
+# pass 1 and, with ``scale``, pass 2; None when some gradient needs the general path.
+ParamsPath = Callable[..., tuple[Tensor, Tensor, Tensor] | None]
 
 
 def kernels_take(tensors: list[Tensor]) -> bool:
@@ -194,8 +194,18 @@ class FusedBackend:
     ) -> tuple[Tensor, Tensor] | None:
         """Pass 1 of ``clip_params`` alone: (the norm in its returned dtype, the fp64 factor that
         would unscale and clip), gradients untouched; None for the general path."""
-        return self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
+        done = self._run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
                                 soft, False)
+        return None if done is None else done[:2]
+
+    def clip_stats_params(
+        self, params: list[Tensor], max_norm: float, norm_type: float, *, cuda_only: bool = True,
+        soft: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``clip_params`` returning what ``return_stats=True`` reports: (the norm in its returned
+        dtype, the fp64 coefficient, the fp64 norm); None for the general path."""
+        return self._run_params(params, max_norm, norm_type, cuda_only, None, None, soft, True)
+
 
     def total_norm(
         self,

@@ -213,3 +213,15 @@ def clip_params(
 
 
 norm_params = clip_params
+
+
+def clip_stats_params(
+    params: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    *,
+    cuda_only: bool = True,
+    soft: bool = False,
+) -> None:
+    """No one-call path: ``return_stats`` takes the general one."""
+    return None

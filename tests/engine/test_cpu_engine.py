@@ -197,3 +197,18 @@ def test_nonfinite_elements_on_every_thread(dtype):
             for p in NORM_TYPES:
                 norm = torch.ops.fusedclip.total_norm(ts, p, 1.0, False, None, None, False)[0]
                 assert_norm_close(norm, expected)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_one_call_path_returns_an_fp64_norm_in_full(p):
+    """An fp64 model's norm comes back from the one-call path (``_C.clip_params``) as the fp64
+    norm, not rounded through fp32 on the way."""
+    params = [torch.nn.Parameter(torch.empty_like(t)) for t in _tensors(torch.float64)]
+    for param, t in zip(params, _tensors(torch.float64)):
+        param.grad = t
+    expected = oracle_norm([q.grad for q in params], p)
+    out, coef, norm = _lib.module().clip_params(params, 1e300, p, False)
+    assert out.dtype == torch.float64
+    assert_norm_close(out, expected)
+    assert_norm_close(norm, expected)
+    assert float(coef) == 1.0

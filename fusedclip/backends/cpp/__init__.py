@@ -57,11 +57,8 @@ def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, so
     if not _lib.loaded():
         return None
     module = _lib.module()
-    if not scale:
-        return module.norm_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf,
-                                  soft)
-    norm = module.clip_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft)
-    return None if norm is None else (norm, None)
+    run = module.clip_params if scale else module.norm_params
+    return run(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft)
 
 
 BACKEND = FusedBackend(NAME, _operators(), status, _run_params)

@@ -335,7 +335,7 @@ def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, so
                                 found_inf, soft))
     if scale:
         scale_pass(plan, r.coef)
-    return r.out, r.coef
+    return r.out, r.coef, r.norm
 
 
 BACKEND = FusedBackend(
