@@ -220,11 +220,8 @@ static inline float value_of(S x) {
 static inline double value_of(double x) { return x; }
 
 static inline void store_half(float* p, hf v) { store_vec(p, v); }
-static inline void store_half(BF16* p, hf v) {
-  const hu u = bit_cast<hu>(v);
-  const hu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  store_vec(p, narrow(v != v ? splat<hu>(0x7FC0u) : rounded));
-}
+static inline hu bf16_round_bits(hf v);
+static inline void store_half(BF16* p, hf v) { store_vec(p, narrow(bf16_round_bits(v))); }
 static inline void store_half(F16* p, hf v) {
 #if FUSEDCLIP_AVX512
   const hs bits = bit_cast<hs>(_mm256_cvtps_ph(bit_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
@@ -407,6 +404,32 @@ static void scale_chunk(void* data, int64_t n, double c) {
   for (; k < n; ++k) from_f32(x[k], static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
 }
 
+// bf16 <-> fp32 is a 16-bit shift, so bf16 pairs need no widening or narrowing shuffles: a 32-bit
+// word holds elements 2i (low half) and 2i + 1 (high half); `word << 16` is the first as fp32 and
+// `word & 0xFFFF0000` the second, and the rounded results are put back with a shift and an or.
+// That leaves the fp32 <-> fp64 conversions as the only cross-lane instructions (AVX2 ran out of
+// those: measured 1.7 against 3+ billion elements/s per core in cache).
+static inline hu bf16_round_bits(hf v) {  // in the low 16 bits of each lane
+  const hu u = bit_cast<hu>(v);
+  const hu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? splat<hu>(0x7FC0u) : rounded;
+}
+
+static void scale_chunk_bf16(void* data, int64_t n, double c) {
+  BF16* x = static_cast<BF16*>(data);
+  constexpr int kPairStep = 2 * kDoubles;  // elements per step: kDoubles words
+  int64_t k = 0;
+  for (; k + kPairStep <= n; k += kPairStep) {
+    if (k % 32 == 0) prefetch_ahead<true>(x + k);  // once a cache line
+    const hu w = load_vec<hu>(x + k);
+    const hf first = bit_cast<hf>(w << 16), second = bit_cast<hf>(w & 0xFFFF0000u);
+    const hu lo = bf16_round_bits(to_f32(to_f64(first) * c));
+    const hu hi = bf16_round_bits(to_f32(to_f64(second) * c));
+    store_vec(x + k, lo | (hi << 16));
+  }
+  for (; k < n; ++k) from_f32(x[k], static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
+}
+
 static void scale_chunk_f64(void* data, int64_t n, double c) {
   double* x = static_cast<double*>(data);
   int64_t k = 0;
@@ -481,7 +504,7 @@ constexpr CpuKernels kKernels = {
     /*sum_abs=*/{&plain_sum<false, BF16>, &plain_sum<false, F16>, &plain_sum<false, float>},
     /*max_abs=*/{&max_abs<BF16>, &max_abs<F16>, &max_abs<float>, &max_abs_f64},
     /*scaled_sum_f64=*/{&scaled_sum_f64<true>, &scaled_sum_f64<false>},
-    /*scale=*/{&scale_chunk<BF16>, &scale_chunk<F16>, &scale_chunk<float>, &scale_chunk_f64},
+    /*scale=*/{&scale_chunk_bf16, &scale_chunk<F16>, &scale_chunk<float>, &scale_chunk_f64},
     /*clamp=*/{&clamp_16<BF16>, &clamp_16<F16>, &clamp_f32, &clamp_f64},
 };
 

@@ -39,18 +39,36 @@ int storage_index(at::ScalarType t) {
   }
 }
 
-int64_t total_elems(const TableView& table) {
-  int64_t n = 0;
-  for (int64_t t = 0; t < table.num_tensors; ++t) n += table.numel[t];
-  return n;
+// What the CPU engine keeps about a plan: the element count before each chunk's end (prefix
+// sums), so that a pass can split the chunks between threads by elements, not by chunk count (a
+// set of many small tensors and a few large ones would otherwise leave one thread most of it).
+struct CpuPlanState : PlanDeviceState {
+  std::vector<int64_t> elems_through;  // elems_through[c]: elements in chunks 0..c
+};
+
+const std::vector<int64_t>& elems_through(const Plan& plan) {
+  return static_cast<const CpuPlanState&>(*plan.device_state).elems_through;
 }
 
-// f(chunk) for every chunk of the plan, spread over the intra-op threads in contiguous ranges.
+// f(chunk) for every chunk of the plan, spread over the intra-op threads in contiguous ranges of
+// about equal element counts (the serial loop below kSerialElems).
 template <typename F>
-void for_each_chunk(const Plan& plan, const TableView& table, const F& f) {
-  const int64_t grain = total_elems(table) < kSerialElems ? plan.num_chunks + 1 : 1;
-  at::parallel_for(0, plan.num_chunks, grain, [&](int64_t lo, int64_t hi) {
+void for_each_chunk(const Plan& plan, const F& f) {
+  const std::vector<int64_t>& through = elems_through(plan);
+  const int64_t total = through.empty() ? 0 : through.back();
+  const int64_t parts = total < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+  auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) f(c);
+  };
+  if (parts <= 1) return run(0, plan.num_chunks);
+  // Part i takes the chunks that end in its share of the elements.
+  auto first_of = [&](int64_t part) {
+    const int64_t from = total * part / parts;
+    return static_cast<int64_t>(std::upper_bound(through.begin(), through.end(), from) -
+                                through.begin());
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t part = lo; part < hi; ++part) run(part == 0 ? 0 : first_of(part), first_of(part + 1));
   });
 }
 
@@ -103,7 +121,7 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const NormKind kind = norm_kind(r.p);
   const cpu::CpuKernels& k = cpu::kernels();
   std::vector<Partial> partials(table.num_chunks);
-  for_each_chunk(plan, table, [&](int64_t c) {
+  for_each_chunk(plan, [&](int64_t c) {
     const ChunkSpan span = table.span(c);
     partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype, table.data<const void>(span.tensor),
                                 span, r.p, kind);
@@ -138,7 +156,7 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
   const TableView table = plan.view();
   const cpu::CpuKernels& k = cpu::kernels();
   if (!per_tensor && *coef == 1.0) return;  // nothing to write
-  for_each_chunk(plan, table, [&](int64_t chunk) {
+  for_each_chunk(plan, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const double c = coef[per_tensor ? span.tensor : 0];
     if (c == 1.0) return;
@@ -153,7 +171,7 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
 void clamp_pass_cpu(const Plan& plan, double clip_value) {
   const TableView table = plan.view();
   const cpu::CpuKernels& k = cpu::kernels();
-  for_each_chunk(plan, table, [&](int64_t chunk) {
+  for_each_chunk(plan, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const at::ScalarType dtype = plan.keys[span.tensor].dtype;
     const double bound = FUSEDCLIP_DISPATCH_FLOATING(
@@ -163,9 +181,20 @@ void clamp_pass_cpu(const Plan& plan, double clip_value) {
   });
 }
 
-// The table is host memory: written once, when the plan is built, and ready from then on.
+// The table is host memory: written once, when the plan is built, and ready from then on; so are
+// the chunks' element prefix sums.
 void init_plan_cpu(Plan& plan) {
   std::copy(plan.host_table.begin(), plan.host_table.end(), plan.table.data_ptr<int64_t>());
+  auto state = std::make_unique<CpuPlanState>();
+  const TableView table = plan.view();
+  state->elems_through.resize(plan.num_chunks);
+  int64_t sum = 0;
+  for (int64_t c = 0; c < plan.num_chunks; ++c) {
+    const ChunkSpan span = table.span(c);
+    sum += span.end - span.begin;
+    state->elems_through[c] = sum;
+  }
+  plan.device_state = std::move(state);
 }
 
 void make_ready_cpu(Plan&) {}
