@@ -147,6 +147,21 @@ py::object norm_params(py::handle params, double max_norm, double norm_type, boo
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// clip_grad_value_ over `params` through the cached plan (one read and write of every element):
+// True, or False to say "take the general path".
+bool clamp_params(py::handle params, double clip_value, bool cuda_only) {
+  HANDLE_TH_ERRORS
+  constexpr const char* op = "fusedclip.clip_grad_value_";
+  TORCH_CHECK_VALUE(clip_value >= 0.0, op, ": clip_value must be >= 0, got ", clip_value);
+  PlainGrads grads;
+  if (!grads.collect(params, cuda_only)) return false;
+  const auto plan = plan_for(grads.keys, grads.device, op);
+  grads.bump_versions();
+  plan->engine->clamp_pass(*plan, clip_value);
+  return true;
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 // The cached plan of the gradients of `params`, for kernels launched from Python (the Triton
 // backend): (table, num_tensors, num_chunks, result dtype, [(dtype, aligned, chunk_lo,
 // chunk_hi)]), or None for the general path. The table is ready for the current stream. With
@@ -195,6 +210,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("found_inf") = py::none(), py::arg("soft") = false,
         "pass 1 only: (norm as returned, fp64 factor that would unscale and clip, fp64 norm), or "
         "None when the gradients need the general path");
+  m.def("clamp_params", &fusedclip::clamp_params, py::arg("params"), py::arg("clip_value"),
+        py::arg("cuda_only") = true,
+        "clip_grad_value_ on a list of parameters through the cached plan: True, or False when "
+        "the gradients need the general path");
   m.def("plan_of_params", &fusedclip::plan_of_params, py::arg("params"),
         py::arg("cuda_only") = true, py::arg("writing") = false, py::arg("allow_half") = true,
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "

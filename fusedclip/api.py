@@ -392,9 +392,13 @@ def clip_grad_value_(
 ) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place (DTensors: their
     local shards)."""
-    grads = _local_grads(collect_tensors(parameters, name="parameters"))
+    params = collect_tensors(parameters, name="parameters")
     limit = as_threshold(clip_value, "clip_value")
     choice = _select.parse(backend)
+    fast = None if torch.compiler.is_compiling() else _select.fast_path(choice)
+    if fast is not None and fast[0].clamp_params(params, limit, cuda_only=fast[1]):
+        return  # the one-call path: the .grads read in C++, the cached plan
+    grads = _local_grads(params)
     if grads:
         check_writable_grads(grads)
         _select.select(choice, grads).clamp_(grads, limit)

@@ -101,6 +101,11 @@ class Backend(Protocol):
         """Tensor i scaled by the coefficient of its own norm under ``max_norms[i]`` (fp64, one
         per tensor); returns the fp64 per-tensor norms before clipping."""
 
+    def clamp_params(self, params: list[Tensor], clip_value: float, *,
+                     cuda_only: bool = True) -> bool:
+        """``clip_grad_value_`` on the ``.grad``s of ``params`` in one call: True when done, False
+        when this backend has no such path or some gradient needs the general one."""
+
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
         """Every element clamped to ``[-clip_value, clip_value]``, bitwise as torch's clamp."""
 

@@ -45,6 +45,9 @@ class Operators:
 # found_inf, soft, scale) -> (the norm in its returned dtype, the fp64 factor, the fp64 norm) after
 # pass 1 and, with ``scale``, pass 2; None when some gradient needs the general path.
 ParamsPath = Callable[..., tuple[Tensor, Tensor, Tensor] | None]
+# The one-call value clip: clamp_params(params, clip_value, cuda_only) -> True when done, False
+# when some gradient needs the general path.
+ClampPath = Callable[[list[Tensor], float, bool], bool]
 
 
 def kernels_take(tensors: list[Tensor]) -> bool:
@@ -105,6 +108,10 @@ def _no_params_path(*args: object) -> None:
     return None
 
 
+def _no_clamp_path(*args: object) -> bool:
+    return False
+
+
 class FusedBackend:
     """A ``Backend`` (see ``fusedclip.backends``) made of multi-tensor operators."""
 
@@ -114,12 +121,14 @@ class FusedBackend:
         ops: Operators,
         status: Callable[[], BackendStatus],
         run_params: ParamsPath = _no_params_path,
+        run_clamp: ClampPath = _no_clamp_path,
     ) -> None:
         self.NAME = name
         self.ops = ops
         self._find_status = status
         self._status: BackendStatus | None = None
         self._run_params = run_params
+        self._run_clamp = run_clamp
 
     def __repr__(self) -> str:
         return f"<fusedclip backend {self.NAME!r}>"
@@ -307,6 +316,12 @@ class FusedBackend:
             for g, s in zip(mine, staged):
                 if s is not g:
                     g.copy_(s)
+
+    def clamp_params(self, params: list[Tensor], clip_value: float, *,
+                     cuda_only: bool = True) -> bool:
+        """``clip_grad_value_`` on the ``.grad``s of ``params`` in one call (read and checked in
+        C++, the cached plan, one pass): True, or False for the general path."""
+        return self._run_clamp(params, clip_value, cuda_only)
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
         for ts in self._groups(tensors).values():

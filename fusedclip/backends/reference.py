@@ -215,6 +215,11 @@ def clip_params(
 norm_params = clip_params
 
 
+def clamp_params(params: list[Tensor], clip_value: float, *, cuda_only: bool = True) -> bool:
+    """No one-call path: ``clip_grad_value_`` takes the general one."""
+    return False
+
+
 def clip_stats_params(
     params: list[Tensor],
     max_norm: float,

@@ -123,23 +123,30 @@ def test_clip_grad_value_many_mixed(backend, device):
 
 
 def test_clamp_op_is_one_pass(backend, device, monkeypatch):
-    """The fused backends clamp with their own operator, one call for all the tensors of a
-    device, not torch's two foreach passes."""
+    """The fused backends clamp in one pass, not torch's two foreach passes: ``cpp`` through its
+    one-call path (the .grads read in C++), ``triton`` with its operator, one call for all the
+    tensors of a device."""
     if backend == "reference":
         pytest.skip("the fused backends' operator")
     params = make_params([(10,), (70000,)], device=device)
     impl = _select.get(backend)
     calls = []
-    original = impl.ops.clamp
+    original, original_params = impl.ops.clamp, impl._run_clamp
 
     def spy(tensors, clip_value):
         calls.append(len(tensors))
         return original(tensors, clip_value)
 
+    def spy_params(params, clip_value, cuda_only):
+        done = original_params(params, clip_value, cuda_only)
+        calls.append("one call" if done else "general")
+        return done
+
     monkeypatch.setattr(impl, "ops", dataclasses.replace(impl.ops, clamp=spy))
+    monkeypatch.setattr(impl, "_run_clamp", spy_params)
     monkeypatch.setattr(torch, "_foreach_clamp_min_", None)  # torch's first pass: not taken
     fusedclip.clip_grad_value_(params, 0.1, backend=backend)
-    assert calls == [2]
+    assert calls == (["one call"] if backend == "cpp" else ["general", 2])
     assert float(max(g.abs().max() for g in grads(params))) == float(torch.tensor(0.1))
 
 

@@ -61,4 +61,10 @@ def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, so
     return run(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft)
 
 
-BACKEND = FusedBackend(NAME, _operators(), status, _run_params)
+def _run_clamp(params, clip_value, cuda_only):
+    """The one-call value clip (``FusedBackend.clamp_params``); False as ``_run_params`` says
+    None."""
+    return _lib.loaded() and _lib.module().clamp_params(params, clip_value, cuda_only)
+
+
+BACKEND = FusedBackend(NAME, _operators(), status, _run_params, _run_clamp)
