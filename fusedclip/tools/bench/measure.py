@@ -205,10 +205,9 @@ def _runs_set(chosen: list[Candidate], param_set: ParamSet, device: torch.device
     if device.type == "cuda" or param_set.numel() <= CPU_REFERENCE_MAX_NUMEL:
         return chosen
     if skipped is not None:
-        skipped.append({"implementation": "fusedclip-reference",
-                        "reason": f"not timed on {param_set.name} ({param_set.numel():,} elements): "
-                                  "the fp64 reference takes about a second per call there on the "
-                                  "CPU"})
+        reason = (f"not timed on {param_set.name} ({param_set.numel():,} elements): the fp64 "
+                  "reference takes about a second per call there on the CPU")
+        skipped.append({"implementation": "fusedclip-reference", "reason": reason})
     return [c for c in chosen if c.name != "fusedclip-reference"]
 
 
