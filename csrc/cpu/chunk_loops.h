@@ -389,6 +389,93 @@ static bool scaled_sum_f64(const void* data, int64_t n, double* scale, double* s
   return true;
 }
 
+// --- general p: the sum of (|x| / m)^p, m = max |x| --------------------------------------------
+// r^p = 2^(p log2 r) for r in [0, 1], in fp64, on a vector or a scalar alike (the same operations
+// on every lane, so that tails, vectors and instruction sets agree bit for bit). log2 r: r = f 2^e
+// with f in [sqrt(1/2), sqrt(2)), log2 f = 2 atanh(z) / ln 2 with z = (f - 1) / (f + 1), |z| <=
+// 0.1716, by its series to z^21 (relative error below 1e-15); 2^y for y <= 0: y = n + g, n the
+// nearest integer, e^(g ln 2) by its Taylor series to g^13 (below 2e-16), times 2^n from the
+// exponent bits. So each term carries a relative error near p * 1e-13 at worst (the log's
+// absolute error, scaled by p): far inside the 1e-5 of the contract.
+
+template <typename T>
+struct Lanes;  // T's integer lanes of the same width
+template <>
+struct Lanes<double> {
+  using type = int64_t;
+};
+template <>
+struct Lanes<vd> {
+  using type = vl;
+};
+
+static inline double broadcast(double c, double) { return c; }
+static inline vd broadcast(double c, vd) { return splat<vd>(c); }
+static inline double to_double(int64_t v) { return static_cast<double>(v); }
+static inline vd to_double(vl v) { return __builtin_convertvector(v, vd); }
+
+template <typename T>
+static inline T ratio_pow(T r, double p) {
+  using I = typename Lanes<T>::type;
+  const T zero{}, one = broadcast(1.0, zero);
+  // Subnormal ratios (x subnormal, m not) are scaled up first: their exponent field reads 0.
+  const auto tiny = r < broadcast(0x1p-1000, zero);
+  const T scaled = tiny ? r * broadcast(0x1p100, zero) : r;
+  const I bits = bit_cast<I>(scaled);
+  I e = ((bits >> 52) & 0x7FF) - 1023;
+  e = tiny ? e - 100 : e;
+  T f = bit_cast<T>((bits & 0x000FFFFFFFFFFFFFll) | 0x3FF0000000000000ll);  // [1, 2)
+  const auto big = f > broadcast(1.4142135623730951, zero);
+  f = big ? f * broadcast(0.5, zero) : f;
+  e = big ? e + 1 : e;
+  const T z = (f - one) / (f + one), w = z * z;
+  T series = broadcast(1.0 / 21, zero);
+  for (int k = 19; k >= 1; k -= 2) series = series * w + broadcast(1.0 / k, zero);
+  const T log2r = to_double(e) + z * series * broadcast(2.0 / 0.6931471805599453, zero);
+  // 2^y, y = p log2 r <= 0; below 2^-1022 the term is 0 (its share of a sum holding a 1 is nil).
+  T y = log2r * broadcast(p, zero);
+  y = y < broadcast(-1100.0, zero) ? broadcast(-1100.0, zero) : y;
+  const T magic = broadcast(0x1.8p52, zero);  // adding it rounds y to an integer in its low bits
+  const T rounded = y + magic;
+  const T n = rounded - magic, g = (y - n) * broadcast(0.6931471805599453, zero);
+  T poly = broadcast(1.0 / 6227020800.0, zero);  // 1/13!
+  const double inv_fact[] = {1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880,
+                             1.0 / 40320,     1.0 / 5040,     1.0 / 720,     1.0 / 120,
+                             1.0 / 24,        1.0 / 6,        0.5,           1.0,
+                             1.0};
+  for (double c : inv_fact) poly = poly * g + broadcast(c, zero);
+  const I ni = bit_cast<I>(rounded) - bit_cast<I>(magic);
+  const I clamped = ni < -1022 ? ni * 0 - 1022 : ni;  // (2^n itself is then not used)
+  const T term = poly * bit_cast<T>((clamped + 1023) << 52);
+  return (r == zero) | (ni < -1022) ? zero : term;
+}
+
+static inline double as_f64(double x) { return x; }
+template <typename S>
+static inline double as_f64(S x) {
+  return static_cast<double>(to_f32(x));
+}
+
+// The sum of (|x| inv_max)^p (inv_max = 1 / max |x|, the chunk's maximum, read first by the
+// caller) in the 16 lanes' fixed order.
+template <typename S>
+static double power_sum(const void* data, int64_t n, double p, double inv_max) {
+  const S* x = static_cast<const S*>(data);
+  vd acc[kLanes / kDoubles] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int j = 0; j < kLanes / kDoubles; ++j) {
+      acc[j] += ratio_pow(abs_v(load_f64(x + k + kDoubles * j)) * inv_max, p);
+    }
+  }
+  double lanes[kLanes];
+  __builtin_memcpy(lanes, acc, sizeof(lanes));
+  for (int j = 0; k < n && j < kLanes; ++k, ++j) {
+    lanes[j] += ratio_pow(__builtin_fabs(as_f64(x[k])) * inv_max, p);
+  }
+  return sum_lanes(lanes);
+}
+
 // x[k] = round(x[k] * c): the product in fp64, rounded to fp32 and then to the storage type
 // (norm_math.h's scaled, which the reference's conversions also follow).
 template <typename S>
@@ -504,6 +591,7 @@ constexpr CpuKernels kKernels = {
     /*sum_abs=*/{&plain_sum<false, BF16>, &plain_sum<false, F16>, &plain_sum<false, float>},
     /*max_abs=*/{&max_abs<BF16>, &max_abs<F16>, &max_abs<float>, &max_abs_f64},
     /*scaled_sum_f64=*/{&scaled_sum_f64<true>, &scaled_sum_f64<false>},
+    /*power_sum=*/{&power_sum<BF16>, &power_sum<F16>, &power_sum<float>, &power_sum<double>},
     /*scale=*/{&scale_chunk_bf16, &scale_chunk<F16>, &scale_chunk<float>, &scale_chunk_f64},
     /*clamp=*/{&clamp_16<BF16>, &clamp_16<F16>, &clamp_f32, &clamp_f64},
 };

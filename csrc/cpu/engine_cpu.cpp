@@ -72,7 +72,8 @@ void for_each_chunk(const Plan& plan, const F& f) {
   });
 }
 
-// The exact scalar loop of norm_math.h: general p, and fp64 chunks the vector loop declines.
+// The exact scalar loop of norm_math.h, for fp64 chunks whose largest magnitude is below 2^-1000
+// (the vector loops scale by its inverse or a power of two near it).
 template <typename T>
 Partial scalar_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
   Partial acc{0.0, 0.0};
@@ -90,6 +91,11 @@ Partial chunk_partial(const cpu::CpuKernels& k, at::ScalarType dtype, const void
   const void* data = static_cast<const char*>(base) + span.begin * c10::elementSize(dtype);
   if (kind == NormKind::kInf) return {k.max_abs[s](data, n), 0.0};
   if (kind == NormKind::kGeneral) {
+    // Two reads of the chunk (the second from cache): its maximum, then the sum of the ratios'
+    // powers, so that (max, sum) is the partial.
+    const double max = k.max_abs[s](data, n);
+    if (max == 0.0 || is_nonfinite({max, 0.0})) return {max, 0.0};
+    if (max >= 0x1p-1000) return {max, k.power_sum[s](data, n, p, 1.0 / max)};
     return FUSEDCLIP_DISPATCH_FLOATING(dtype, "fusedclip::total_norm", [&] {
       return scalar_partial(static_cast<const scalar_t*>(base), span.begin, span.end, p, kind);
     });

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,44 @@ def test_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def _disassembled_functions(path: str) -> dict[str, list[str]]:
+    """objdump's disassembly of a shared library: every copy of each (demangled) function's
+    instructions, by name (one list entry per copy, as one string)."""
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], check=True,
+                          capture_output=True, text=True).stdout
+    functions: dict[str, list[str]] = {}
+    name, body = None, []
+    for line in text.splitlines() + [""]:
+        if line.endswith(">:") and "<" in line:
+            name, body = line[line.index("<") + 1:-2], []
+        elif not line.strip() and name is not None:
+            functions.setdefault(name, []).append("\n".join(body))
+            name = None
+        elif name is not None:
+            body.append(line)
+    return functions
+
+
+def _copies(functions: dict[str, list[str]], fragment: str) -> list[str]:
+    return [body for name, bodies in functions.items() if fragment in name for body in bodies]
+
+
+@needs_extension
+@pytest.mark.skipif(os.uname().machine != "x86_64" or not shutil.which("objdump"),
+                    reason="reads x86-64 code with binutils' objdump")
+def test_cpu_loops_are_built_for_three_instruction_sets():
+    """What the compiler emitted for the CPU engine's chunk loops (csrc/cpu/chunk_loops.h): one copy
+    each for AVX-512 (64-byte zmm fp64 arithmetic), AVX2 (32-byte ymm, no zmm) and the baseline
+    (neither: it must run on any x86-64 CPU); the fp16 loads of the two wide sets convert with
+    F16C's instruction, and FMA contraction is off everywhere (so the sets agree bit for bit)."""
+    functions = _disassembled_functions(_lib.module().__file__)
+    sums = _copies(functions, "plain_sum<true, float>")
+    assert len(sums) == 3, sorted(n for n in functions if "plain_sum" in n)
+    widths = sorted(("zmm" if "%zmm" in b else "ymm" if "%ymm" in b else "xmm") for b in sums)
+    assert widths == ["xmm", "ymm", "zmm"]
+    for body in sums:
+        assert "mulpd" in body and "fmadd" not in body
+    fp16 = _copies(functions, "plain_sum<true, fusedclip::cpu::(anonymous namespace)::F16>")
+    assert sorted("vcvtph2ps" in b for b in fp16) == [False, True, True]

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not _lib.loaded(),
 # Big enough to be split over threads, with tails everywhere: a multi-chunk tensor, odd sizes,
 # tiny ones, an empty one, and a view one element into its storage (misaligned).
 SIZES = [200_003, 65_536, 1, 17, 0, 4_099, 70_001, 31]
-NORM_TYPES = [2.0, 1.0, math.inf, 3.0]
+NORM_TYPES = [2.0, 1.0, math.inf, 3.0, 0.5]  # 3 and 0.5: the general-p loop
 
 
 def _tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -181,7 +181,8 @@ def test_fp64_extremes_match_the_oracle(case, p):
           * torch.rand(n, dtype=torch.float64, generator=gen) for n in (70_001, 33, 1)]
     norm, _, per = torch.ops.fusedclip.total_norm(ts, p, 1.0, True, None, None, False)
     expected = oracle_norm(ts, p)
-    assert math.isfinite(expected) and expected > 0
+    # Finite wherever the true norm is (p = 0.5 of 70,001 values near 1e303 is not).
+    assert expected > 0 and (math.isfinite(expected) or (case, p) == ("huge", 0.5))
     assert_norm_close(norm, expected)
     for t, n in zip(ts, per):
         assert_norm_close(n, oracle_norm([t], p))
