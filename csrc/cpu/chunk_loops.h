@@ -220,8 +220,6 @@ static inline float value_of(S x) {
 static inline double value_of(double x) { return x; }
 
 static inline void store_half(float* p, hf v) { store_vec(p, v); }
-static inline hu bf16_round_bits(hf v);
-static inline void store_half(BF16* p, hf v) { store_vec(p, narrow(bf16_round_bits(v))); }
 static inline void store_half(F16* p, hf v) {
 #if FUSEDCLIP_AVX512
   const hs bits = bit_cast<hs>(_mm256_cvtps_ph(bit_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
@@ -496,16 +494,29 @@ static void scale_chunk(void* data, int64_t n, double c) {
 // `word & 0xFFFF0000` the second, and the rounded results are put back with a shift and an or.
 // That leaves the fp32 <-> fp64 conversions as the only cross-lane instructions (AVX2 ran out of
 // those: measured 1.7 against 3+ billion elements/s per core in cache).
-static inline hu bf16_round_bits(hf v) {  // in the low 16 bits of each lane
+//
+// Round to nearest even, in the low 16 bits of each lane, without a NaN test: with a finite or
+// infinite coefficient, a NaN product is an input NaN (quieted) or the default NaN, and its fp32
+// bits end in 16 zeros, so the rounding adds nothing and the NaN keeps its sign and payload bits
+// (c10's conversion would write 0x7FC0; both are NaN). A NaN coefficient, the one way a product
+// could carry other low bits, takes the scalar loop with c10's conversion instead.
+static inline hu bf16_round_bits(hf v) {
   const hu u = bit_cast<hu>(v);
-  const hu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return v != v ? splat<hu>(0x7FC0u) : rounded;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+static inline uint16_t bf16_round_bits(float v) {
+  const uint32_t u = f32_to_bits(v);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 static void scale_chunk_bf16(void* data, int64_t n, double c) {
   BF16* x = static_cast<BF16*>(data);
-  constexpr int kPairStep = 2 * kDoubles;  // elements per step: kDoubles words
   int64_t k = 0;
+  if (c != c) {  // every product NaN: c10's canonical one
+    for (; k < n; ++k) x[k].bits = 0x7FC0;
+    return;
+  }
+  constexpr int kPairStep = 2 * kDoubles;  // elements per step: kDoubles words
   for (; k + kPairStep <= n; k += kPairStep) {
     if (k % 32 == 0) prefetch_ahead<true>(x + k);  // once a cache line
     const hu w = load_vec<hu>(x + k);
@@ -514,7 +525,9 @@ static void scale_chunk_bf16(void* data, int64_t n, double c) {
     const hu hi = bf16_round_bits(to_f32(to_f64(second) * c));
     store_vec(x + k, lo | (hi << 16));
   }
-  for (; k < n; ++k) from_f32(x[k], static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
+  for (; k < n; ++k) {
+    x[k].bits = bf16_round_bits(static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
+  }
 }
 
 static void scale_chunk_f64(void* data, int64_t n, double c) {
