@@ -33,7 +33,11 @@ def oracle_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
     peak = float(flat.max())
     if peak == 0:
         return 0.0
-    return peak * math.fsum((flat / peak).pow(norm_type).tolist()) ** (1.0 / norm_type)
+    # (|x| / peak)^p as exp(p (log |x| - log peak)): the ratio itself would underflow to 0 for an
+    # element 1e-400 times the peak, whose term still counts for a small p.
+    nonzero = flat[flat > 0]
+    terms = torch.exp(norm_type * (nonzero.log() - math.log(peak)))
+    return peak * math.fsum(terms.tolist()) ** (1.0 / norm_type)
 
 
 def oracle_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:

@@ -251,7 +251,8 @@ static inline vd abs_v(vd v) { return bit_cast<vd>(bit_cast<vul>(v) & 0x7FFFFFFF
 constexpr int kPrefetchBytes = 2048;
 template <bool kWrite = false, typename S>
 static inline void prefetch_ahead(const S* p) {
-  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, kWrite ? 1 : 0);
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes),
+                     kWrite ? 1 : 0);
 }
 
 // --- reductions ------------------------------------------------------------------------------------
@@ -360,6 +361,7 @@ static bool scaled_sum_f64(const void* data, int64_t n, double* scale, double* s
   if (!(m >= 0x1p-960) || m > 0x1.fffffffffffffp+1023) return false;  // also NaN
   int e;
   __builtin_frexp(m, &e);  // m = f 2^e, f in [0.5, 1): the terms are below 2^1 in magnitude
+  e = e > 1023 ? 1023 : e;  // keeps 2^(1 - e) normal (flush-to-zero would take a subnormal as 0)
   const double up = __builtin_ldexp(1.0, 1 - e), down = __builtin_ldexp(1.0, e - 1);
   const double* x = static_cast<const double*>(data);
   vd acc[kLanes / kDoubles] = {};
@@ -388,7 +390,7 @@ static bool scaled_sum_f64(const void* data, int64_t n, double* scale, double* s
 }
 
 // --- general p: the sum of (|x| / m)^p, m = max |x| --------------------------------------------
-// r^p = 2^(p log2 r) for r in [0, 1], in fp64, on a vector or a scalar alike (the same operations
+// r^p = 2^(p (log2 |x| - log2 m)) for r = |x| / m in [0, 1], in fp64, on a vector or a scalar alike (the same operations
 // on every lane, so that tails, vectors and instruction sets agree bit for bit). log2 r: r = f 2^e
 // with f in [sqrt(1/2), sqrt(2)), log2 f = 2 atanh(z) / ln 2 with z = (f - 1) / (f + 1), |z| <=
 // 0.1716, by its series to z^21 (relative error below 1e-15); 2^y for y <= 0: y = n + g, n the
@@ -412,14 +414,14 @@ static inline vd broadcast(double c, vd) { return splat<vd>(c); }
 static inline double to_double(int64_t v) { return static_cast<double>(v); }
 static inline vd to_double(vl v) { return __builtin_convertvector(v, vd); }
 
+// log2 a for a >= 0 (-1123 or so for 0: callers select 0 for a zero element).
 template <typename T>
-static inline T ratio_pow(T r, double p) {
+static inline T log2_of(T a) {
   using I = typename Lanes<T>::type;
   const T zero{}, one = broadcast(1.0, zero);
-  // Subnormal ratios (x subnormal, m not) are scaled up first: their exponent field reads 0.
-  const auto tiny = r < broadcast(0x1p-1000, zero);
-  const T scaled = tiny ? r * broadcast(0x1p100, zero) : r;
-  const I bits = bit_cast<I>(scaled);
+  // Subnormals are scaled up first: their exponent field reads 0.
+  const auto tiny = a < broadcast(0x1p-1000, zero);
+  const I bits = bit_cast<I>(tiny ? a * broadcast(0x1p100, zero) : a);
   I e = ((bits >> 52) & 0x7FF) - 1023;
   e = tiny ? e - 100 : e;
   T f = bit_cast<T>((bits & 0x000FFFFFFFFFFFFFll) | 0x3FF0000000000000ll);  // [1, 2)
@@ -429,9 +431,18 @@ static inline T ratio_pow(T r, double p) {
   const T z = (f - one) / (f + one), w = z * z;
   T series = broadcast(1.0 / 21, zero);
   for (int k = 19; k >= 1; k -= 2) series = series * w + broadcast(1.0 / k, zero);
-  const T log2r = to_double(e) + z * series * broadcast(2.0 / 0.6931471805599453, zero);
-  // 2^y, y = p log2 r <= 0; below 2^-1022 the term is 0 (its share of a sum holding a 1 is nil).
-  T y = log2r * broadcast(p, zero);
+  return to_double(e) + z * series * broadcast(2.0 / 0.6931471805599453, zero);
+}
+
+// (a / max)^p for 0 <= a <= max, given log2 max (from log2_of, so that a == max gives exactly 1):
+// 2^y with y = p (log2 a - log2 max) <= 0. The ratio itself is never formed, so no ratio
+// underflows (a small p keeps tiny elements' terms) and no 1 / max can be subnormal.
+template <typename T>
+static inline T ratio_pow(T a, double p, double log2_max) {
+  using I = typename Lanes<T>::type;
+  const T zero{};
+  T y = (log2_of(a) - broadcast(log2_max, zero)) * broadcast(p, zero);
+  // Below 2^-1022 the term is 0 (its share of a sum holding a 1 is nil).
   y = y < broadcast(-1100.0, zero) ? broadcast(-1100.0, zero) : y;
   const T magic = broadcast(0x1.8p52, zero);  // adding it rounds y to an integer in its low bits
   const T rounded = y + magic;
@@ -445,7 +456,7 @@ static inline T ratio_pow(T r, double p) {
   const I ni = bit_cast<I>(rounded) - bit_cast<I>(magic);
   const I clamped = ni < -1022 ? ni * 0 - 1022 : ni;  // (2^n itself is then not used)
   const T term = poly * bit_cast<T>((clamped + 1023) << 52);
-  return (r == zero) | (ni < -1022) ? zero : term;
+  return (a == zero) | (ni < -1022) ? zero : term;
 }
 
 static inline double as_f64(double x) { return x; }
@@ -454,22 +465,23 @@ static inline double as_f64(S x) {
   return static_cast<double>(to_f32(x));
 }
 
-// The sum of (|x| inv_max)^p (inv_max = 1 / max |x|, the chunk's maximum, read first by the
-// caller) in the 16 lanes' fixed order.
+// The sum of (|x| / max)^p (max = max |x|, the chunk's maximum, read first by the caller) in the
+// 16 lanes' fixed order.
 template <typename S>
-static double power_sum(const void* data, int64_t n, double p, double inv_max) {
+static double power_sum(const void* data, int64_t n, double p, double max) {
   const S* x = static_cast<const S*>(data);
+  const double log2_max = log2_of(max);
   vd acc[kLanes / kDoubles] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     for (int j = 0; j < kLanes / kDoubles; ++j) {
-      acc[j] += ratio_pow(abs_v(load_f64(x + k + kDoubles * j)) * inv_max, p);
+      acc[j] += ratio_pow(abs_v(load_f64(x + k + kDoubles * j)), p, log2_max);
     }
   }
   double lanes[kLanes];
   __builtin_memcpy(lanes, acc, sizeof(lanes));
   for (int j = 0; k < n && j < kLanes; ++k, ++j) {
-    lanes[j] += ratio_pow(__builtin_fabs(as_f64(x[k])) * inv_max, p);
+    lanes[j] += ratio_pow(__builtin_fabs(as_f64(x[k])), p, log2_max);
   }
   return sum_lanes(lanes);
 }

@@ -95,10 +95,7 @@ Partial chunk_partial(const cpu::CpuKernels& k, at::ScalarType dtype, const void
     // powers, so that (max, sum) is the partial.
     const double max = k.max_abs[s](data, n);
     if (max == 0.0 || is_nonfinite({max, 0.0})) return {max, 0.0};
-    if (max >= 0x1p-1000) return {max, k.power_sum[s](data, n, p, 1.0 / max)};
-    return FUSEDCLIP_DISPATCH_FLOATING(dtype, "fusedclip::total_norm", [&] {
-      return scalar_partial(static_cast<const scalar_t*>(base), span.begin, span.end, p, kind);
-    });
+    return {max, k.power_sum[s](data, n, p, max)};
   }
   const bool squares = kind == NormKind::kTwo;
   if (s != cpu::kF64) {
@@ -180,10 +177,17 @@ void clamp_pass_cpu(const Plan& plan, double clip_value) {
   for_each_chunk(plan, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const at::ScalarType dtype = plan.keys[span.tensor].dtype;
-    const double bound = FUSEDCLIP_DISPATCH_FLOATING(
-        dtype, "fusedclip::clamp_", [&] { return bound_as<scalar_t>(clip_value); });
-    char* data = table.data<char>(span.tensor) + span.begin * c10::elementSize(dtype);
-    k.clamp[storage_index(dtype)](data, span.end - span.begin, bound);
+    FUSEDCLIP_DISPATCH_FLOATING(dtype, "fusedclip::clamp_", [&] {
+      const double bound = bound_as<scalar_t>(clip_value);
+      scalar_t* data = table.data<scalar_t>(span.tensor);
+      if (std::signbit(bound)) {
+        // clip_value = -0.0: torch's clamp_min_(+0.0), then clamp_max_(-0.0), which the bit
+        // compare of the vector loops cannot express; the scalar rule can.
+        for (int64_t i = span.begin; i < span.end; ++i) data[i] = clamped<false>(data[i], bound);
+        return;
+      }
+      k.clamp[storage_index(dtype)](data + span.begin, span.end - span.begin, bound);
+    });
   });
 }
 

@@ -3,8 +3,8 @@
 #include "cpu/kernels.h"
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -30,26 +30,38 @@ bool cpu_has_avx512() { return false; }
 
 struct Named {
   const char* name;
-  const CpuKernels* kernels;  // null: not in this build
-  bool (*runs)();             // whether this CPU runs it
+  const CpuKernels* (*kernels)();  // null result: not in this build
+  bool (*runs)();                   // whether this CPU runs it
 };
 
 bool always() { return true; }
+const CpuKernels* baseline() { return &baseline_kernels(); }
 
-// Widest first.
-const Named kSets[] = {
-    {"avx512", avx512_kernels(), &cpu_has_avx512},
-    {"avx2", avx2_kernels(), &cpu_has_avx2},
-    {"baseline", &baseline_kernels(), &always},
+// Widest first. Constant-initialized (function pointers only), so usable from any initializer.
+constexpr Named kSets[] = {
+    {"avx512", &avx512_kernels, &cpu_has_avx512},
+    {"avx2", &avx2_kernels, &cpu_has_avx2},
+    {"baseline", &baseline, &always},
 };
+
+bool same_name(const char* a, const char* b) {  // ASCII, case-insensitive
+  for (; *a != '\0' && *b != '\0'; ++a, ++b) {
+    if (std::tolower(static_cast<unsigned char>(*a)) != std::tolower(static_cast<unsigned char>(*b))) {
+      return false;
+    }
+  }
+  return *a == *b;
+}
 
 const CpuKernels* named(const char* name) {
   for (const Named& s : kSets) {
-    if (std::strcmp(name, s.name) == 0) return s.kernels != nullptr && s.runs() ? s.kernels : nullptr;
+    if (same_name(name, s.name)) return s.kernels() != nullptr && s.runs() ? s.kernels() : nullptr;
   }
   return nullptr;
 }
 
+// The set FUSEDCLIP_CPU_CAPABILITY names, else the widest this CPU runs. A name no set answers
+// raises (every time, until set_capability chooses one), rather than silently running another.
 const CpuKernels* best() {
   const char* env = std::getenv("FUSEDCLIP_CPU_CAPABILITY");
   if (env != nullptr && *env != '\0') {
@@ -60,23 +72,28 @@ const CpuKernels* best() {
         "with AVX2, FMA and F16C; avx512 on one with AVX-512 F, BW, VL and DQ too)");
   }
   for (const Named& s : kSets) {
-    if (s.kernels != nullptr && s.runs()) return s.kernels;
+    if (s.kernels() != nullptr && s.runs()) return s.kernels();
   }
   return &baseline_kernels();
 }
 
-std::atomic<const CpuKernels*>& current() {
-  static std::atomic<const CpuKernels*> k{best()};
-  return k;
-}
+std::atomic<const CpuKernels*> current{nullptr};
 
 }  // namespace
 
-const CpuKernels& kernels() { return *current().load(std::memory_order_relaxed); }
+const CpuKernels& kernels() {
+  const CpuKernels* k = current.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    k = best();  // may throw, choosing nothing
+    current.store(k, std::memory_order_release);
+  }
+  return *k;
+}
 
 const char* capability() {
+  const CpuKernels* k = &kernels();
   for (const Named& s : kSets) {
-    if (s.kernels == &kernels()) return s.name;
+    if (s.kernels() == k) return s.name;
   }
   return "baseline";
 }
@@ -84,7 +101,7 @@ const char* capability() {
 bool set_capability(const char* name) {
   const CpuKernels* k = named(name);
   if (k == nullptr) return false;
-  current().store(k, std::memory_order_relaxed);
+  current.store(k, std::memory_order_release);
   return true;
 }
 

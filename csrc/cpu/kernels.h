@@ -23,9 +23,8 @@ struct CpuKernels {
   // power of two near max |x|; false when max |x| (always written to *max) is 0, non-finite or
   // tiny, and the caller's scalar loop takes the chunk.
   bool (*scaled_sum_f64[2])(const void* data, int64_t n, double* scale, double* sum, double* max);
-  // Any other p > 0: the sum of (|x| inv_max)^p, inv_max = 1 / max |x| (finite, positive, and
-  // above 2^-1000: the caller's scalar loop takes smaller maxima).
-  double (*power_sum[4])(const void* data, int64_t n, double p, double inv_max);
+  // Any other p > 0: the sum of (|x| / max)^p, max = max |x| (finite and positive).
+  double (*power_sum[4])(const void* data, int64_t n, double p, double max);
   // In place: x * c (fp64 product, rounded once to fp32 and then to the storage type).
   void (*scale[4])(void* data, int64_t n, double c);
   // In place: x clamped to [-bound, bound], bound a value of the storage type.

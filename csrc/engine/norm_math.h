@@ -52,9 +52,11 @@ FUSEDCLIP_HD double ratio_pow(double r, double p, NormKind kind) {
   return pow(r, p);
 }
 
-// A plain sum of |x|^p as a partial.
+// A plain sum of |x|^p as a partial. A NaN sum becomes the canonical NaN: which NaN payload an
+// fp add keeps depends on its operands' order, which differs between vector widths.
 FUSEDCLIP_HD Partial from_plain_sum(double s) {
-  if (is_nan(s) || is_inf(s)) return {s, 0.0};
+  if (is_nan(s)) return {NAN, 0.0};
+  if (is_inf(s)) return {s, 0.0};
   return s == 0.0 ? Partial{0.0, 0.0} : Partial{1.0, s};
 }
 

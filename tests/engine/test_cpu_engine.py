@@ -214,3 +214,72 @@ def test_one_call_path_returns_an_fp64_norm_in_full(p):
     assert_norm_close(out, expected)
     assert_norm_close(norm, expected)
     assert float(coef) == 1.0
+
+
+@pytest.mark.parametrize("p", [0.01, 0.02, 0.5])
+def test_small_p_keeps_tiny_elements(p):
+    """For a small p, elements 1e-400 times the largest still count ((1e-400)^0.01 is 1e-4): the
+    general-p loop works on log2 |x| - log2 max, never on the underflowing ratio."""
+    ts = [torch.tensor([1e100] + [1e-300] * 50, dtype=torch.float64)]
+    norm = torch.ops.fusedclip.total_norm(ts, p, 1.0, False, None, None, False)[0]
+    assert_norm_close(norm, oracle_norm(ts, p))
+
+
+def test_huge_p_norm_is_the_maximum():
+    """p = 1e20: every term but the largest's is 0, and the largest's is exactly 1 (its log2 is
+    subtracted from itself), so the norm is the maximum, not 0."""
+    ts = [torch.tensor([1.00566, 0.5], dtype=torch.float32)]
+    norm = torch.ops.fusedclip.total_norm(ts, 1e20, 1.0, False, None, None, False)[0]
+    assert float(norm) == float(ts[0][0])
+
+
+@contextlib.contextmanager
+def _flush_denormal():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_fp64_near_the_top_under_flush_to_zero(p):
+    """torch.set_flush_denormal(True) (DAZ/FTZ) must not zero the scale factors of fp64 chunks
+    whose maximum is at or above 2^1023."""
+    ts = [torch.tensor([1e308, 3.0], dtype=torch.float64)]
+    expected = oracle_norm(ts, p)
+    with _flush_denormal():
+        norm = torch.ops.fusedclip.total_norm(ts, p, 1.0, False, None, None, False)[0]
+    assert_norm_close(norm, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_zero_clip_value_as_torch(dtype):
+    """clip_value = -0.0 passes the >= 0 check; torch then clamps to [+0.0, -0.0] (clamp_min_,
+    then clamp_max_): the engine gives the same signs."""
+    x = torch.tensor([3.0, -3.0, 0.0, -0.0, float("nan"), 1e-3, -1e-3], dtype=dtype)
+    expected = x.clone().clamp_min_(0.0).clamp_max_(-0.0)
+    got = x.clone()
+    torch.ops.fusedclip.clamp_([got], -0.0)
+    assert_bitwise_equal([got], [expected])
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES[1:])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_norms_are_the_same_bits_on_every_set(dtype, capability):
+    """A NaN norm is the canonical NaN on every instruction set (a vector add keeps one operand's
+    payload, and which one depends on the vector width)."""
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4099, generator=gen, dtype=torch.float64)
+    x[torch.randint(4099, (40,), generator=gen)] = float("nan")
+    x[::7] = -x[::7]
+    ts = [x.to(dtype)]
+    for p in NORM_TYPES:
+        with _capability("baseline"):
+            expected = torch.ops.fusedclip.total_norm(ts, p, 1.0, True, None, None, False)
+        with _capability(capability):
+            got = torch.ops.fusedclip.total_norm(ts, p, 1.0, True, None, None, False)
+        assert_bitwise_equal(list(got), list(expected), nan_payloads=True)
