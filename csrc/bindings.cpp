@@ -188,7 +188,8 @@ int64_t grad_pointer_floor(py::handle params) {
   TORCH_CHECK_TYPE(PyList_Check(list), "grad_pointer_floor: params must be a list");
   int64_t sum = 0;
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
-    const at::Tensor& g = THPVariable_Unpack(PyList_GET_ITEM(list, i)).unsafeGetTensorImpl()->grad();
+    const at::Tensor& g =
+        THPVariable_Unpack(PyList_GET_ITEM(list, i)).unsafeGetTensorImpl()->grad();
     if (g.defined()) sum += reinterpret_cast<int64_t>(g.const_data_ptr());
   }
   return sum;

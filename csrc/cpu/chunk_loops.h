@@ -130,7 +130,7 @@ static inline void from_f32(float& out, float f) { out = f; }
 static inline void from_f32(BF16& out, float f) { out.bits = f32_to_bf16_bits(f); }
 static inline void from_f32(F16& out, float f) { out.bits = f32_to_f16_bits(f); }
 
-// --- vector conversions -----------------------------------------------------------------------------
+// --- vector conversions ------------------------------------------------------------------------
 // AVX2 and AVX-512 spell out the instructions where GCC 12's generic lowering of
 // __builtin_convertvector goes through narrower pieces or scalars; the values are the same.
 
@@ -255,7 +255,7 @@ static inline void prefetch_ahead(const S* p) {
                      kWrite ? 1 : 0);
 }
 
-// --- reductions ------------------------------------------------------------------------------------
+// --- reductions --------------------------------------------------------------------------------
 
 // The 16 lane sums, added as a fixed tree: (0+8, 1+9, ...), then (0+4, ...), (0+2, ...), 0+1.
 static inline double sum_lanes(double* lanes) {
@@ -297,7 +297,9 @@ static double plain_sum(const void* data, int64_t n) {
     }
   }
   for (; k + kLanes <= n; k += kLanes) {
-    for (int j = 0; j < kLanes / kDoubles; ++j) acc[j] += term<kSquares>(load_f64(x + k + kDoubles * j));
+    for (int j = 0; j < kLanes / kDoubles; ++j) {
+      acc[j] += term<kSquares>(load_f64(x + k + kDoubles * j));
+    }
   }
   double lanes[kLanes];
   __builtin_memcpy(lanes, acc, sizeof(lanes));
@@ -390,13 +392,13 @@ static bool scaled_sum_f64(const void* data, int64_t n, double* scale, double* s
 }
 
 // --- general p: the sum of (|x| / m)^p, m = max |x| --------------------------------------------
-// r^p = 2^(p (log2 |x| - log2 m)) for r = |x| / m in [0, 1], in fp64, on a vector or a scalar alike (the same operations
-// on every lane, so that tails, vectors and instruction sets agree bit for bit). log2 r: r = f 2^e
-// with f in [sqrt(1/2), sqrt(2)), log2 f = 2 atanh(z) / ln 2 with z = (f - 1) / (f + 1), |z| <=
-// 0.1716, by its series to z^21 (relative error below 1e-15); 2^y for y <= 0: y = n + g, n the
-// nearest integer, e^(g ln 2) by its Taylor series to g^13 (below 2e-16), times 2^n from the
-// exponent bits. So each term carries a relative error near p * 1e-13 at worst (the log's
-// absolute error, scaled by p): far inside the 1e-5 of the contract.
+// r^p = 2^(p (log2 |x| - log2 m)) for r = |x| / m in [0, 1], in fp64, on a vector or a scalar
+// alike (the same operations on every lane, so that tails, vectors and instruction sets agree bit
+// for bit). log2 a: a = f 2^e with f in [sqrt(1/2), sqrt(2)), log2 f = 2 atanh(z) / ln 2 with
+// z = (f - 1) / (f + 1), |z| <= 0.1716, by its series to z^21 (relative error below 1e-15); 2^y
+// for y <= 0: y = n + g, n the nearest integer, e^(g ln 2) by its Taylor series to g^13 (below
+// 2e-16), times 2^n from the exponent bits. So each term carries a relative error near p * 1e-13
+// at worst (the logs' absolute error, scaled by p): far inside the 1e-5 of the contract.
 
 template <typename T>
 struct Lanes;  // T's integer lanes of the same width
@@ -495,7 +497,9 @@ static void scale_chunk(void* data, int64_t n, double c) {
   constexpr int kLine = 64 / sizeof(S);  // elements per cache line: one prefetch each
   for (; k + kLine <= n; k += kLine) {
     prefetch_ahead<true>(x + k);
-    for (int j = 0; j < kLine; j += kDoubles) store_half(x + k + j, to_f32(load_f64(x + k + j) * c));
+    for (int j = 0; j < kLine; j += kDoubles) {
+      store_half(x + k + j, to_f32(load_f64(x + k + j) * c));
+    }
   }
   for (; k + kDoubles <= n; k += kDoubles) store_half(x + k, to_f32(load_f64(x + k) * c));
   for (; k < n; ++k) from_f32(x[k], static_cast<float>(static_cast<double>(to_f32(x[k])) * c));
@@ -579,7 +583,9 @@ static void clamp_bits(void* data, int64_t n, ClampBits<U> c) {
   int64_t k = 0;
   for (; k + kLine <= n; k += kLine) {
     prefetch_ahead(x + k);
-    for (int j = 0; j < kLine; j += kWidth) store_vec(x + k + j, clamp_vec(load_vec<V>(x + k + j), c));
+    for (int j = 0; j < kLine; j += kWidth) {
+      store_vec(x + k + j, clamp_vec(load_vec<V>(x + k + j), c));
+    }
   }
   for (; k < n; ++k) {
     const U m = x[k] & static_cast<U>(~c.sign);

@@ -56,7 +56,8 @@ template <typename F>
 void for_each_chunk(const Plan& plan, const F& f) {
   const std::vector<int64_t>& through = elems_through(plan);
   const int64_t total = through.empty() ? 0 : through.back();
-  const int64_t parts = total < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+  const int64_t parts =
+      total < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
   auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) f(c);
   };
@@ -68,18 +69,17 @@ void for_each_chunk(const Plan& plan, const F& f) {
                                 through.begin());
   };
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t part = lo; part < hi; ++part) run(part == 0 ? 0 : first_of(part), first_of(part + 1));
+    for (int64_t part = lo; part < hi; ++part) {
+      run(part == 0 ? 0 : first_of(part), first_of(part + 1));
+    }
   });
 }
 
-// The exact scalar loop of norm_math.h, for fp64 chunks whose largest magnitude is below 2^-1000
-// (the vector loops scale by its inverse or a power of two near it).
-template <typename T>
-Partial scalar_partial(const T* data, int64_t begin, int64_t end, double p, NormKind kind) {
+// The exact scalar loop of norm_math.h, for fp64 chunks (p = 1 or 2) whose largest magnitude is
+// below 2^-960, which the vector loop (scaled_sum_f64 in chunk_loops.h) leaves to it.
+Partial scalar_partial_f64(const double* data, int64_t n, double p, NormKind kind) {
   Partial acc{0.0, 0.0};
-  for (int64_t k = begin; k < end; ++k) {
-    add_scaled(acc, std::abs(static_cast<double>(static_cast<math_t<T>>(data[k]))), p, kind);
-  }
+  for (int64_t k = 0; k < n; ++k) add_scaled(acc, std::abs(data[k]), p, kind);
   return acc;
 }
 
@@ -104,7 +104,7 @@ Partial chunk_partial(const cpu::CpuKernels& k, at::ScalarType dtype, const void
   double scale = 0.0, sum = 0.0, max = 0.0;
   if (k.scaled_sum_f64[squares ? 0 : 1](data, n, &scale, &sum, &max)) return {scale, sum};
   if (max == 0.0 || is_nonfinite({max, 0.0})) return {max, 0.0};
-  return scalar_partial(static_cast<const double*>(base), span.begin, span.end, p, kind);
+  return scalar_partial_f64(static_cast<const double*>(data), n, p, kind);
 }
 
 // The norm in the returned dtype: fp64 as it is, the others rounded once to fp32 first (as the
@@ -126,8 +126,8 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   std::vector<Partial> partials(table.num_chunks);
   for_each_chunk(plan, [&](int64_t c) {
     const ChunkSpan span = table.span(c);
-    partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype, table.data<const void>(span.tensor),
-                                span, r.p, kind);
+    partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype,
+                                table.data<const void>(span.tensor), span, r.p, kind);
   });
   Partial total{0.0, 0.0};
   if (r.wants_total()) {

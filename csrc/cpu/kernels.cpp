@@ -46,9 +46,8 @@ constexpr Named kSets[] = {
 
 bool same_name(const char* a, const char* b) {  // ASCII, case-insensitive
   for (; *a != '\0' && *b != '\0'; ++a, ++b) {
-    if (std::tolower(static_cast<unsigned char>(*a)) != std::tolower(static_cast<unsigned char>(*b))) {
-      return false;
-    }
+    const int x = std::tolower(static_cast<unsigned char>(*a));
+    if (x != std::tolower(static_cast<unsigned char>(*b))) return false;
   }
   return *a == *b;
 }

@@ -215,7 +215,6 @@ class FusedBackend:
         dtype, the fp64 coefficient, the fp64 norm); None for the general path."""
         return self._run_params(params, max_norm, norm_type, cuda_only, None, None, soft, True)
 
-
     def total_norm(
         self,
         tensors: list[Tensor],
