@@ -9,6 +9,8 @@ when those packages are not installed.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 from unittest import mock
 
 import pytest
@@ -19,6 +21,7 @@ from gradients import clone_params, make_params
 
 import fusedclip
 from fusedclip import api, torch_patch
+from fusedclip.backends import reference
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +128,34 @@ def test_torch_function_is_torch_s_while_patched():
 # ---- frameworks ---------------------------------------------------------------------------------
 
 
-def _counting(name):
-    return mock.patch.object(api, name, wraps=getattr(api, name))
+# The reference backend's primitives: every norm it takes, every scaling and every clamp it does
+# go through one of these.
+_WORK = ("total_norm", "scale_", "clamp_")
+
+
+@contextlib.contextmanager
+def _fusedclip_traffic():
+    """Counts the calls of every function ``patch()`` routes to fusedclip (whichever of them a
+    framework uses: accelerate 1.16 calls ``get_total_norm`` and ``clip_grads_with_norm_``, older
+    releases ``clip_grad_norm_``), and of the reference backend's primitives that do the work, so
+    that "went through fusedclip" means the backend ran, not just that an entry point was hit."""
+    counts = collections.Counter()
+
+    def spy(module, name, key):
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+
+        return mock.patch.object(module, name, counted)
+
+    with contextlib.ExitStack() as stack:
+        for name in NAMES:
+            stack.enter_context(spy(api, name, name))
+        for name in _WORK:
+            stack.enter_context(spy(reference, name, f"reference.{name}"))
+        yield counts
 
 
 def _trainer_weights(tmp_path, patch):
@@ -145,20 +174,24 @@ def _trainer_weights(tmp_path, patch):
         disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
-    with _counting("clip_grad_norm_") as spy:
+    with _fusedclip_traffic() as counts:
         if patch:
             with fusedclip.patched(backend="reference"):
                 trainer.train()
         else:
             trainer.train()
-    calls = spy.call_count
-    return [p.detach().clone() for p in model.parameters()], calls
+    return [p.detach().clone() for p in model.parameters()], counts
 
 
 def test_hf_trainer_patched_matches_unpatched(tmp_path):
-    ours, calls = _trainer_weights(tmp_path / "a", patch=True)
-    theirs, torch_calls = _trainer_weights(tmp_path / "b", patch=False)
-    assert calls == 3 and torch_calls == 0  # every step clipped through fusedclip
+    ours, counts = _trainer_weights(tmp_path / "a", patch=True)
+    theirs, unpatched = _trainer_weights(tmp_path / "b", patch=False)
+    # Every step's norm taken and every step's gradients scaled by fusedclip's reference backend,
+    # through whichever of torch's functions the installed accelerate calls.
+    assert counts["clip_grad_norm_"] + counts["get_total_norm"] == 3, counts
+    assert counts["clip_grad_norm_"] + counts["clip_grads_with_norm_"] == 3, counts
+    assert counts["reference.total_norm"] == counts["reference.scale_"] == 3, counts
+    assert not unpatched, unpatched
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -188,20 +221,25 @@ def _lightning_weights(algorithm, patch):
     trainer = pl.Trainer(max_steps=4, gradient_clip_val=0.05, gradient_clip_algorithm=algorithm,
                          accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    name = "clip_grad_norm_" if algorithm == "norm" else "clip_grad_value_"
-    with _counting(name) as spy:
+    with _fusedclip_traffic() as counts:
         if patch:
             with fusedclip.patched(backend="reference"):
                 trainer.fit(model, loader)
         else:
             trainer.fit(model, loader)
-    return [p.detach().clone() for p in model.parameters()], spy.call_count
+    return [p.detach().clone() for p in model.parameters()], counts
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_lightning_gradient_clip_patched_matches_unpatched(algorithm):
-    ours, calls = _lightning_weights(algorithm, patch=True)
-    theirs, torch_calls = _lightning_weights(algorithm, patch=False)
-    assert calls == 4 and torch_calls == 0
+    ours, counts = _lightning_weights(algorithm, patch=True)
+    theirs, unpatched = _lightning_weights(algorithm, patch=False)
+    if algorithm == "norm":
+        assert counts["clip_grad_norm_"] + counts["get_total_norm"] == 4, counts
+        assert counts["clip_grad_norm_"] + counts["clip_grads_with_norm_"] == 4, counts
+        assert counts["reference.total_norm"] == counts["reference.scale_"] == 4, counts
+    else:
+        assert counts["clip_grad_value_"] == counts["reference.clamp_"] == 4, counts
+    assert not unpatched, unpatched
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
