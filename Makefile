@@ -11,35 +11,49 @@
 #   make microbench  per-operation pytest-benchmark runs, saved under .benchmarks/ and compared with
 #                    the previous saved run
 #   make checkstyle  ruff on Python, clang-format (when installed) on csrc/
+#   make lock-check  the venvs hold exactly the versions of their lock files (CI runs it)
+#   make lock        refresh the lock files to the newest releases, then run both test stages
 #
-# Knobs: TORCH_VERSION, VENV, PYTHON; for test-cpu-torch CPU_TORCH_VERSION, CPU_VENV, CPU_TESTS and
+# Versions: requirements/*.txt say what each venv needs; requirements/lock-*.txt pin every package
+# (torch's own dependencies included) to the versions last tested, and every install here uses them
+# as pip constraints, so the test environment is the same every day until `make lock` is run on
+# purpose. LOCK= (empty) / CPU_LOCK= installs unpinned, e.g. with another TORCH_VERSION. Installs
+# of the package itself (`pip install fusedclip`, setup.py) keep their version ranges.
+#
+# Knobs: TORCH_VERSION, VENV, PYTHON, LOCK; for test-cpu-torch CPU_TORCH_VERSION, CPU_VENV, CPU_LOCK,
+# CPU_TESTS and
 # CPU_TORCH_PIP_ARGS (e.g. --index-url https://download.pytorch.org/whl/cpu where pip would fetch a
 # CUDA build). The build reads FUSEDCLIP_BUILD_EXT, TORCH_CUDA_ARCH_LIST, MAX_JOBS and CUDA_HOME
 # (see setup.py).
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusedclip-installed
+LOCK ?= requirements/lock-dev.txt
 
 CPU_TORCH_VERSION ?= 2.13.0
 CPU_VENV ?= .venv-cpu
 CPU_TORCH_PIP_ARGS ?=
 CPU_TESTS ?= tests/api tests/engine tests/features
+CPU_LOCK ?= requirements/lock-cpu-torch.txt
 CPU_DIR := $(abspath $(CPU_VENV))
 CPU_PY := $(CPU_DIR)/bin/python
 CPU_STAMP := $(CPU_DIR)/.deps-torch-$(CPU_TORCH_VERSION)
 
-.PHONY: setup test test-cpu-torch bench microbench checkstyle clean
+.PHONY: setup test test-cpu-torch bench microbench checkstyle lock lock-check clean
+
+constrained = $(if $(1),-c $(1))
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstalls (and so rebuilds the extension) whenever the build inputs change.
-$(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
+$(STAMP): $(PY) setup.py pyproject.toml requirements/dev.txt $(LOCK) $(shell find csrc -type f)
+	$(PY) -m pip install -q $(call constrained,$(LOCK)) --upgrade pip
+	$(PY) -m pip install -q $(call constrained,$(LOCK)) torch==$(TORCH_VERSION) -r requirements/dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -50,10 +64,10 @@ test: setup
 	$(PY) -m pytest -q
 
 # torch and the test tools, once per CPU_TORCH_VERSION; a CUDA build of torch is refused.
-$(CPU_STAMP): requirements-cpu-torch.txt
+$(CPU_STAMP): requirements/cpu-torch.txt $(CPU_LOCK)
 	$(PYTHON) -m venv $(CPU_DIR)
-	$(CPU_PY) -m pip install -q $(CPU_TORCH_PIP_ARGS) torch==$(CPU_TORCH_VERSION) \
-	  -r requirements-cpu-torch.txt
+	$(CPU_PY) -m pip install -q $(call constrained,$(CPU_LOCK)) $(CPU_TORCH_PIP_ARGS) \
+	  torch==$(CPU_TORCH_VERSION) -r requirements/cpu-torch.txt
 	$(CPU_PY) -c 'import sys, torch; sys.exit(torch.version.cuda and \
 	  f"torch {torch.__version__} is a CUDA build: set CPU_TORCH_PIP_ARGS to a CPU index")'
 	rm -f $(CPU_DIR)/.deps-torch-* && touch $@
@@ -97,6 +111,44 @@ checkstyle: setup
 	$(PY) -m ruff check fusedclip tests bench setup.py examples
 	@if command -v clang-format >/dev/null; then clang-format --dry-run --Werror $$(find csrc -name "*.h" -o -name "*.cpp" -o -name "*.cu" -o -name "*.cuh"); \
 	else echo "clang-format not installed: skipping csrc/"; fi
+
+# What a venv holds, as a lock file lists it: every distribution (pip and setuptools too) but
+# fusedclip itself, sorted by name.
+define FREEZE
+import importlib.metadata as md, re
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pins = {norm(d.metadata["Name"]): d.version for d in md.distributions()}
+pins.pop("fusedclip", None)
+print("\n".join(f"{name}=={pins[name]}" for name in sorted(pins)))
+endef
+export FREEZE
+
+# lock-check VENV_PYTHON LOCK: the venv holds the lock's versions, no more and no fewer.
+lock_check = $(1) -c "$$FREEZE" | diff -u --label "$(2) (locked)" --label "$(1) (installed)" \
+	  <(grep -v '^\#' $(2)) - || { echo "$(1) does not hold $(2): make lock refreshes it"; exit 1; }
+
+lock-check: setup $(CPU_STAMP)
+	@$(call lock_check,$(PY),$(LOCK))
+	@$(call lock_check,$(CPU_PY),$(CPU_LOCK))
+	@echo "$(VENV) and $(CPU_VENV) hold exactly $(LOCK) and $(CPU_LOCK)"
+
+# lock_env VENV TORCH REQUIREMENTS LOCK [PIP_ARGS]: a new venv with the newest releases of what
+# REQUIREMENTS names beside TORCH, written down as LOCK.
+define lock_env
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(5) torch==$(2) -r $(3)
+	{ echo "# make lock, $$(date -u +%F), $$($(1)/bin/python -V), $$(uname -m): the versions" \
+	  "tested with torch $(2) and $(3)"; $(1)/bin/python -c "$$FREEZE"; } > $(4)
+endef
+
+# Both venvs made anew from the newest releases, their lock files rewritten, then both test stages
+# run against them. Review `git diff requirements/` and commit the locks with the fixes they need.
+lock:
+	$(call lock_env,$(VENV),$(TORCH_VERSION),requirements/dev.txt,$(LOCK))
+	$(call lock_env,$(CPU_DIR),$(CPU_TORCH_VERSION),requirements/cpu-torch.txt,$(CPU_LOCK),$(CPU_TORCH_PIP_ARGS))
+	rm -f $(CPU_DIR)/.deps-torch-* && touch $(CPU_STAMP)
+	$(MAKE) lock-check test test-cpu-torch
 
 clean:
 	rm -rf build *.egg-info fusedclip/_C*.so $(CPU_DIR)/src $(CPU_DIR)/run
