@@ -66,6 +66,7 @@ test: setup
 # torch and the test tools, once per CPU_TORCH_VERSION; a CUDA build of torch is refused.
 $(CPU_STAMP): requirements/cpu-torch.txt $(CPU_LOCK)
 	$(PYTHON) -m venv $(CPU_DIR)
+	$(CPU_PY) -m pip install -q $(call constrained,$(CPU_LOCK)) --upgrade pip
 	$(CPU_PY) -m pip install -q $(call constrained,$(CPU_LOCK)) $(CPU_TORCH_PIP_ARGS) \
 	  torch==$(CPU_TORCH_VERSION) -r requirements/cpu-torch.txt
 	$(CPU_PY) -c 'import sys, torch; sys.exit(torch.version.cuda and \
