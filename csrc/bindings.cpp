@@ -162,6 +162,31 @@ bool clamp_params(py::handle params, double clip_value, bool cuda_only) {
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// BackwardClipper's step in backward: one gradient's partial (m, s) into `out` (fp64 [1, 2] on its
+// device, a row of the clipper's slots) through the cached one-tensor plan, without the
+// dispatcher's cost. False: the gradient is not plain (the clipper takes the general path, which
+// handles or refuses it).
+bool partial_into(py::handle grad, double norm_type, py::handle out) {
+  HANDLE_TH_ERRORS
+  constexpr const char* op = "fusedclip.BackwardClipper";
+  TORCH_CHECK_TYPE(THPVariable_Check(grad.ptr()) && THPVariable_Check(out.ptr()), op,
+                   ": grad and out must be tensors");
+  const at::Tensor& g = THPVariable_Unpack(grad.ptr());
+  const at::Tensor& o = THPVariable_Unpack(out.ptr());
+  if (find_engine(g.device().type()) == nullptr || !is_plain_grad(g, g.device())) return false;
+  TORCH_CHECK(o.scalar_type() == at::kDouble && o.numel() == 2 && o.is_contiguous() &&
+                  o.device() == g.device(),
+              op, ": out must be a contiguous float64 tensor of 2 elements on ", g.device());
+  TORCH_CHECK_VALUE(norm_type > 0.0, op, ": norm_type must be > 0 or inf, got ", norm_type);
+  const auto plan = plan_for({key_of(g)}, g.device(), op);
+  NormRequest r;
+  r.p = norm_type;
+  r.per_tensor_partial = o.data_ptr<double>();
+  plan->engine->norm_pass(*plan, r);
+  return true;
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 // The cached plan of the gradients of `params`, for kernels launched from Python (the Triton
 // backend): (table, num_tensors, num_chunks, result dtype, [(dtype, aligned, chunk_lo,
 // chunk_hi)]), or None for the general path. The table is ready for the current stream. With
@@ -219,6 +244,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cuda_only") = true, py::arg("writing") = false, py::arg("allow_half") = true,
         "the cached plan of the gradients of a list of parameters (table, sizes, groups), or "
         "None when they need the general path");
+  m.def("partial_into", &fusedclip::partial_into, py::arg("grad"), py::arg("norm_type"),
+        py::arg("out"),
+        "one gradient's partial (m, s) into out (fp64, 2 elements) through its cached plan: "
+        "True, or False when the gradient needs the general path");
   m.attr("CHUNK_ELEMS") = fusedclip::kChunkElems;
   // The CUDA engine registers itself exactly when its sources are compiled in.
   m.attr("CUDA_KERNELS") = fusedclip::find_engine(c10::DeviceType::CUDA) != nullptr;

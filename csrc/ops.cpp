@@ -20,6 +20,14 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def("total_norm(Tensor[] tensors, float norm_type, float max_norm, bool per_tensor, "
         "Tensor? inv_scale=None, Tensor(a!)? found_inf=None, bool soft=False) -> "
         "(Tensor, Tensor, Tensor)");
+  // Pass 1 without its finish: each tensor's own partial (m, s) of its raw elements (norm_math.h)
+  // written into row t of out (fp64 [T, 2], contiguous, on the tensors' device; e.g. rows of
+  // BackwardClipper's slots). One read of every element.
+  m.def("partials_(Tensor[] tensors, float norm_type, Tensor(a!) out) -> ()");
+  // Pass 1's finish over partials made earlier (fp64 [N, 2]), combined in row order: (norm, coef)
+  // as total_norm returns them, with inv_scale, found_inf and soft as there.
+  m.def("finish_partials(Tensor partials, float norm_type, float max_norm, "
+        "Tensor? inv_scale=None, Tensor(a!)? found_inf=None, bool soft=False) -> (Tensor, Tensor)");
   // Both passes: global-norm clipping in place (unscaling too, given inv_scale); returns
   // (norm, per-tensor norms) as total_norm.
   m.def("clip_(Tensor(a!)[] tensors, float max_norm, float norm_type, bool per_tensor, "

@@ -118,6 +118,19 @@ void store_as(void* dst, double v) {
   }
 }
 
+// The request's totals from the combination of every partial (norm_math.h finish_total).
+void write_totals(Partial total, NormKind kind, const NormRequest& r) {
+  const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
+  const Finished f = finish_total(total, r.p, kind, r.max_norm, r.mode, inv);
+  if (r.norm) *r.norm = f.norm;
+  if (r.coef) *r.coef = f.coef;
+  if (r.found_inf && f.nonfinite) *r.found_inf = 1.0f;
+  if (r.norm_out) {
+    FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
+                                [&] { store_as<scalar_t>(r.norm_out, f.norm); });
+  }
+}
+
 // Pass 1: one read of every element, a partial per chunk, combined in chunk order.
 void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const TableView table = plan.view();
@@ -129,29 +142,31 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
     partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype,
                                 table.data<const void>(span.tensor), span, r.p, kind);
   });
-  Partial total{0.0, 0.0};
   if (r.wants_total()) {
+    Partial total{0.0, 0.0};
     for (const Partial& part : partials) total = combine(total, part, r.p, kind);
+    write_totals(total, kind, r);
   }
-  const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
-  const Finished f = finish_total(total, r.p, kind, r.max_norm, r.mode, inv);
-  if (r.norm) *r.norm = f.norm;
-  if (r.coef) *r.coef = f.coef;
-  if (r.found_inf && f.nonfinite) *r.found_inf = 1.0f;
-  if (r.norm_out) {
-    FUSEDCLIP_DISPATCH_FLOATING(r.norm_out_dtype, "fusedclip::total_norm",
-                                [&] { store_as<scalar_t>(r.norm_out, f.norm); });
-  }
-  if (r.per_tensor || r.per_tensor_coef) {
+  if (r.wants_tensors()) {
+    const double inv = r.inv_scale ? static_cast<double>(*r.inv_scale) : 1.0;
     for (int64_t t = 0; t < table.num_tensors; ++t) {
       Partial own{0.0, 0.0};
       const int64_t first = table.first_chunk[t];
       for (int64_t c = first; c < first + chunks_of(table.numel[t]); ++c) {
         own = combine(own, partials[c], r.p, kind);
       }
-      write_tensor_outputs(r, t, finish_norm(own, r.p, kind) * inv, inv);
+      write_tensor_outputs(r, t, own, kind, inv);
     }
   }
+}
+
+// The finish of pass 1 over given partials (fp64 [n, 2]), combined in row order as pass 1
+// combines its chunks'.
+void finish_pass_cpu(const double* partials, int64_t n, const at::Device&, const NormRequest& r) {
+  const NormKind kind = norm_kind(r.p);
+  Partial total{0.0, 0.0};
+  for (int64_t i = 0; i < n; ++i) total = combine(total, {partials[2 * i], partials[2 * i + 1]}, r.p, kind);
+  write_totals(total, kind, r);
 }
 
 // Pass 2: every element of a chunk whose coefficient is not 1 read and written once.
@@ -209,8 +224,8 @@ void init_plan_cpu(Plan& plan) {
 
 void make_ready_cpu(Plan&) {}
 
-const DeviceEngine kCpuEngine{"CPU", &norm_pass_cpu, &scale_pass_cpu, &clamp_pass_cpu,
-                              &init_plan_cpu, &make_ready_cpu};
+const DeviceEngine kCpuEngine{"CPU",           &norm_pass_cpu,  &scale_pass_cpu, &clamp_pass_cpu,
+                              &finish_pass_cpu, &init_plan_cpu, &make_ready_cpu};
 [[maybe_unused]] const bool kRegistered = register_engine(c10::DeviceType::CPU, kCpuEngine);
 
 }  // namespace

@@ -91,8 +91,8 @@ void make_ready_cuda(Plan& plan) {
   }
 }
 
-const DeviceEngine kCudaEngine{"CUDA", &norm_pass_cuda, &scale_pass_cuda, &clamp_pass_cuda,
-                               &init_plan_cuda, &make_ready_cuda};
+const DeviceEngine kCudaEngine{"CUDA",           &norm_pass_cuda,  &scale_pass_cuda, &clamp_pass_cuda,
+                               &finish_pass_cuda, &init_plan_cuda, &make_ready_cuda};
 [[maybe_unused]] const bool kRegistered = register_engine(c10::DeviceType::CUDA, kCudaEngine);
 
 }  // namespace

@@ -4,7 +4,8 @@
 // bytes per 128 KiB read). Each block reduces its chunks' elements in a fixed tree; the last block
 // to finish (elected by an atomic counter, not by a second launch) combines the chunk partials in
 // a fixed order and writes the total norm, the clip coefficient and, when asked, each tensor's
-// norm. Nothing about the result depends on the grid size or the order blocks finish in, so it is
+// norm or partial. finish_pass_cuda is that last step alone, over partials made earlier (one per
+// gradient, by BackwardClipper during backward): one block reads 16 bytes per gradient. Nothing about the result depends on the grid size or the order blocks finish in, so it is
 // bitwise identical from run to run (and from GPU to GPU). No host synchronization anywhere.
 //
 // Accumulation (norm_math.h): p = 1 and 2 on fp16/bf16/fp32 sum |x|^p in fp64, which no finite
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       own = combine(own, {partials[2 * c], partials[2 * c + 1]}, p, kind);
     }
     own = warp_reduce(own, p, kind);
-    if (lane == 0) write_tensor_outputs(out, t, finish_norm(own, p, kind) * inv, inv);
+    if (lane == 0) write_tensor_outputs(out, t, own, kind, inv);
   }
 }
 
@@ -200,6 +201,12 @@ __global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) 
   finish(a, K);
 }
 
+// The finish alone, over partials made by earlier launches (BackwardClipper's, one per gradient):
+// one block, the same combination as pass 1's last block.
+__global__ void __launch_bounds__(kBlockThreads) finish_kernel(const Pass1Args a, NormKind kind) {
+  finish(a, kind);
+}
+
 template <typename T>
 void launch(const Pass1Args& a, int grid, NormKind kind, cudaStream_t stream) {
   switch (kind) {
@@ -226,6 +233,18 @@ int grid_for(NormKind kind, int device, int64_t chunks) {
 }
 
 }  // namespace
+
+void finish_pass_cuda(const double* partials, int64_t n, const c10::Device& device,
+                      const NormRequest& request) {
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  // Only the table's chunk count and the partials are read by finish().
+  TableView table{};
+  table.num_chunks = n;
+  const Pass1Args a{table, 0, n, const_cast<double*>(partials), nullptr, 1, request};
+  finish_kernel<<<1, kBlockThreads, 0, stream>>>(a, norm_kind(request.p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   const c10::cuda::CUDAGuard guard(plan.device);
@@ -261,7 +280,7 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
     FUSEDCLIP_DISPATCH_FLOATING(groups[i].dtype, "fusedclip::total_norm",
                                 [&] { launch<scalar_t>(a, grids[i], kind, stream); });
   }
-  if ((request.per_tensor || request.per_tensor_coef) && plan.keys.size() > 0) {
+  if (request.wants_tensors() && plan.keys.size() > 0) {
     const int64_t blocks = (static_cast<int64_t>(plan.keys.size()) + kWarps - 1) / kWarps;
     const int grid = static_cast<int>(std::min<int64_t>(
         blocks, cached_persistent_grid<tensor_outputs_kernel>(device)));

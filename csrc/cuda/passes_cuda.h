@@ -6,13 +6,17 @@
 
 #include <cstdint>
 
+#include <c10/core/Device.h>
+
 namespace fusedclip {
 
 struct Plan;         // engine/plan.h
 struct NormRequest;  // engine/request.h
 
-// DeviceEngine::norm_pass, scale_pass and clamp_pass (engine/device.h) on CUDA.
+// DeviceEngine::norm_pass, scale_pass, clamp_pass and finish_pass (engine/device.h) on CUDA.
 void norm_pass_cuda(const Plan& plan, const NormRequest& request);
+void finish_pass_cuda(const double* partials, int64_t n, const c10::Device& device,
+                      const NormRequest& request);
 void scale_pass_cuda(const Plan& plan, const double* coef, bool per_tensor);
 void clamp_pass_cuda(const Plan& plan, double clip_value);
 

@@ -5,6 +5,8 @@
 // engine for it.
 #pragma once
 
+#include <cstdint>
+
 #include <c10/core/Device.h>
 
 namespace fusedclip {
@@ -24,6 +26,11 @@ struct DeviceEngine {
   // Value clipping in one pass: every element clamped to [-bound, bound], bound = clip_value
   // rounded to the element's dtype (as torch converts a Python bound); NaN stays NaN.
   void (*clamp_pass)(const Plan& plan, double clip_value);
+  // The end of pass 1 on partials made earlier (fp64 [n, 2] on `device`, e.g. BackwardClipper's,
+  // one per gradient): combined in row order as pass 1 combines its chunks', then the request's
+  // totals written (norm, coef, norm_out, found_inf).
+  void (*finish_pass)(const double* partials, int64_t n, const c10::Device& device,
+                      const NormRequest& request);
 
   // Plan hooks, called with the plan cache's mutex held.
   // A plan was just built: plan.table is allocated on the device and plan.host_table holds its

@@ -10,6 +10,7 @@
 #include "engine/ops_impl.h"
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -43,14 +44,15 @@ void scale_(at::TensorList tensors, const at::Tensor& coef) {
 }
 
 // The AMP arguments of pass 1 (NormRequest::inv_scale, found_inf), checked, into `r`.
-void set_unscale(NormRequest& r, const Plan& plan, const std::optional<at::Tensor>& inv_scale,
+void set_unscale(NormRequest& r, const at::Device& device,
+                 const std::optional<at::Tensor>& inv_scale,
                  const std::optional<at::Tensor>& found_inf, const char* op) {
   if (inv_scale.has_value()) {
-    check_scalar_arg(*inv_scale, at::kFloat, plan.device, op, "inv_scale");
+    check_scalar_arg(*inv_scale, at::kFloat, device, op, "inv_scale");
     r.inv_scale = inv_scale->const_data_ptr<float>();
   }
   if (found_inf.has_value()) {
-    check_scalar_arg(*found_inf, at::kFloat, plan.device, op, "found_inf");
+    check_scalar_arg(*found_inf, at::kFloat, device, op, "found_inf");
     r.found_inf = found_inf->data_ptr<float>();
   }
 }
@@ -85,8 +87,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> total_norm(
   constexpr const char* op = "fusedclip::total_norm";
   NormRequest r = request(norm_type, max_norm, soft, op);
   const auto plan = plan_for(tensors, op);
-  set_unscale(r, *plan, inv_scale, found_inf, op);
+  set_unscale(r, plan->device, inv_scale, found_inf, op);
   return run_norm(*plan, r, per_tensor);
+}
+
+// The rows of a partials tensor (fp64 [rows, 2], contiguous, on `device`), checked.
+void check_partials(const at::Tensor& t, int64_t rows, const at::Device& device, const char* op,
+                    const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(1) == 2 &&
+                  (rows < 0 || t.size(0) == rows) && t.is_contiguous() && t.device() == device,
+              op, ": ", name, " must be a contiguous float64 tensor of shape [",
+              rows < 0 ? std::string("N") : std::to_string(rows), ", 2] on ", device, ", got ",
+              t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)",
+              " on ", t.device());
+}
+
+void partials_(at::TensorList tensors, double norm_type, const at::Tensor& out) {
+  constexpr const char* op = "fusedclip::partials_";
+  check_norm_args(norm_type, 0.0, op);
+  if (tensors.empty()) return;
+  const auto plan = plan_for(tensors, op);
+  check_partials(out, static_cast<int64_t>(tensors.size()), plan->device, op, "out");
+  NormRequest r;
+  r.p = norm_type;
+  r.per_tensor_partial = out.data_ptr<double>();
+  plan->engine->norm_pass(*plan, r);
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_partials(const at::Tensor& partials, double norm_type,
+                                                   double max_norm,
+                                                   const std::optional<at::Tensor>& inv_scale,
+                                                   const std::optional<at::Tensor>& found_inf,
+                                                   bool soft) {
+  constexpr const char* op = "fusedclip::finish_partials";
+  NormRequest r = request(norm_type, max_norm, soft, op);
+  const at::Device device = partials.device();
+  const DeviceEngine& engine = engine_for(device, op);
+  check_partials(partials, -1, device, op, "partials");
+  set_unscale(r, device, inv_scale, found_inf, op);
+  at::Tensor norm = fp64_scalar(device), coef = fp64_scalar(device);
+  r.norm = norm.data_ptr<double>();
+  r.coef = coef.data_ptr<double>();
+  engine.finish_pass(partials.const_data_ptr<double>(), partials.size(0), device, r);
+  return {norm, coef};
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_(at::TensorList tensors, double max_norm,
@@ -96,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> clip_(at::TensorList tensors, double max_norm
   constexpr const char* op = "fusedclip::clip_";
   NormRequest r = request(norm_type, max_norm, soft, op);
   const auto plan = plan_for(tensors, op);
-  set_unscale(r, *plan, inv_scale, found_inf, op);
+  set_unscale(r, plan->device, inv_scale, found_inf, op);
   bump_versions(tensors);
   auto [norm, coef, per] = run_norm(*plan, r, per_tensor);
   plan->engine->scale_pass(*plan, coef.const_data_ptr<double>(), false);
@@ -201,6 +244,8 @@ void clamp_(at::TensorList tensors, double clip_value) {
 void register_ops(torch::Library& m) {
   m.impl("scale_", &scale_);
   m.impl("total_norm", &total_norm);
+  m.impl("partials_", &partials_);
+  m.impl("finish_partials", &finish_partials);
   m.impl("clip_", &clip_);
   m.impl("clip_per_tensor_", &clip_per_tensor_);
   m.impl("clamp_", &clamp_);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <functional>
 #include <mutex>
+#include <unordered_map>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/promote_types.h>
@@ -19,10 +21,30 @@ namespace {
 
 // Plans kept, most recently used first. Training loops use one or two parameter lists.
 constexpr size_t kCacheSize = 8;
+// Plans of one tensor kept besides (BackwardClipper takes every gradient's partial on its own, as
+// backward writes it: one plan per parameter, reused while the gradient keeps its memory). Past
+// this many, the ones no captured graph reads are dropped at once.
+constexpr size_t kSingleCacheSize = 1 << 14;
+
+struct SingleKey {
+  TensorKey key;
+  at::Device device;
+  bool operator==(const SingleKey& o) const { return key == o.key && device == o.device; }
+};
+
+struct SingleKeyHash {
+  size_t operator()(const SingleKey& k) const {
+    size_t h = std::hash<int64_t>()(k.key.addr);
+    h = h * 31 + std::hash<int64_t>()(k.key.numel);
+    h = h * 31 + static_cast<size_t>(k.key.dtype);
+    return h * 31 + std::hash<at::Device>()(k.device);
+  }
+};
 
 struct Cache {
   std::mutex mutex;
   std::vector<std::shared_ptr<Plan>> plans;
+  std::unordered_map<SingleKey, std::shared_ptr<Plan>, SingleKeyHash> single;
 };
 
 Cache& cache() {
@@ -156,10 +178,35 @@ TensorKey key_of(const at::Tensor& t) {
   return {addr, n, t.scalar_type()};
 }
 
+namespace {
+
+// plan_for of one tensor, through the cache of one-tensor plans (c's mutex held).
+std::shared_ptr<Plan> single_plan_for(Cache& c, const TensorKey& key, at::Device device,
+                                      const char* op) {
+  const SingleKey k{key, device};
+  auto found = c.single.find(k);
+  if (found != c.single.end()) {
+    found->second->engine->make_ready(*found->second);
+    return found->second;
+  }
+  std::shared_ptr<Plan> plan = build({key}, device, op);
+  plan->engine->make_ready(*plan);
+  if (c.single.size() >= kSingleCacheSize) {
+    for (auto it = c.single.begin(); it != c.single.end();) {
+      it = it->second->pinned ? std::next(it) : c.single.erase(it);
+    }
+  }
+  c.single.emplace(k, plan);
+  return plan;
+}
+
+}  // namespace
+
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
                                const char* op) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
+  if (keys.size() == 1) return single_plan_for(c, keys[0], device, op);
   for (size_t i = 0; i < c.plans.size(); ++i) {
     std::shared_ptr<Plan> plan = c.plans[i];
     if (plan->device == device && plan->keys == keys) {
@@ -196,6 +243,9 @@ void clear_plan_cache() {
   c.plans.erase(std::remove_if(c.plans.begin(), c.plans.end(),
                                [](const std::shared_ptr<Plan>& p) { return !p->pinned; }),
                 c.plans.end());
+  for (auto it = c.single.begin(); it != c.single.end();) {
+    it = it->second->pinned ? std::next(it) : c.single.erase(it);
+  }
 }
 
 int64_t plans_built() { return built.load(); }

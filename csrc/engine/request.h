@@ -31,6 +31,9 @@ struct NormRequest {
   void* norm_out = nullptr;      // [1] of norm_out_dtype: the norm as clip_grad_norm_ returns it
   at::ScalarType norm_out_dtype = at::kDouble;
   double* per_tensor = nullptr;  // fp64 [T]: each tensor's own norm
+  // fp64 [T, 2]: each tensor's own partial (m, s) of its raw elements (before inv_scale), as
+  // finish_partials combines them: what BackwardClipper keeps per gradient.
+  double* per_tensor_partial = nullptr;
   ClipMode mode = ClipMode::kHard;  // how norms become coefficients (coef, per_tensor_coef)
   // Per-tensor clipping: each tensor's own coefficient, [inv_scale *] clip_coef(its norm, its
   // threshold), fp64 [T]; the thresholds are per_tensor_max_norm (fp64 [T]) or max_norm for all.
@@ -45,12 +48,22 @@ struct NormRequest {
   // Whether any total (over all tensors) is asked for: per-tensor clipping and AGC ask for none,
   // and the combination of every chunk partial in one block is then skipped.
   FUSEDCLIP_HD bool wants_total() const { return norm || coef || norm_out || found_inf; }
+  // Whether anything per tensor is asked for.
+  FUSEDCLIP_HD bool wants_tensors() const {
+    return per_tensor || per_tensor_coef || per_tensor_partial;
+  }
 };
 
-// Tensor t's outputs of pass 1 from its (unscaled) norm: the norm and, for per-tensor clipping,
-// its coefficient. Shared by the CUDA finish and the CPU mirror.
-FUSEDCLIP_HD void write_tensor_outputs(const NormRequest& r, int64_t t, double norm,
-                                              double inv) {
+// Tensor t's outputs of pass 1 from its own partial: its partial, its (unscaled) norm and, for
+// per-tensor clipping, its coefficient. Shared by the CUDA finish and the CPU mirror.
+FUSEDCLIP_HD void write_tensor_outputs(const NormRequest& r, int64_t t, Partial own, NormKind kind,
+                                       double inv) {
+  if (r.per_tensor_partial) {
+    r.per_tensor_partial[2 * t] = own.m;
+    r.per_tensor_partial[2 * t + 1] = own.s;
+  }
+  if (!(r.per_tensor || r.per_tensor_coef)) return;
+  const double norm = finish_norm(own, r.p, kind) * inv;
   if (r.per_tensor) r.per_tensor[t] = norm;
   if (r.per_tensor_coef) {
     double limit = r.per_tensor_max_norm ? r.per_tensor_max_norm[t] : r.max_norm;

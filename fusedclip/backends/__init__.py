@@ -115,6 +115,22 @@ class Backend(Protocol):
     ) -> None:
         """Adaptive gradient clipping (NFNets), timm's ``adaptive_clip_grad`` semantics."""
 
+    def partials_(self, tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
+        """Pass 1 without its finish (``fusedclip.BackwardClipper``'s per-gradient step): tensor
+        i's partial (m, s) of its raw elements into ``out[i]`` (fp64 [T, 2], contiguous, on the
+        tensors' one device): m = max |x| (NaN once an element is NaN, else inf once one is
+        infinite) and sum |x|^p = m^p * s, or (1, the plain sum of |x|^p) where that cannot
+        overflow, or (0, 0) for no nonzero element. ``finish_partials`` takes any mix of these."""
+
+    def finish_partials(
+        self, partials: Tensor, norm_type: float, max_norm: float,
+        inv_scale: Tensor | None = None, found_inf: Tensor | None = None, soft: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """(fp64 norm, fp64 coefficient), both 0-dim on ``partials``' device, of the elements the
+        rows of ``partials`` (fp64 [N, 2]) describe, combined in row order; ``inv_scale``,
+        ``found_inf`` and ``soft`` as for ``total_norm``/``clip_`` (the coefficient also
+        unscales)."""
+
     def clip_params(
         self,
         params: list[Tensor],

@@ -31,7 +31,10 @@ class Operators:
     coefficient, per-tensor norms or empty): pass 1; clip(tensors, max_norm, norm_type, per_tensor,
     inv_scale, found_inf, soft) -> (fp64 norm, per-tensor norms or empty): both passes; scale(
     tensors, coef); clip_per_tensor(tensors, max_norms, norm_type, soft) -> per-tensor norms;
-    clamp(tensors, clip_value); adaptive_clip(grads, params, clip_factor, eps, norm_type)."""
+    clamp(tensors, clip_value); adaptive_clip(grads, params, clip_factor, eps, norm_type);
+    partials(tensors, norm_type, out): each tensor's (m, s) partial into out's rows;
+    finish(partials, norm_type, max_norm, inv_scale, found_inf, soft) -> (fp64 norm, fp64
+    coefficient) of partials combined in row order."""
 
     norm: Callable[..., tuple[Tensor, Tensor, Tensor]]
     clip: Callable[..., tuple[Tensor, Tensor]]
@@ -39,6 +42,8 @@ class Operators:
     clip_per_tensor: Callable[[list[Tensor], Tensor, float, bool], Tensor]
     clamp: Callable[[list[Tensor], float], None]
     adaptive_clip: Callable[[list[Tensor], list[Tensor], float, float, float], None]
+    partials: Callable[[list[Tensor], float, Tensor], None]
+    finish: Callable[..., tuple[Tensor, Tensor]]
 
 
 # The one-call path of a backend: run_params(params, max_norm, norm_type, cuda_only, inv_scale,
@@ -325,3 +330,15 @@ class FusedBackend:
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
         for ts in self._groups(tensors).values():
             _in_place(ts, lambda staged: self.ops.clamp(staged, clip_value))
+
+    def partials_(self, tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
+        """Pass 1 without its finish: tensor i's (m, s) partial into ``out[i]`` (fp64 [T, 2] on
+        their one device; views with gaps read through a dense copy)."""
+        self._groups(tensors, "partials")
+        self.ops.partials(dense_staged(tensors)[0], norm_type, out)
+
+    def finish_partials(
+        self, partials: Tensor, norm_type: float, max_norm: float,
+        inv_scale: Tensor | None = None, found_inf: Tensor | None = None, soft: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        return self.ops.finish(partials, norm_type, max_norm, inv_scale, found_inf, soft)

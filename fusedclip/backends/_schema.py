@@ -13,7 +13,8 @@ from torch import Tensor
 
 __all__ = ["OPS", "norm_outputs_like", "register_fakes"]
 
-OPS = ("scale_", "total_norm", "clip_", "clip_per_tensor_", "clamp_", "adaptive_clip_")
+OPS = ("scale_", "total_norm", "clip_", "clip_per_tensor_", "clamp_", "adaptive_clip_",
+       "partials_", "finish_partials")
 
 
 def norm_outputs_like(tensors: list[Tensor], per_tensor: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -45,8 +46,14 @@ def _clip_per_tensor(tensors, max_norms, norm_type, soft):
     return norm_outputs_like(tensors, True)[2]
 
 
+def _finish_partials(partials, norm_type, max_norm, inv_scale=None, found_inf=None, soft=False):
+    like = partials.new_empty((), dtype=torch.float64)
+    return like, like.clone()
+
+
 _FAKES = {"scale_": _nothing, "total_norm": _total_norm, "clip_": _clip,
-          "clip_per_tensor_": _clip_per_tensor, "clamp_": _nothing, "adaptive_clip_": _nothing}
+          "clip_per_tensor_": _clip_per_tensor, "clamp_": _nothing, "adaptive_clip_": _nothing,
+          "partials_": _nothing, "finish_partials": _finish_partials}
 
 
 def register_fakes(prefix: str = "") -> None:

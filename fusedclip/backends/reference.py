@@ -215,6 +215,43 @@ def clip_params(
 norm_params = clip_params
 
 
+def partials_(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
+    """Tensor i's partial (m, s) into ``out[i]``: m = max |x| (NaN or inf as the elements are) and
+    s = sum (|x| / m)^p in fp64, or s = 0 where m is 0 or not finite (or p is inf)."""
+    for i, t in enumerate(tensors):
+        m = _peak(t)
+        s = torch.zeros((), dtype=torch.float64, device=t.device)
+        if not math.isinf(norm_type) and _values(t).numel():
+            scale = torch.where(torch.isfinite(m) & (m > 0), m, 1.0)
+            s = torch.where(torch.isfinite(m), (_values(t).abs().to(torch.float64) / scale)
+                            .pow_(norm_type).sum(), 0.0)
+        out[i].copy_(torch.stack([m, s]))
+
+
+def finish_partials(
+    partials: Tensor, norm_type: float, max_norm: float, inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None, soft: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(norm, coefficient) of the elements the rows (m, s) of ``partials`` describe: the largest m,
+    times (the sum of s * (m / largest)^p)^(1/p); the coefficient also unscales (``inv_scale``),
+    and ``found_inf`` is set when an m is inf or NaN."""
+    m, s = partials[:, 0], partials[:, 1]
+    peak = m.amax() if m.numel() else torch.zeros((), dtype=torch.float64, device=m.device)
+    if math.isinf(norm_type):
+        norm = peak
+    else:
+        usable = torch.isfinite(peak) & (peak > 0)
+        scale = torch.where(usable, peak, 1.0)
+        total = torch.where(m > 0, s * (m / scale).pow(norm_type), 0.0).sum()
+        norm = torch.where(usable, scale * total.pow(1.0 / norm_type), peak)
+    if found_inf is not None:
+        found_inf.masked_fill_(~torch.isfinite(peak).to(found_inf.device), 1.0)
+    inv = 1.0 if inv_scale is None else inv_scale.to(device=m.device,
+                                                     dtype=torch.float64).reshape(())
+    norm = norm * inv
+    return norm, clip_coef(max_norm, norm, soft) * inv
+
+
 def clamp_params(params: list[Tensor], clip_value: float, *, cuda_only: bool = True) -> bool:
     """No one-call path: ``clip_grad_value_`` takes the general one."""
     return False

@@ -152,6 +152,60 @@ def test_per_tensor_norms_and_coefficient(engine, dev, norm_type):
     assert_bitwise_equal([norm2, coef2], [norm, c])
 
 
+def _poisoned_rows(count, device):
+    return torch.full((count, 2), math.nan, dtype=torch.float64, device=device)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_partials_then_finish_are_pass_1(engine, dev, norm_type):
+    """partials_ writes every tensor's own (m, s) (every row, poisoned first); finishing the rows
+    gives the oracle's norm, and each row alone the tensor's own norm, as total_norm's per-tensor
+    output; a tensor at a time (BackwardClipper's rows) or all in one call, the same rows."""
+    tensors = [t.to(DTYPES[i % 4]) for i, t in enumerate(tensors_for(torch.float64, dev, seed=4))]
+    rows = _poisoned_rows(len(tensors), dev)
+    engine.partials(tensors, norm_type, rows)
+    one_by_one = _poisoned_rows(len(tensors), dev)
+    for i, t in enumerate(tensors):
+        engine.partials([t], norm_type, one_by_one[i:i + 1])
+    assert_bitwise_equal([one_by_one], [rows])
+    assert not rows.isnan().any()
+    for t, row in zip(tensors, rows):
+        if t.numel() == 0:
+            assert row.tolist() == [0.0, 0.0]
+    norm, c = engine.finish_partials(rows, norm_type, 0.5)
+    expected = oracle_norm(tensors, norm_type)
+    assert_norm_close(norm, expected)
+    torch.testing.assert_close(float(c), oracle_coef(0.5, expected), rtol=1e-12, atol=0)
+    per = engine.total_norm(tensors, norm_type, 0.5, True)[2]
+    for i in range(len(tensors)):
+        own = engine.finish_partials(rows[i:i + 1].clone(), norm_type, 0.5)[0]
+        torch.testing.assert_close(float(own), float(per[i]), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5])
+def test_finish_partials_unscales_and_flags(engine, dev, norm_type):
+    """The AMP arguments of the finish: the norm of x * inv_scale, the coefficient that unscales
+    too, and found_inf set by an inf or NaN element (an m that is not finite), left alone
+    otherwise."""
+    tensors = tensors_for(torch.float32, dev, seed=5, sizes=[300, 70000, 5])
+    rows = _poisoned_rows(3, dev)
+    engine.partials(tensors, norm_type, rows)
+    inv = torch.tensor(2.0**-10, device=dev)
+    found = torch.zeros((), device=dev)
+    norm, c = engine.finish_partials(rows, norm_type, 0.5, inv, found)
+    expected = oracle_norm(tensors, norm_type) * 2.0**-10
+    assert_norm_close(norm, expected)
+    torch.testing.assert_close(float(c), oracle_coef(0.5, expected) * 2.0**-10, rtol=1e-12,
+                               atol=0)
+    assert float(found) == 0.0
+    tensors[1][123] = math.inf
+    engine.partials(tensors, norm_type, rows)
+    engine.finish_partials(rows, norm_type, 0.5, inv, found)
+    assert float(found) == 1.0
+    nothing = torch.zeros((0, 2), dtype=torch.float64, device=dev)
+    assert float(engine.finish_partials(nothing, norm_type, 0.5)[0]) == 0.0
+
+
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, 1.5, 8.0])
 @pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e38])
 def test_extreme_magnitudes_neither_overflow_nor_underflow(engine, dev, norm_type, magnitude):
@@ -492,6 +546,16 @@ BAD_CALLS = [
                                                                 device=t[0].device)),
      "found_inf must be float32"),
     (lambda e, t: e.clip([], 1.0, 2.0, False), "no tensor arguments|at least one tensor"),
+    (lambda e, t: e.partials(t, 2.0, torch.zeros(2, 2, dtype=torch.float32, device=t[0].device)),
+     r"out must be a contiguous float64 tensor of shape \[2, 2\]"),
+    (lambda e, t: e.partials(t, 2.0, torch.zeros(3, 2, dtype=torch.float64, device=t[0].device)),
+     r"out must be a contiguous float64 tensor of shape \[2, 2\]"),
+    (lambda e, t: e.partials(t, 0.0, torch.zeros(2, 2, dtype=torch.float64, device=t[0].device)),
+     "norm_type must be > 0"),
+    (lambda e, t: e.finish_partials(torch.zeros(2, 3, dtype=torch.float64, device=t[0].device),
+                                    2.0, 1.0), r"partials must be a contiguous float64 tensor"),
+    (lambda e, t: e.finish_partials(torch.zeros(2, 2, dtype=torch.float64, device=t[0].device),
+                                    2.0, -1.0), "max_norm must be >= 0"),
 ]
 
 
@@ -531,6 +595,9 @@ def test_opcheck(engine, dev):
     amp = (torch.tensor(2.0**-8, device=dev), torch.zeros((), device=dev))
     torch.library.opcheck(engine.total_norm, (tensors, 2.0, 1.0, True, *amp))
     torch.library.opcheck(engine.clip, ([t.clone() for t in tensors], 1.0, 2.0, False, *amp))
+    rows = torch.zeros((len(tensors), 2), dtype=torch.float64, device=dev)
+    torch.library.opcheck(engine.partials, (tensors, 2.0, rows))
+    torch.library.opcheck(engine.finish_partials, (rows, 2.0, 1.0, *amp))
 
 
 def test_compiles_without_graph_breaks(engine, dev):

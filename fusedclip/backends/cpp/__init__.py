@@ -42,11 +42,12 @@ def _missing(*args: object) -> None:
 
 def _operators() -> Operators:
     if not _lib.loaded():
-        return Operators(*[_missing] * 6)
+        return Operators(*[_missing] * 8)
     ops = torch.ops.fusedclip
     return Operators(norm=ops.total_norm, clip=ops.clip_, scale=ops.scale_,
                      clip_per_tensor=ops.clip_per_tensor_, clamp=ops.clamp_,
-                     adaptive_clip=ops.adaptive_clip_)
+                     adaptive_clip=ops.adaptive_clip_, partials=ops.partials_,
+                     finish=ops.finish_partials)
 
 
 def _run_params(params, max_norm, norm_type, cuda_only, inv_scale, found_inf, soft, scale):

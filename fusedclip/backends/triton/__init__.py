@@ -37,8 +37,8 @@ from fusedclip.backends._schema import register_fakes
 from fusedclip.backends.triton import plan as plans
 from fusedclip.backends.triton.plan import CHUNK, Plan
 
-__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "interpreting", "norm_pass", "scale_pass",
-           "status"]
+__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "finish_partials", "interpreting",
+           "norm_pass", "scale_pass", "status"]
 
 NAME = "triton"
 _NUM_WARPS = 8
@@ -131,6 +131,7 @@ class Request:
     per_tensor_coef: bool = False
     adaptive: tuple[float, float] | None = None  # (eps, clip_factor): max_norms are unit norms
     totals: bool = True  # the norm and coefficient over all tensors (finish); else left unset
+    partials_out: Tensor | None = None  # fp64 [T, 2]: each tensor's own (m, s) partial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +207,43 @@ def _norm_pass(plan: Plan, req: Request) -> Pass1:
             COEF=(2 if req.max_norms is not None else 1) if coefs_wanted else 0,
             MODE=2 if req.adaptive else int(req.soft), num_warps=4,
         )
+    if req.partials_out is not None and n:
+        norm_k.tensor_partials[(n,)](plan.table, n, partials, p_bits, req.partials_out,
+                                     KIND=kind, CHUNK=CHUNK, FBLOCK=norm_k.FBLOCK, num_warps=4)
     return Pass1(norm, coef, out, per if req.per_tensor or coefs_wanted else per[:0], per_coef)
+
+
+def finish_partials(partials: Tensor, req: Request) -> tuple[Tensor, Tensor]:
+    """Pass 1's finish over partials made earlier (fp64 [N, 2], combined in row order): the
+    fp64 norm and coefficient."""
+    _check_args(req.norm_type, req.max_norm)
+    _check_partials(partials, None, partials.device, "partials")
+    _check_scalar(req.inv_scale, torch.float32, partials.device, "inv_scale")
+    _check_scalar(req.found_inf, torch.float32, partials.device, "found_inf")
+    norm_k, _, tl_dtype = _kernels()
+    f64 = dict(dtype=torch.float64, device=partials.device)
+    norm, coef = torch.empty((), **f64), torch.empty((), **f64)
+    unscale = req.inv_scale is not None
+    with _on(partials.device):
+        norm_k.finish[(1,)](
+            partials, partials.shape[0],
+            _f64_bits(req.norm_type if math.isfinite(req.norm_type) else 0.0),
+            _f64_bits(req.max_norm), norm, coef, norm, req.inv_scale if unscale else partials,
+            req.found_inf if req.found_inf is not None else partials,
+            KIND=norm_k.norm_kind(req.norm_type), OUT_DT=tl_dtype[torch.float64],
+            FBLOCK=norm_k.FBLOCK, UNSCALE=unscale, FLAG=req.found_inf is not None,
+            MODE=int(req.soft), num_warps=_NUM_WARPS,
+        )
+    return norm, coef
+
+
+def _check_partials(t: Tensor, rows: int | None, device: torch.device, name: str) -> None:
+    """A partials tensor (csrc/engine/ops_impl.cpp check_partials' rules)."""
+    if (t.dtype != torch.float64 or t.dim() != 2 or t.shape[1] != 2 or not t.is_contiguous()
+            or (rows is not None and t.shape[0] != rows) or t.device != device):
+        raise RuntimeError(f"{name} must be a contiguous float64 tensor of shape "
+                           f"[{'N' if rows is None else rows}, 2] on {device}, got {t.dtype} "
+                           f"{tuple(t.shape)} on {t.device}")
 
 
 def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
@@ -308,6 +345,28 @@ def _adaptive_clip_op(
     scale_pass(grad_plan, of_grads.per_tensor_coef, per_tensor=True)
 
 
+@torch.library.custom_op("fusedclip::triton_partials_", mutates_args=("out",))
+def _partials_op(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
+    if not tensors:
+        return
+    plan = plans.plan_for(tensors)
+    _check_partials(out, len(tensors), plan.device, "out")
+    norm_pass(plan, Request(norm_type, totals=False, partials_out=out))
+
+
+@torch.library.custom_op("fusedclip::triton_finish_partials", mutates_args=("found_inf",))
+def _finish_partials_op(
+    partials: Tensor,
+    norm_type: float,
+    max_norm: float,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    soft: bool = False,
+) -> tuple[Tensor, Tensor]:
+    return finish_partials(partials, Request(norm_type, max_norm, inv_scale=inv_scale,
+                                             found_inf=found_inf, soft=soft))
+
+
 @torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
 def _scale_op(tensors: list[Tensor], coef: Tensor) -> None:
     scale_pass(plans.plan_for(tensors), coef)
@@ -342,6 +401,7 @@ BACKEND = FusedBackend(
     NAME,
     Operators(norm=_total_norm_op, clip=_clip_op, scale=_scale_op,
               clip_per_tensor=_clip_per_tensor_op, clamp=_clamp_op,
-              adaptive_clip=_adaptive_clip_op),
+              adaptive_clip=_adaptive_clip_op, partials=_partials_op,
+              finish=_finish_partials_op),
     status, _run_params,
 )

@@ -12,6 +12,8 @@ Kernels and their passes over memory:
   fixed order, and writes the norm, the coefficient and the norm in its returned dtype; on the
   AMP path it also unscales the norm and sets the found-inf flag.
 - ``per_tensor_norms``: one program per tensor over its own chunks' partials (only when asked).
+- ``tensor_partials``: the same, writing each tensor's (m, s) instead of its norm (the partials
+  ``BackwardClipper`` keeps per gradient; ``finish`` over them later is the rest of pass 1).
 Everything is in a fixed order: the results are bitwise identical from run to run.
 """
 
@@ -138,10 +140,9 @@ def chunk_partials(
 
 
 @triton.jit
-def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
-    """The norm described by the partials of chunks [lo, hi) and the largest m (non-finite
-    exactly when an element was): the max of m, then the sum of s * (m / max)^p, both in a fixed
-    order."""
+def _partial_of_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
+    """The partial (m, s) of the elements of chunks [lo, hi): m the max of their m (non-finite
+    exactly when an element was), then s the sum of s * (m / max)^p, both in a fixed order."""
     # while loops: a runtime-bounded range does not run in Triton 3.6's interpreter.
     offs = tl.arange(0, FBLOCK).to(tl.int64)
     big = tl.zeros((), tl.float64)
@@ -161,6 +162,13 @@ def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr
             term = tl.where(mi == big, si, si * _pow(mi / safe, p, KIND))
             total += tl.sum(tl.where(mi > 0, term, 0.0), axis=0)
             i += FBLOCK
+    return big, total
+
+
+@triton.jit
+def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
+    """The norm described by the partials of chunks [lo, hi), and their largest m."""
+    big, total = _partial_of_range(partials, lo, hi, p, KIND, FBLOCK)
     finite = (big == big) & (big != float("inf")) & (big > 0)
     if KIND == 2:
         norm = big
@@ -257,3 +265,20 @@ def per_tensor_norms(
             eps = f64(eps_bits)
             limit = tl.where(limit < eps, eps, limit) * f64(factor_bits)  # NaN stays NaN
         tl.store(coef_ptr + t, _clip_coef(norm, limit, MODE) * inv)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "p_bits"])
+def tensor_partials(
+    table, n_tensors, partials, p_bits, out_ptr,
+    KIND: tl.constexpr, CHUNK: tl.constexpr, FBLOCK: tl.constexpr,
+):
+    """Tensor t's own partial (m, s) into out_ptr[2t], out_ptr[2t + 1] (BackwardClipper's slots:
+    ``finish`` combines them later as it combines chunk partials)."""
+    p = f64(p_bits)
+    t = tl.program_id(0).to(tl.int64)
+    numel = tl.load(table + n_tensors + t)
+    first = tl.load(table + 2 * n_tensors + t)
+    big, total = _partial_of_range(partials, first, first + (numel + CHUNK - 1) // CHUNK, p, KIND,
+                                   FBLOCK)
+    tl.store(out_ptr + 2 * t, big)
+    tl.store(out_ptr + 2 * t + 1, total)
