@@ -6,8 +6,9 @@ compiled engine, CPU and CUDA; ``triton``; ``reference``: fp64 PyTorch, the orac
 ``select_backend`` says which would run); the AMP path (``scaler=``, ``ClippingGradScaler``), soft
 and per-tensor clipping (``clip_grad_norm_per_tensor_``), adaptive clipping
 (``adaptive_clip_grad_``), automatic thresholds (``AutoClipper``) and sync-free monitoring
-(``return_stats=``, ``StatsWindow``). ``fusedclip.patch()`` routes torch's own functions through
-fusedclip (HF Trainer, Lightning).
+(``return_stats=``, ``StatsWindow``). ``BackwardClipper`` clips with no pass of its own (the norm
+taken during backward, the coefficient applied by the optimizer's step). ``fusedclip.patch()``
+routes torch's own functions through fusedclip (HF Trainer, Lightning).
 """
 
 from fusedclip._select import available_backends, select_backend
@@ -21,6 +22,7 @@ from fusedclip.api import (
 )
 from fusedclip.auto import AutoClipper
 from fusedclip.backends import BackendStatus, reference
+from fusedclip.backward import BackwardClipper
 from fusedclip.scaler import ClippingGradScaler
 from fusedclip.stats import ClipStats, StatsWindow
 from fusedclip.torch_patch import is_patched, patch, patched, unpatch
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoClipper",
     "BackendStatus",
+    "BackwardClipper",
     "ClipStats",
     "ClippingGradScaler",
     "StatsWindow",
