@@ -95,3 +95,19 @@ def test_host_cost(benchmark, call):
     module = _lib.module()
     benchmark.extra_info["tensors"] = len(params)
     benchmark(HOST_CALLS[call], module, params)
+
+
+# A whole training step (forward, backward, clip, fused AdamW step) of a small decoder on each
+# clipping variant (fusedclip.tools.bench.train_step): what clipping costs a step, against the
+# same step without it ("none").
+@pytest.mark.parametrize("variant", ["none", "torch", "fusedclip", "backward"])
+@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
+def test_train_step(benchmark, model, variant):
+    from fusedclip.tools.bench import train_step
+
+    runner = train_step.runner(variant, model, "cpu", max_norm=1e-3)
+    batches = iter(train_step.batches(model, "cpu", 200, seed=1))
+    benchmark.extra_info["parameters"] = sum(p.numel() for p in runner.model.parameters())
+    benchmark.pedantic(lambda: runner.step(next(batches)), rounds=30, iterations=1,
+                       warmup_rounds=3)
+    runner.close()

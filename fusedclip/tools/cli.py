@@ -15,23 +15,40 @@ from fusedclip.tools.bench import measure, sets
 # Defaults that depend on where the command runs: the repository's bench/ folder when it is there.
 REPO_SETS_FILE = Path("bench/sets.toml")
 REPO_RESULTS_DIR = Path("bench/results")
+LOCAL_RESULTS_DIR = REPO_RESULTS_DIR / "local"  # a user's runs (ignored by git)
+PUBLISHED_RESULTS_DIR = REPO_RESULTS_DIR / "published"  # the README's numbers (tracked)
 FALLBACK_RESULTS_DIR = Path("fusedclip-bench")
 
 BENCH_DESCRIPTION = """\
-Time fusedclip's clip_grad_norm_ backends against torch.nn.utils.clip_grad_norm_
-(foreach=True and foreach=False) on named parameter sets, in bf16 and fp32, with
-clipping active ("clip") and inactive ("noclip"). Each time is compared with a
-memory floor: the time needed just to move the gradient bytes at this device's
-measured copy bandwidth. Writes results.json and results.png to --out and prints
-a table. Without a CUDA device the CPU-sized sets run on the CPU and the results
-are marked as CPU numbers.
+Time fusedclip against torch.nn.utils.clip_grad_norm_ on named parameter
+sets, in bf16 and fp32, and compare every time with a memory floor: the time
+needed just to move the gradient bytes at this device's measured copy
+bandwidth.
+
+The default run is the headline rows: torch against fusedclip's compiled
+engine (cpp; and triton on a GPU) in four scenarios (clip: every gradient
+rescaled; noclip: nothing to write; amp: GradScaler-scaled gradients
+unscaled, checked and clipped; amp-fold: the same with the multiply left to a
+fused optimizer), then whole training steps of two small models with and
+without clipping. --full runs every scenario (also soft, stats, per-tensor,
+value, agc) and implementation (also torch with foreach=False and fusedclip's
+fp64 reference).
+
+The candidates take turns call by call; each row is the median of its calls
+with their spread. The run samples the machine's load: on a busy machine, or
+where a row's calls spread widely, the table says so instead of printing a
+speedup. Without a CUDA device the CPU-sized sets run on the CPU, labelled as
+CPU numbers. Writes results.json and results.png to --out
+(bench/results/local/ in the repository; --publish: bench/results/published/,
+the numbers README.md quotes).
 """
 
 BENCH_EPILOG = """\
 examples:
   python -m fusedclip bench
+  python -m fusedclip bench --full
   python -m fusedclip bench --sets llama-1b,huge --dtype bf16 --scenario clip
-  python -m fusedclip bench --device cpu --iters 5 --no-progress --out /tmp/bench
+  python -m fusedclip bench --device cpu --iters 5 --no-progress --out /tmp/b
 """
 
 
@@ -39,13 +56,19 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _default_out() -> Path:
-    return REPO_RESULTS_DIR if REPO_RESULTS_DIR.is_dir() else FALLBACK_RESULTS_DIR
+def _default_out(publish: bool = False) -> Path:
+    if not REPO_RESULTS_DIR.is_dir():
+        if publish:
+            raise ValueError("--publish writes into the repository's bench/results/: run it "
+                             "from the repository root")
+        return FALLBACK_RESULTS_DIR
+    return PUBLISHED_RESULTS_DIR if publish else LOCAL_RESULTS_DIR
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench",
+        prog="python -m fusedclip bench",
         help="run the benchmark",
         description=BENCH_DESCRIPTION,
         epilog=BENCH_EPILOG,
@@ -56,8 +79,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         type=_csv,
         metavar="A,B",
         help="comma-separated set names (default: the sets meant for the device: llama-1b, "
-        "gpt2-small, small-5000, huge on CUDA; llama-tiny, gpt2-tiny, small-500, huge-small on "
-        'the CPU; plus sets in --sets-file marked default_on = "any")',
+        "gpt2-small, small-5000, huge on CUDA; llama-tiny, gpt2-tiny, small-500, huge-small, "
+        'huge-64m on the CPU; plus sets in --sets-file marked default_on = "any")',
     )
     bench.add_argument(
         "--sets-file",
@@ -76,20 +99,26 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--scenario",
         type=_csv,
-        default=list(measure.DEFAULT_SCENARIOS),
         metavar="S,..",
-        help="clip: max_norm = 0.1 x the norm, so gradients are rescaled; noclip: max_norm = "
-        "10 x the norm; amp: GradScaler-scaled gradients unscaled, checked and clipped (torch: "
-        "scaler.unscale_ + clip_grad_norm_); amp-fold: the same with the multiply handed to a "
-        "fused AdamW; soft, stats, per-tensor, value, agc: the other clipping modes against "
-        "their unfused torch equivalents (default: all)",
+        help=f"scenarios (default: {', '.join(measure.HEADLINE_SCENARIOS)}; with --full all: "
+        f"{', '.join(measure.DEFAULT_SCENARIOS)}; see bench/README.md)",
+    )
+    bench.add_argument("--full", action="store_true",
+                       help="every scenario and implementation, not just the headline rows")
+    bench.add_argument(
+        "--train-steps",
+        type=int,
+        metavar="N",
+        help=f"timed training steps per variant (default: {measure.TRAIN_STEPS} in the default "
+        "run, none with --full or --sets; 0: none)",
     )
     bench.add_argument(
         "--iters",
         type=int,
         default=measure.DEFAULT_ITERS,
         metavar="N",
-        help="timed calls per row; the median and min are reported (default: %(default)s)",
+        help="timed calls per row, interleaved with the other implementations' (default: "
+        "%(default)s)",
     )
     bench.add_argument(
         "--warmup",
@@ -102,15 +131,22 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         metavar="DIR",
-        help=f"where results.json and results.png go (default: {REPO_RESULTS_DIR} if it "
-        f"exists here, else ./{FALLBACK_RESULTS_DIR})",
+        help=f"where results.json and results.png go (default: {LOCAL_RESULTS_DIR} in the "
+        f"repository, else ./{FALLBACK_RESULTS_DIR})",
+    )
+    bench.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"write to {PUBLISHED_RESULTS_DIR}/ (the tracked results README.md quotes), as "
+        "<device type>.json and .png",
     )
     bench.add_argument(
         "--device",
         choices=("cuda", "cpu"),
         help="where to run (default: cuda if available, else cpu)",
     )
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--no-progress", action="store_true",
+                       help="no progress (a bar in a terminal, else a line per finished set)")
     bench.set_defaults(handler=_bench)
 
 
@@ -122,15 +158,20 @@ def _bench(args: argparse.Namespace) -> int:
     if sets_file is not None:
         registry.update(sets.load_sets(sets_file))
         print(f"sets from {sets_file}", file=sys.stderr)
+    device = measure.resolve_device(args.device)
+    out = args.out or _default_out(args.publish)
     measure.run(
         sets=args.sets,
         dtypes=args.dtype,
         scenarios=args.scenario,
         iters=args.iters,
         warmup=args.warmup,
-        device=args.device,
-        out_dir=args.out or _default_out(),
+        device=device,
+        out_dir=out,
         progress=not args.no_progress,
+        full=args.full,
+        train_steps=args.train_steps,
+        json_name=f"{device.type}.json" if args.publish else "results.json",
         registry=registry,
     )
     return 0
@@ -192,9 +233,12 @@ TOP_DESCRIPTION = """\
 fusedclip: global gradient-norm clipping for PyTorch in two passes over memory.
 
 commands:
-  check      which backends run here, and a ~10 s self-test of each against an fp64 oracle
-  bench      time fusedclip against torch.nn.utils.clip_grad_norm_; table, JSON and plot
-  backends   one line per backend (can it run here, and why not), and what auto picks
+  check     which backends run here, and a ~10 s self-test of each against an
+            fp64 oracle
+  bench     time fusedclip against torch.nn.utils.clip_grad_norm_: the headline
+            rows by default (--full for all); table, JSON and plot
+  backends  one line per backend (can it run here, and why not), and what auto
+            picks
 
 Run `python -m fusedclip COMMAND --help` for a command's options.
 """
@@ -213,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     check = commands.add_parser(
         "check",
+        prog="python -m fusedclip check",
         help="self-test every backend that runs here",
         description=CHECK_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -221,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time budget for all backends together (default: %(default)s)")
     check.set_defaults(handler=_check)
     commands.add_parser(
-        "backends", help="list the backends, whether each can run here, and what auto picks"
+        "backends", prog="python -m fusedclip backends",
+        help="list the backends, whether each can run here, and what auto picks",
     ).set_defaults(handler=_backends)
     return parser
 

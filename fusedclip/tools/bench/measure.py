@@ -3,6 +3,14 @@
 For each parameter set, dtype and scenario, each implementation ("candidate") clips the same
 random-normal gradients. The gradients are restored from a pristine copy before every timed call,
 outside the timed region, so every call sees identical data and the "clip" scenario keeps clipping.
+The candidates take turns call by call (a rotating order), so that a change in the machine's load
+falls on all of them alike; each row reports the median of its calls and their spread, and the run
+samples the machine's load (``load.LoadMonitor``) so that the report can say when the numbers are
+not to be trusted.
+
+The default run is the headline rows (``HEADLINE_SCENARIOS``, torch against the fused backends,
+and the training-step rows of ``train_step``); ``full=True`` is every scenario and every
+implementation.
 
 The floor is the time an ideal implementation needs just to move the bytes at the device's copy
 bandwidth, measured in the same run: "clip" must read the gradients twice (norm, then scale) and
@@ -19,10 +27,10 @@ import datetime
 import functools
 import gc
 import importlib.metadata
-import itertools
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +41,8 @@ from torch import Tensor
 
 import fusedclip
 from fusedclip import _select, api
-from fusedclip.tools.bench import report
+from fusedclip.tools.bench import report, train_step
+from fusedclip.tools.bench.load import LoadMonitor
 from fusedclip.tools.bench.sets import BUILTIN_SETS, ParamSet, sets_for_device
 from fusedclip.torch_patch import torch_function
 
@@ -63,13 +72,25 @@ FLOOR_PASSES: dict[str, int] = {
 }
 AMP_SCENARIOS = ("amp", "amp-fold")
 MODE_SCENARIOS = ("soft", "stats", "per-tensor", "value", "agc")
-DEFAULT_SCENARIOS = ("clip", "noclip", "amp", "amp-fold", *MODE_SCENARIOS)
+HEADLINE_SCENARIOS = ("clip", "noclip", "amp", "amp-fold")
+DEFAULT_SCENARIOS = (*HEADLINE_SCENARIOS, *MODE_SCENARIOS)
 # The loss scale the AMP scenarios' gradients carry (GradScaler's default initial scale).
 AMP_SCALE = 2.0**16
 
-BASELINE = "torch-foreach"
+BASELINE = "torch"
+# Short names (the table fits 80 columns), and what each one is.
+IMPLEMENTATIONS = {
+    "torch": "torch.nn.utils, foreach=True (torch's default)",
+    "torch-loop": "torch.nn.utils, foreach=False",
+    "ref": "fusedclip, backend='reference' (fp64 PyTorch)",
+    "cpp": "fusedclip, backend='cpp' (the compiled engine)",
+    "triton": "fusedclip, backend='triton'",
+}
 DEFAULT_ITERS = 20
 DEFAULT_WARMUP = 3
+# A row whose calls spread more than this ((p75 - p25) / median) is marked noisy.
+NOISY_SPREAD = 0.15
+TRAIN_STEPS = 40  # timed steps per variant in the default run's training-step rows
 L2_FLUSH_BYTES = 256 << 20
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 COPY_ITERS = 10
@@ -202,25 +223,26 @@ CPU_REFERENCE_MAX_NUMEL = 1 << 24
 def _runs_set(chosen: list[Candidate], param_set: ParamSet, device: torch.device,
               skipped: list[dict[str, str]] | None = None) -> list[Candidate]:
     """The candidates timed on ``param_set`` (appending to ``skipped`` the ones that are not)."""
-    if device.type == "cuda" or param_set.numel() <= CPU_REFERENCE_MAX_NUMEL:
+    if (device.type == "cuda" or param_set.numel() <= CPU_REFERENCE_MAX_NUMEL
+            or all(c.name != "ref" for c in chosen)):
         return chosen
     if skipped is not None:
         reason = (f"not timed on {param_set.name} ({param_set.numel():,} elements): the fp64 "
                   "reference takes about a second per call there on the CPU")
-        skipped.append({"implementation": "fusedclip-reference", "reason": reason})
-    return [c for c in chosen if c.name != "fusedclip-reference"]
+        skipped.append({"implementation": "ref", "reason": reason})
+    return [c for c in chosen if c.name != "ref"]
 
 
-def candidates(device: torch.device) -> tuple[list[Candidate], list[dict[str, str]]]:
-    """The candidates that can run on ``device``, and a skip reason for each one that cannot."""
-    chosen = [
-        _candidate("torch-foreach", True),
-        _candidate("torch-loop", False),
-        _candidate("fusedclip-reference", "reference"),
-    ]
+def candidates(device: torch.device, full: bool = True
+               ) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """The candidates that can run on ``device`` (without ``full``: torch and the fused
+    backends), and a skip reason for each one that cannot."""
+    chosen = [_candidate("torch", True)]
+    if full:
+        chosen += [_candidate("torch-loop", False), _candidate("ref", "reference")]
     skipped = []
     for backend in ("cpp", "triton"):
-        name = f"fusedclip-{backend}"
+        name = backend
         status = _select.backend_status(backend)
         if backend == "triton" and device.type == "cpu":
             # Triton's interpreter runs the kernels one program at a time in Python: a test tool.
@@ -305,11 +327,20 @@ class Workload:
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Median and minimum device time in ms, and median host time of the call in µs."""
+    """Median and minimum device time in ms, median host time of the call in µs, and the spread
+    of the device times: (p75 - p25) / median."""
 
     ms_median: float
     ms_min: float
     host_us: float
+    spread: float = 0.0
+
+
+def _spread(values: Sequence[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return (q[2] - q[0]) / statistics.median(values)
 
 
 def _l2_flusher(device: torch.device) -> Callable[[], None]:
@@ -360,7 +391,35 @@ def time_calls(
     if cuda:
         torch.cuda.synchronize(device)
         device_ms = [start.elapsed_time(end) for start, end in events]
-    return Timing(statistics.median(device_ms), min(device_ms), statistics.median(host_us))
+    return Timing(statistics.median(device_ms), min(device_ms), statistics.median(host_us),
+                  _spread(device_ms))
+
+
+def time_interleaved(
+    calls: Sequence[tuple[str, Callable[[], object]]],
+    *,
+    prepare: Callable[[], None],
+    iters: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, Timing]:
+    """``time_calls`` of several calls taking turns: round k runs each once, in an order rotated
+    by k, so that no call always follows the same one and a change in the machine's load falls
+    on all of them alike. ``prepare`` runs before every call, untimed."""
+    names = [name for name, _ in calls]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for k in range(warmup + iters):
+        order = calls[k % len(calls):] + calls[:k % len(calls)]
+        for name, call in order:
+            t = time_calls(call, prepare=prepare, iters=1, warmup=0, device=device)
+            if k >= warmup:
+                times[name].append((t.ms_median, t.host_us))
+    out = {}
+    for name in names:
+        ms = [m for m, _ in times[name]]
+        out[name] = Timing(statistics.median(ms), min(ms),
+                           statistics.median(h for _, h in times[name]), _spread(ms))
+    return out
 
 
 def copy_bandwidth(device: torch.device, iters: int = COPY_ITERS) -> float:
@@ -386,7 +445,7 @@ def _time_copy(nbytes: int, device: torch.device, iters: int) -> float:
 
 
 def measure(
-    candidate: Candidate,
+    candidates: Sequence[Candidate],
     workload: Workload,
     max_norm: float,
     *,
@@ -395,25 +454,30 @@ def measure(
     device: torch.device,
     flush: Callable[[], None] | None = None,
     scenario: str = "clip",
-) -> tuple[Timing, float]:
-    """Time one candidate on one workload; also returns the norm the candidate reported."""
+) -> dict[str, tuple[Timing, float] | Exception]:
+    """Time the candidates on one workload, interleaved; for each, its timing and the norm it
+    reported, or the exception its first call raised (it is then not timed)."""
     flush = flush or (lambda: None)
 
     def prepare() -> None:
         workload.restore()
         flush()
 
-    prepare()
-    result = workload.call(candidate, scenario, max_norm)
-    reported = math.nan if result is None else float(result)
-    timing = time_calls(
-        lambda: workload.call(candidate, scenario, max_norm),
-        prepare=prepare,
-        iters=iters,
-        warmup=warmup,
-        device=device,
-    )
-    return timing, reported
+    outcome: dict[str, tuple[Timing, float] | Exception] = {}
+    calls = []
+    for cand in candidates:
+        prepare()
+        try:
+            result = workload.call(cand, scenario, max_norm)
+        except Exception as exc:  # a broken backend must not hide the other results
+            outcome[cand.name] = exc
+            continue
+        outcome[cand.name] = (None, math.nan if result is None else float(result))
+        calls.append((cand.name, functools.partial(workload.call, cand, scenario, max_norm)))
+    timings = time_interleaved(calls, prepare=prepare, iters=iters, warmup=warmup, device=device)
+    for name, timing in timings.items():
+        outcome[name] = (timing, outcome[name][1])
+    return outcome
 
 
 def _free(device: torch.device) -> None:
@@ -442,10 +506,12 @@ def _numbers(
         "floor_ms": floor_ms,
         "ms_median": timing.ms_median,
         "ms_min": timing.ms_min,
+        "spread": timing.spread,
         "host_us": timing.host_us,
         "gbps": floor_bytes / (timing.ms_median / 1e3) / 1e9,
         "ratio_to_floor": timing.ms_median / floor_ms,
-        "speedup_vs_torch_foreach": None,
+        "speedup_vs_torch": None,
+        "noisy": timing.spread > NOISY_SPREAD,
         "true_norm": workload.true_norm(scenario),
         "reported_norm": reported_norm,
         "max_norm": max_norm,
@@ -463,37 +529,36 @@ class _Settings:
     flush: Callable[[], None]
 
 
-def _bench_case(
-    candidate: Candidate, workload: Workload, scenario: str, settings: _Settings
-) -> dict[str, Any]:
-    """One row's numbers, or ``{"error": ...}`` when the candidate fails (the run goes on)."""
+def _bench_rows(
+    candidates: Sequence[Candidate], workload: Workload, scenario: str, settings: _Settings,
+    key: dict[str, str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, errors) of one (set, dtype, scenario): the candidates timed together."""
     max_norm = workload.threshold(scenario)
-    try:
-        timing, reported = measure(
-            candidate,
-            workload,
-            max_norm,
-            iters=settings.iters,
-            warmup=settings.warmup,
-            device=settings.device,
-            flush=settings.flush,
-            scenario=scenario,
-        )
-    except Exception as exc:  # a broken backend must not hide the other results
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return _numbers(workload, scenario, max_norm, timing, reported, settings.bandwidth)
+    outcome = measure(candidates, workload, max_norm, iters=settings.iters,
+                      warmup=settings.warmup, device=settings.device, flush=settings.flush,
+                      scenario=scenario)
+    rows, errors = [], []
+    for cand in candidates:
+        got = outcome[cand.name]
+        head = {**key, "scenario": scenario, "implementation": cand.name}
+        if isinstance(got, Exception):
+            errors.append({**head, "error": f"{type(got).__name__}: {got}"})
+        else:
+            rows.append({**head, **_numbers(workload, scenario, max_norm, *got,
+                                            settings.bandwidth)})
+    return rows, errors
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Fill ``speedup_vs_torch_foreach`` within each (set, dtype, scenario) group."""
-    baseline = {
-        (r["set"], r["dtype"], r["scenario"]): r["ms_median"]
-        for r in rows
-        if r["implementation"] == BASELINE
-    }
+    """Fill ``speedup_vs_torch`` within each (set, dtype, scenario) group; a row is noisy when it
+    or its baseline is."""
+    baseline = {(r["set"], r["dtype"], r["scenario"]): r for r in rows
+                if r["implementation"] == BASELINE}
     for r in rows:
         base = baseline.get((r["set"], r["dtype"], r["scenario"]))
-        r["speedup_vs_torch_foreach"] = None if base is None else base / r["ms_median"]
+        r["speedup_vs_torch"] = None if base is None else base["ms_median"] / r["ms_median"]
+        r["noisy"] = r["noisy"] or (base is not None and base["noisy"])
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -556,7 +621,8 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def metadata(device: torch.device, bandwidth: float, iters: int, warmup: int) -> dict[str, Any]:
+def metadata(device: torch.device, bandwidth: float, iters: int, warmup: int,
+             full: bool = True) -> dict[str, Any]:
     """What the numbers depend on (no host name)."""
     cpu = device.type != "cuda"
     return {
@@ -574,9 +640,12 @@ def metadata(device: torch.device, bandwidth: float, iters: int, warmup: int) ->
         "copy_bandwidth_gbps": bandwidth / 1e9,
         "iters": iters,
         "warmup": warmup,
+        "full": full,
+        "noisy_spread": NOISY_SPREAD,
         "floor_passes": FLOOR_PASSES,
         "max_norm_factor": SCENARIOS,
         "baseline": BASELINE,
+        "implementations": IMPLEMENTATIONS,
         "backends": {
             name: {"available": s.available, "reason": s.reason}
             for name, s in _select.available_backends().items()
@@ -591,6 +660,7 @@ def _progress(console: Any, enabled: bool) -> Any:
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     return Progress(
@@ -598,74 +668,155 @@ def _progress(console: Any, enabled: bool) -> Any:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
         disable=not enabled,
         transient=True,
     )
 
 
+# What a call costs besides moving its floor's bytes (restoring the gradients is two more passes),
+# per tensor: the estimate of a run before it starts, from the measured copy bandwidth.
+_RESTORE_PASSES = 2
+_HOST_S_PER_TENSOR = {"cpu": 6e-6, "cuda": 8e-6}
+_HOST_S_PER_CALL = 3e-4
+_CPU_TRAIN_STEP_S = 0.045  # llama-tiny / gpt2-tiny with fused AdamW on 2 cores (measured)
+
+
+def estimate_seconds(param_sets: Sequence[ParamSet], dtypes: Sequence[str],
+                     scenarios: Sequence[str], runs: Mapping[str, list[Candidate]],
+                     iters: int, warmup: int, bandwidth: float, device: torch.device,
+                     train_steps: int) -> float:
+    """About how long the run takes, from the copy bandwidth measured first (not a promise)."""
+    total = 0.0
+    calls = iters + warmup + 1
+    per_tensor = _HOST_S_PER_TENSOR["cuda" if device.type == "cuda" else "cpu"]
+    for param_set in param_sets:
+        tensors = param_set.num_tensors()
+        for dtype in dtypes:
+            nbytes = param_set.numel() * DTYPES[dtype].itemsize
+            total += 3 * nbytes / bandwidth  # making the gradients and their pristine copy
+            for scenario in scenarios:
+                passes = FLOOR_PASSES[scenario] + _RESTORE_PASSES
+                one = passes * nbytes / bandwidth + tensors * per_tensor + _HOST_S_PER_CALL
+                total += calls * len(runs[param_set.name]) * one
+    if train_steps and device.type == "cpu":
+        total += (train_steps + 3) * len(train_step.VARIANTS) * len(train_step.MODELS) * \
+            _CPU_TRAIN_STEP_S
+    return total
+
+
+class _Lines:
+    """Progress as one line per finished set when the output is not a terminal (a log, CI)."""
+
+    def __init__(self, total_s: float, count: int, enabled: bool, stream=None) -> None:
+        self.total_s, self.count, self.enabled = total_s, count, enabled
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.done = 0
+
+    def finished(self, what: str, part_s: float) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        left = max(0.0, self.total_s - elapsed) if self.done < self.count else 0.0
+        print(f"[{self.done}/{self.count}] {what} done in {part_s:.1f} s; {elapsed:.0f} s "
+              f"elapsed, about {left:.0f} s left", file=self.stream, flush=True)
+
+
 def run(
     sets: Iterable[str | ParamSet] | None = None,
     dtypes: Sequence[str] = ("bf16", "fp32"),
-    scenarios: Sequence[str] = DEFAULT_SCENARIOS,
+    scenarios: Sequence[str] | None = None,
     iters: int = DEFAULT_ITERS,
     warmup: int = DEFAULT_WARMUP,
     device: str | torch.device | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
     *,
+    full: bool = False,
+    train_steps: int | None = None,
     json_name: str = "results.json",
     registry: Mapping[str, ParamSet] | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Benchmark every candidate; returns ``{"metadata", "rows", "skipped", "errors"}``.
+    """Benchmark the candidates; returns ``{"metadata", "rows", "skipped", "errors",
+    "train_step", "load"}``.
 
-    With ``out_dir`` the results are also written there as ``json_name`` and a PNG plot of the same
-    stem. The table is printed to ``console`` (a ``rich.console.Console``; stdout by default).
-    Without CUDA (or with ``device="cpu"``) the default sets are the CPU-sized ones and the results
-    are marked ``cpu_numbers``.
+    Without ``full``: the headline rows (``HEADLINE_SCENARIOS``, torch against the fused
+    backends) and ``train_steps`` (default ``TRAIN_STEPS``; 0: none) training steps of each
+    ``train_step`` variant; with ``full``: every scenario and implementation, and training steps
+    only when asked for. With ``out_dir`` the results are also written there as ``json_name`` and
+    a PNG plot of the same stem. The table is printed to ``console`` (a ``rich.console.Console``;
+    stdout by default), progress to stderr (a bar in a terminal, else a line per finished set).
+    Without CUDA (or with ``device="cpu"``) the default sets are the CPU-sized ones and the
+    results are marked ``cpu_numbers``.
     """
     console = console or report.default_console()
     device = resolve_device(device)
     param_sets = resolve_sets(sets, device, registry)
+    if scenarios is None:
+        scenarios = DEFAULT_SCENARIOS if full else HEADLINE_SCENARIOS
+    if train_steps is None:
+        train_steps = 0 if full or sets is not None else TRAIN_STEPS
     _check_choices(dtypes, DTYPES, "dtype")
     _check_choices(scenarios, SCENARIOS, "scenario")
     if not (param_sets and dtypes and scenarios):
         raise ValueError("nothing to run: give at least one set, dtype and scenario")
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got {iters} and {warmup}")
-    chosen, skipped = candidates(device)
+    chosen, skipped = candidates(device, full)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
+    load = LoadMonitor()
+    load.sample()
 
     runs = {p.name: _runs_set(chosen, p, device, skipped) for p in param_sets}
-    total = len(dtypes) * len(scenarios) * sum(len(r) for r in runs.values())
-    with _progress(console, progress) as bar:
-        task = bar.add_task("measuring copy bandwidth", total=total)
-        settings = _Settings(device, iters, warmup, copy_bandwidth(device), _l2_flusher(device))
-        for param_set, dtype_name in itertools.product(param_sets, dtypes):
-            bar.update(task, description=f"{param_set.name} {dtype_name}: making gradients")
-            workload = Workload.create(param_set, DTYPES[dtype_name], device)
-            for scenario, cand in itertools.product(scenarios, runs[param_set.name]):
-                key = {
-                    "set": param_set.name,
-                    "dtype": dtype_name,
-                    "scenario": scenario,
-                    "implementation": cand.name,
-                }
-                bar.update(task, description=" ".join(key.values()))
-                outcome = _bench_case(cand, workload, scenario, settings)
-                (errors if "error" in outcome else rows).append({**key, **outcome})
-                bar.advance(task)
-            del workload
-            _free(device)
+    total = len(dtypes) * len(scenarios) * len(param_sets)
+    bandwidth = copy_bandwidth(device)
+    settings = _Settings(device, iters, warmup, bandwidth, _l2_flusher(device))
+    estimate = estimate_seconds(param_sets, dtypes, scenarios, runs, iters, warmup, bandwidth,
+                                device, train_steps)
+    print(f"fusedclip bench: {total} rows on {_device_name(device)}"
+          f"{' plus training steps' if train_steps else ''}; estimated {estimate:.0f} s "
+          f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s)", file=sys.stderr, flush=True)
+    terminal = progress and console.is_terminal
+    lines = _Lines(estimate, len(param_sets) + bool(train_steps), progress and not terminal)
+    with _progress(console, terminal) as bar:
+        task = bar.add_task("measuring", total=total)
+        for param_set in param_sets:
+            set_start = time.monotonic()
+            for dtype_name in dtypes:
+                bar.update(task, description=f"{param_set.name} {dtype_name}: making gradients")
+                workload = Workload.create(param_set, DTYPES[dtype_name], device)
+                for scenario in scenarios:
+                    bar.update(task, description=f"{param_set.name} {dtype_name} {scenario}")
+                    got, failed = _bench_rows(runs[param_set.name], workload, scenario, settings,
+                                              {"set": param_set.name, "dtype": dtype_name})
+                    rows += got
+                    errors += failed
+                    load.sample()
+                    bar.advance(task)
+                del workload
+                _free(device)
+            lines.finished(param_set.name, time.monotonic() - set_start)
     _add_speedups(rows)
+    steps: list[dict[str, Any]] = []
+    if train_steps:
+        start = time.monotonic()
+        steps = train_step.as_records(train_step.run_train_steps(
+            device=str(device), steps=train_steps, progress=lambda _: load.sample()))
+        lines.finished("training steps", time.monotonic() - start)
+    load.sample()
 
     results = {
-        "metadata": metadata(device, settings.bandwidth, iters, warmup),
+        "metadata": metadata(device, settings.bandwidth, iters, warmup, full),
         "rows": rows,
         "skipped": skipped,
         "errors": errors,
+        "train_step": steps,
+        "load": load.as_dict(),
     }
     report.print_table(results, console)
     if out_dir is not None:

@@ -12,12 +12,12 @@ __all__ = ["default_console", "plot", "print_table", "write_results"]
 
 
 def default_console() -> Any:
-    """A rich console on stdout, wide enough for the table when it is not a terminal."""
+    """A rich console on stdout (the table is made to fit 80 columns, terminal or not)."""
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:  # a log or a pipe: wide enough that no column is cut short
-        console = Console(width=max(console.width, 150))
+    if not console.is_terminal:  # a log or a pipe: never narrower than the table
+        console = Console(width=max(console.width, 80))
     return console
 
 
@@ -40,8 +40,26 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def warnings_of(results: Mapping[str, Any]) -> list[str]:
+    """Why the run's speedups should not be read as facts: a busy machine, noisy rows."""
+    out = []
+    load = results.get("load") or {}
+    for reason in load.get("busy", []):
+        out.append(f"the machine was busy ({reason}): times are not reliable; rerun on an idle "
+                   "machine")
+    if load and not load.get("readable", True):
+        out.append("the machine's load could not be read here (no /proc): idle is assumed")
+    noisy = [r for r in results["rows"] if r.get("noisy")]
+    if noisy:
+        limit = results["metadata"].get("noisy_spread", 0.15)
+        out.append(f"{len(noisy)} of {len(results['rows'])} rows spread over {limit:.0%} "
+                   "between calls: marked 'noisy' instead of a speedup")
+    return out
+
+
 def print_table(results: Mapping[str, Any], console: Any) -> None:
-    """One rich table of all rows, titled with the device."""
+    """The rows in 80 columns (details in the JSON and the plot), then the training steps, what
+    was skipped, what failed, and any warning about the machine's load."""
     from rich import box
     from rich.table import Table
 
@@ -49,15 +67,17 @@ def print_table(results: Mapping[str, Any], console: Any) -> None:
     title = _title(meta)
     if meta["cpu_numbers"]:
         title = f"[bold red]{title}[/]"
-    floors = " / ".join(f"{n}x ({scenario})" for scenario, n in meta["floor_passes"].items())
-    caption = (
-        f"median (min) of {meta['iters']} calls after {meta['warmup']} warmup; floor = {floors} "
-        f"gradient bytes at the measured copy bandwidth of {meta['copy_bandwidth_gbps']:.1f} GB/s"
-    )
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
-    for header in ("set", "dtype", "scenario", "implementation"):
+    warnings = warnings_of(results)
+    for line in warnings:
+        console.print(f"[bold yellow]warning:[/] {line}")
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results["rows"]))
+    floors = ", ".join(f"{scenario} {meta['floor_passes'][scenario]}x" for scenario in scenarios)
+    caption = (f"median of {meta['iters']} interleaved calls; ±: spread (p75-p25)/median; floor: "
+               f"gradient bytes x passes ({floors}) at {meta['copy_bandwidth_gbps']:.1f} GB/s")
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("set", "dtype", "scenario", "impl"):
         table.add_column(header)
-    for header in ("ms median", "ms min", "host µs", "GB/s", "x floor", f"vs {meta['baseline']}"):
+    for header in ("ms", "±", "x floor", f"vs {meta['baseline']}"):
         table.add_column(header, justify="right")
     previous_group = None
     for r in results["rows"]:
@@ -65,22 +85,33 @@ def print_table(results: Mapping[str, Any], console: Any) -> None:
         if previous_group is not None and group != previous_group:
             table.add_section()
         previous_group = group
-        table.add_row(
-            *group,
-            r["implementation"],
-            f"{r['ms_median']:.3f}",
-            f"{r['ms_min']:.3f}",
-            f"{r['host_us']:.0f}",
-            f"{r['gbps']:.1f}",
-            f"{r['ratio_to_floor']:.2f}",
-            _fmt(r["speedup_vs_torch_foreach"], ".2f"),
-        )
+        speedup = _fmt(r["speedup_vs_torch"], ".2f")
+        if r.get("noisy") and r["implementation"] != meta["baseline"]:
+            speedup = "noisy"
+        table.add_row(*group, r["implementation"], f"{r['ms_median']:.3f}",
+                      f"{r.get('spread', 0.0):.0%}", f"{r['ratio_to_floor']:.2f}", speedup)
     console.print(table)
+    names = list(dict.fromkeys(r["implementation"] for r in results["rows"]))
+    for name in names:
+        console.print(f"  {name}: {meta['implementations'].get(name, name)}", soft_wrap=False)
+    if results.get("train_step"):
+        console.print(format_train_steps(results["train_step"]))
     for s in results["skipped"]:
         console.print(f"skipped {s['implementation']}: {s['reason']}")
     for e in results["errors"]:
         where = f"{e['set']} {e['dtype']} {e['scenario']}"
         console.print(f"[red]error[/] {e['implementation']} on {where}: {e['error']}")
+
+
+def format_train_steps(records: list[Mapping[str, Any]]) -> str:
+    """The training-step rows: median step time, spread, and the ratio to no clipping."""
+    lines = ["training step (forward, backward, clip, fused AdamW), interleaved:",
+             f"{'model':11} {'variant':10} {'step ms':>8} {'±':>5} {'x none':>7}"]
+    for r in records:
+        ratio = "-" if r["x_none"] is None else f"{r['x_none']:.3f}"
+        lines.append(f"{r['model']:11} {r['variant']:10} {r['median_s'] * 1e3:8.2f} "
+                     f"{r['spread']:5.0%} {ratio:>7}")
+    return "\n".join(lines)
 
 
 def plot(results: Mapping[str, Any], path: Path) -> None:

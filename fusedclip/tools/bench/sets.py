@@ -4,7 +4,7 @@ A set is a frozen ``ParamSet``: a name, a builder (``kind``) and the builder's k
 ``ParamSet.shapes()`` runs the builder, so a set costs nothing until it is benchmarked.
 
 Built-in sets come in two sizes. ``DEFAULT_SETS`` are GPU-sized (``llama-1b`` is ~1B parameters);
-``CPU_SETS`` are scaled down so that a whole run on a laptop CPU takes about a minute. ``load_sets``
+``CPU_SETS`` are scaled down to run on a CPU in a couple of minutes. ``load_sets``
 reads more sets (or overrides these) from a TOML file such as ``bench/sets.toml``.
 """
 
