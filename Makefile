@@ -1,6 +1,9 @@
 # fusedclip: `make bench` and `make test` create .venv and install everything on first use.
 #
-#   make bench       set up, then benchmark fusedclip against torch (GPU sets on CUDA, small CPU sets without)
+#   make bench       set up, then benchmark fusedclip against torch: the headline rows (GPU sets on
+#                    CUDA, small CPU sets without); results in bench/results/local/ (ignored by git)
+#   make bench-publish
+#                    the same, written to bench/results/published/ (the numbers README.md quotes)
 #   make test        set up, then run the test suite (GPU tests skip without CUDA; the skips are
 #                    counted by reason at the end)
 #   make test-cpu-torch
@@ -10,6 +13,10 @@
 #                    against that installed copy
 #   make microbench  per-operation pytest-benchmark runs, saved under .benchmarks/ and compared with
 #                    the previous saved run
+#   make sanitize    fusedclip._C's CPU engine built with AddressSanitizer and
+#                    UndefinedBehaviorSanitizer (in SAN_DIR, from a copy of the files git sees), and
+#                    the engine, API and BackwardClipper tests run against it, the sanitizer
+#                    runtimes preloaded, leaks off, any report fatal (CI runs it)
 #   make checkstyle  ruff on Python, clang-format (when installed) on csrc/
 #   make lock-check  the venvs hold exactly the versions of their lock files (CI runs it)
 #   make lock        refresh the lock files to the newest releases, then run both test stages
@@ -20,19 +27,25 @@
 # purpose. LOCK= (empty) / CPU_LOCK= installs unpinned, e.g. with another TORCH_VERSION. Installs
 # of the package itself (`pip install fusedclip`, setup.py) keep their version ranges.
 #
-# Knobs: TORCH_VERSION, VENV, PYTHON, LOCK; for test-cpu-torch CPU_TORCH_VERSION, CPU_VENV, CPU_LOCK,
-# CPU_TESTS and
-# CPU_TORCH_PIP_ARGS (e.g. --index-url https://download.pytorch.org/whl/cpu where pip would fetch a
-# CUDA build). The build reads FUSEDCLIP_BUILD_EXT, TORCH_CUDA_ARCH_LIST, MAX_JOBS and CUDA_HOME
-# (see setup.py).
+# Build: without a GPU (no nvidia-smi) fusedclip._C gets its CPU engine alone, unless
+# FUSEDCLIP_BUILD_EXT asks for more (`make test FUSEDCLIP_BUILD_EXT=cuda`; CI does, so that a CUDA
+# compile error fails it); with one, FUSEDCLIP_BUILD_EXT=auto (the CUDA kernels too). The build also
+# reads TORCH_CUDA_ARCH_LIST, MAX_JOBS and CUDA_HOME (see setup.py).
+#
+# Knobs: TORCH_VERSION, VENV, PYTHON, LOCK; for test-cpu-torch CPU_TORCH_VERSION, CPU_VENV,
+# CPU_LOCK, CPU_TESTS and CPU_TORCH_PIP_ARGS (e.g. --index-url https://download.pytorch.org/whl/cpu
+# where pip would fetch a CUDA build).
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fusedclip-installed
 LOCK ?= requirements/lock-dev.txt
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+BUILD_EXT := $(or $(FUSEDCLIP_BUILD_EXT),$(if $(HAVE_GPU),auto,cpu))
+DEPS := $(VENV)/.deps-installed
+STAMP := $(VENV)/.fusedclip-built-$(BUILD_EXT)
 
 CPU_TORCH_VERSION ?= 2.13.0
 CPU_VENV ?= .venv-cpu
@@ -43,18 +56,34 @@ CPU_DIR := $(abspath $(CPU_VENV))
 CPU_PY := $(CPU_DIR)/bin/python
 CPU_STAMP := $(CPU_DIR)/.deps-torch-$(CPU_TORCH_VERSION)
 
-.PHONY: setup test test-cpu-torch bench microbench checkstyle lock lock-check clean
+.PHONY: setup test test-cpu-torch sanitize bench bench-publish microbench checkstyle lock lock-check \
+	clean
 
 constrained = $(if $(1),-c $(1))
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalls (and so rebuilds the extension) whenever the build inputs change.
-$(STAMP): $(PY) setup.py pyproject.toml requirements/dev.txt $(LOCK) $(shell find csrc -type f)
-	$(PY) -m pip install -q $(call constrained,$(LOCK)) --upgrade pip
-	$(PY) -m pip install -q $(call constrained,$(LOCK)) torch==$(TORCH_VERSION) -r requirements/dev.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# torch and the tools, at the locked versions: again when the requirements or the lock change. Each
+# step says what it does, how long it took on this project's 2-core machines, and how long it took.
+$(DEPS): $(PY) requirements/dev.txt $(LOCK)
+	@echo "fusedclip setup: installing torch $(TORCH_VERSION) and the tools of requirements/dev.txt" \
+	  "into $(VENV)$(if $(LOCK), at the versions of $(LOCK)) (about 2 minutes the first time, on 2" \
+	  "cores; seconds after that)"
+	@start=$$SECONDS; \
+	$(PY) -m pip install -q $(call constrained,$(LOCK)) --upgrade pip && \
+	$(PY) -m pip install -q $(call constrained,$(LOCK)) torch==$(TORCH_VERSION) -r requirements/dev.txt \
+	  && echo "fusedclip setup: installed in $$((SECONDS - start)) s"
+	touch $@
+
+# fusedclip, editable, and fusedclip._C built: again whenever a build input changes.
+$(STAMP): $(DEPS) setup.py pyproject.toml $(shell find csrc -type f)
+	@echo "fusedclip setup: building fusedclip._C with FUSEDCLIP_BUILD_EXT=$(BUILD_EXT):" \
+	  "$(if $(filter cpu,$(BUILD_EXT)),the CPU engine (no GPU here: no CUDA kernels; about 40 s on 2 cores),the CPU engine and the CUDA kernels where nvcc and a CUDA torch are (about 80 s on 2 cores))"
+	@rm -f $(VENV)/.fusedclip-built-*
+	@start=$$SECONDS; \
+	FUSEDCLIP_BUILD_EXT=$(BUILD_EXT) $(PY) -m pip install -q --no-build-isolation --no-deps -e . \
+	  && echo "fusedclip setup: built in $$((SECONDS - start)) s"
 	touch $@
 
 setup: $(STAMP)
@@ -101,8 +130,44 @@ test-cpu-torch: $(CPU_STAMP)
 	  $(CPU_PY) -m pytest -p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) \
 	  -m "not slow" $(addprefix $(CURDIR)/,$(CPU_TESTS))
 
+# The sanitized build. Its tests: tests/engine (but test_build, which reads the optimized build's
+# instructions), tests/api and BackwardClipper's, without the Triton cases (Triton's interpreter runs
+# none of fusedclip's C++; it would only slow the run down). Every CPU kernel build (baseline, AVX2,
+# AVX-512, as this CPU allows) runs there: tests/engine/test_cpu_engine.py switches between them.
+SAN_DIR := $(abspath .venv-san)
+SAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+SAN_ENV = LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+SAN_TESTS ?= tests/engine tests/api tests/features/test_backward.py
+# Proof that the runtime is active and a report is fatal: a heap overflow that must abort.
+define SAN_CANARY
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+ctypes.memset(libc.malloc(16), 0, 17)
+endef
+export SAN_CANARY
+
+sanitize: $(DEPS)
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(SAN_DIR)
+	@echo "fusedclip sanitize: building fusedclip._C's CPU engine with ASan and UBSan (about a minute)"
+	cd $(SAN_DIR) && FUSEDCLIP_SANITIZE=1 FUSEDCLIP_BUILD_EXT=cpu \
+	  $(abspath $(PY)) setup.py -q build_ext --inplace > build.log 2>&1 || { cat build.log; exit 1; }
+	cd $(SAN_DIR) && ldd fusedclip/_C*.so | grep -q libasan && $(SAN_ENV) $(abspath $(PY)) -c \
+	  'import fusedclip, sys; sys.exit(0 if fusedclip.__file__.startswith("$(SAN_DIR)/") else 1)'
+	cd $(SAN_DIR) && ! $(SAN_ENV) $(abspath $(PY)) -c "$$SAN_CANARY" 2> canary.log \
+	  && grep -q "heap-buffer-overflow" canary.log || { echo "the sanitizer did not catch the canary"; exit 1; }
+	cd $(SAN_DIR) && $(SAN_ENV) FUSEDCLIP_REQUIRE_EXTENSION=1 FUSEDCLIP_REQUIRE_TRITON=0 \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -k "not triton" \
+	  --ignore=tests/engine/test_build.py $(SAN_TESTS)
+
 bench: setup
-	$(PY) -m fusedclip bench --sets-file bench/sets.toml --out bench/results
+	$(PY) -m fusedclip bench
+
+bench-publish: setup
+	$(PY) -m fusedclip bench --publish
 
 microbench: setup
 	$(PY) -m pytest bench --benchmark-only --benchmark-autosave \
@@ -152,4 +217,4 @@ lock:
 	$(MAKE) lock-check test test-cpu-torch
 
 clean:
-	rm -rf build *.egg-info fusedclip/_C*.so $(CPU_DIR)/src $(CPU_DIR)/run
+	rm -rf build *.egg-info fusedclip/_C*.so $(CPU_DIR)/src $(CPU_DIR)/run $(SAN_DIR)

@@ -14,6 +14,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST  target GPUs; default the visible GPU's, or 9.0 (H100/H200) when none is.
   MAX_JOBS              parallel compile jobs (ninja).
   CUDA_HOME             the CUDA toolkit; default /usr/local/cuda when it exists.
+  FUSEDCLIP_SANITIZE    1: the host code with AddressSanitizer and UndefinedBehaviorSanitizer
+                        (run it with the sanitizer runtimes preloaded: `make sanitize`).
 """
 
 import glob
@@ -93,6 +95,12 @@ LINK_FLAGS: list[str] = []
 if sys.platform.startswith("linux"):
     CXX_FLAGS.append("-fopenmp")
     LINK_FLAGS.append("-fopenmp")
+if os.environ.get("FUSEDCLIP_SANITIZE") == "1":
+    # Every report is an error (no recovery), and frames stay readable in the reports.
+    SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                "-fno-omit-frame-pointer", "-g"]
+    CXX_FLAGS = [f for f in CXX_FLAGS if f != "-O3"] + ["-O1", *SANITIZE]
+    LINK_FLAGS += SANITIZE
 
 
 def _sources(*patterns):
