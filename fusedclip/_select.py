@@ -21,8 +21,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from fusedclip import verify
 from fusedclip.backends import Backend, BackendStatus, cpp, reference, triton
-from fusedclip.backends._multi_tensor import kernels_take
+from fusedclip.backends._multi_tensor import KERNEL_DTYPES, kernels_take
 
 __all__ = ["BACKEND_NAMES", "ENV_VAR", "Choice", "auto_name", "available_backends",
            "backend_status", "fast_path", "get", "parse", "select", "select_backend"]
@@ -109,8 +110,43 @@ def _name_for(choice: Choice, tensors: list[Tensor]) -> str:
     return auto_name({t.device.type for t in tensors}, kernels_take(tensors))
 
 
-def select(choice: Choice, tensors: list[Tensor]) -> Backend:
-    """The backend for ``tensors`` (non-empty), or a clear error before anything is touched."""
+def _verified(name: str, tensors: list[Tensor], run: bool = True) -> bool:
+    """``fusedclip.verify``: backend ``name`` verified (now, if needed and ``run``; else: not
+    known to have failed) on every device and dtype among ``tensors``."""
+    seen = set()
+    for t in tensors:
+        key = (t.device, t.dtype)
+        if key in seen or t.dtype not in KERNEL_DTYPES:
+            continue
+        seen.add(key)
+        if not verify.needed(name, t.device):
+            continue
+        if run and not verify.check(name, _BACKENDS[name], t.device, t.dtype):
+            return False
+        if not run and verify.disabled(name, t.device):
+            return False
+    return True
+
+
+def _next_verified(name: str, tensors: list[Tensor], run: bool = True) -> Backend:
+    """The backend after ``name`` (in auto's order) that runs ``tensors`` and verifies on them:
+    where a verification failed, the call still gets an answer, from the reference at the end."""
+    device_types = {t.device.type for t in tensors}
+    for later in BACKEND_NAMES[BACKEND_NAMES.index(name) + 1:]:
+        if later != "reference" and not kernels_take(tensors):
+            continue
+        if later == "triton" and "cpu" in device_types:
+            continue  # the interpreter, for tests only
+        status = backend_status(later)
+        if all(status.runs_on(d) for d in device_types) and _verified(later, tensors, run):
+            return _BACKENDS[later]
+    return _BACKENDS["reference"]
+
+
+def select(choice: Choice, tensors: list[Tensor], verify_now: bool = True) -> Backend:
+    """The backend for ``tensors`` (non-empty), or a clear error before anything is touched.
+    ``verify_now``: run the first-use verification it needs (``fusedclip.verify``); without it,
+    only a failed one counts."""
     name = _name_for(choice, tensors)
     status = backend_status(name)
     label = f"backend {name!r} (from {choice.source})"
@@ -122,6 +158,8 @@ def select(choice: Choice, tensors: list[Tensor]) -> Backend:
             runs = choice.only or status.devices
             raise RuntimeError(f"{label} runs {' and '.join(runs)} tensors here, but "
                                f"gradients[{i}] is on {t.device} ({status.reason})")
+    if not _verified(name, tensors, verify_now):
+        return _next_verified(name, tensors, verify_now)
     return _BACKENDS[name]
 
 
@@ -135,9 +173,7 @@ def select_backend(tensors: Tensor | list[Tensor], backend: str | None = None) -
     items = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     if not items:
         raise ValueError("select_backend needs at least one tensor (no gradients: no backend runs)")
-    choice = parse(backend)
-    select(choice, items)
-    return _name_for(choice, items)
+    return select(parse(backend), items, verify_now=False).NAME
 
 
 def fast_path(choice: Choice) -> tuple[Backend, bool] | None:
@@ -148,9 +184,27 @@ def fast_path(choice: Choice) -> tuple[Backend, bool] | None:
         status = backend_status(choice.name)
         if not status.available:
             return None
-        return _BACKENDS[choice.name], (choice.only or status.devices) == ("cuda",)
+        cuda_only = (choice.only or status.devices) == ("cuda",)
+        return _fast_verified(choice.name, cuda_only)
     on_cpu = auto_name({"cpu"})
     if not torch.cuda.is_available():
-        return _BACKENDS[on_cpu], False
+        return _fast_verified(on_cpu, False)
     on_cuda = auto_name({"cuda"})
-    return _BACKENDS[on_cuda], on_cuda != on_cpu
+    return _fast_verified(on_cuda, on_cuda != on_cpu)
+
+
+def _fast_verified(name: str, cuda_only: bool) -> tuple[Backend, bool] | None:
+    """The one-call path reads the gradients in C++, after the choice: its backend is verified
+    for every kernel dtype on the devices it may run (the current CUDA device, and the CPU unless
+    ``cuda_only``); None (the general path, which verifies per call) where one failed."""
+    status = backend_status(name)
+    devices = []
+    if torch.cuda.is_available() and status.runs_on("cuda"):
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    if not cuda_only and status.runs_on("cpu"):
+        devices.append(torch.device("cpu"))
+    for device in devices:
+        if verify.needed(name, device) and not all(
+                verify.check(name, _BACKENDS[name], device, dtype) for dtype in verify.DTYPES):
+            return None
+    return _BACKENDS[name], cuda_only
