@@ -193,7 +193,7 @@ export FREEZE
 lock_check = $(1) -c "$$FREEZE" | diff -u --label "$(2) (locked)" --label "$(1) (installed)" \
 	  <(grep -v '^\#' $(2)) - || { echo "$(1) does not hold $(2): make lock refreshes it"; exit 1; }
 
-lock-check: setup $(CPU_STAMP)
+lock-check: $(DEPS) $(CPU_STAMP)
 	@$(call lock_check,$(PY),$(LOCK))
 	@$(call lock_check,$(CPU_PY),$(CPU_LOCK))
 	@echo "$(VENV) and $(CPU_VENV) hold exactly $(LOCK) and $(CPU_LOCK)"
