@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusedclip.backends import BackendStatus
-from fusedclip.backends._math import clip_coef
+from fusedclip.backends._math import clip_coef, ratio_pow, root_norm
 
 NAME = "reference"
 
@@ -75,16 +75,17 @@ def total_norm(
                   for t, m in zip(tensors, peaks)]
         found_inf.masked_fill_(~torch.isfinite(torch.stack(stored).amax()).to(found_inf.device),
                                1.0)
-    norm = _norm_from_peak(tensors, norm_type, peak)
-    if inv_scale is not None:
-        norm = norm * inv_scale.to(device=device, dtype=torch.float64).reshape(())
-    return norm
+    inv = None if inv_scale is None else inv_scale.to(device=device,
+                                                        dtype=torch.float64).reshape(())
+    return _norm_from_peak(tensors, norm_type, peak, inv)
 
 
-def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Tensor:
+def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor,
+                    inv: Tensor | None = None) -> Tensor:
+    """The p-norm of ``tensors`` whose largest magnitude is ``peak``, times ``inv`` (1 if None)."""
     device = peak.device
     if math.isinf(norm_type):
-        return peak
+        return peak if inv is None else peak * inv
     # Scale by the largest magnitude so sum(|x|^p) cannot overflow or underflow in fp64; fall back
     # to 1 where the peak is 0 (the norm is 0) or not finite (the peak is the answer).
     usable = torch.isfinite(peak) & (peak > 0)
@@ -95,10 +96,10 @@ def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Te
         v = _values(t)
         if v.numel():
             s = scale_on.setdefault(t.device, scale.to(t.device))
-            # |x| is exact in x's dtype; the division and the power happen in fp64.
-            powered += (v.abs().to(torch.float64) / s).pow_(norm_type).sum().to(device)
-    norm = scale * powered.pow(1.0 / norm_type)
-    return torch.where(torch.isfinite(peak), norm, peak)
+            # |x| is exact in x's dtype; the power of its ratio to the peak is taken in fp64.
+            powered += ratio_pow(v.abs().to(torch.float64), s, norm_type).sum().to(device)
+    norm = root_norm(scale, powered, norm_type, inv)
+    return torch.where(torch.isfinite(peak), norm, peak if inv is None else peak * inv)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -223,8 +224,8 @@ def partials_(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
         s = torch.zeros((), dtype=torch.float64, device=t.device)
         if not math.isinf(norm_type) and _values(t).numel():
             scale = torch.where(torch.isfinite(m) & (m > 0), m, 1.0)
-            s = torch.where(torch.isfinite(m), (_values(t).abs().to(torch.float64) / scale)
-                            .pow_(norm_type).sum(), 0.0)
+            s = torch.where(torch.isfinite(m), ratio_pow(_values(t).abs().to(torch.float64),
+                                                         scale, norm_type).sum(), 0.0)
         out[i].copy_(torch.stack([m, s]))
 
 
@@ -237,19 +238,22 @@ def finish_partials(
     and ``found_inf`` is set when an m is inf or NaN."""
     m, s = partials[:, 0], partials[:, 1]
     peak = m.amax() if m.numel() else torch.zeros((), dtype=torch.float64, device=m.device)
+    inv = None if inv_scale is None else inv_scale.to(device=m.device,
+                                                      dtype=torch.float64).reshape(())
+    bare = peak if inv is None else peak * inv
     if math.isinf(norm_type):
-        norm = peak
+        norm = bare
     else:
         usable = torch.isfinite(peak) & (peak > 0)
         scale = torch.where(usable, peak, 1.0)
-        total = torch.where(m > 0, s * (m / scale).pow(norm_type), 0.0).sum()
-        norm = torch.where(usable, scale * total.pow(1.0 / norm_type), peak)
+        # Rows with m = 0 add nothing; rows past a non-finite m do not matter (norm = m).
+        ratio = ratio_pow(torch.where(m > 0, m, 0.0).clamp(max=scale), scale, norm_type)
+        total = torch.where(m > 0, s * ratio, 0.0).sum()
+        norm = torch.where(usable, root_norm(scale, total, norm_type, inv), bare)
     if found_inf is not None:
         found_inf.masked_fill_(~torch.isfinite(peak).to(found_inf.device), 1.0)
-    inv = 1.0 if inv_scale is None else inv_scale.to(device=m.device,
-                                                     dtype=torch.float64).reshape(())
-    norm = norm * inv
-    return norm, clip_coef(max_norm, norm, soft) * inv
+    coef = clip_coef(max_norm, norm, soft)
+    return norm, coef if inv is None else coef * inv
 
 
 def clamp_params(params: list[Tensor], clip_value: float, *, cuda_only: bool = True) -> bool:
