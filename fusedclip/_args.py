@@ -149,16 +149,27 @@ def as_stats_request(return_stats: object) -> bool:
     return return_stats == "per_tensor"
 
 
+NAN_NORM_TYPE_MESSAGE = (
+    "norm_type must not be NaN (a norm of order NaN is not defined: torch's clip_grad_norm_ "
+    "returns NaN for it and writes NaN into the gradients)"
+)
+
+
 def as_norm_type(value: object) -> float:
-    """Any float torch's ``clip_grad_norm_`` takes: p > 0 and inf (the passes), and 0, negative p,
-    -inf and NaN (``fusedclip.backends._math.general_norm``); ``'inf'`` as a string, as in torch."""
-    return _as_float(value, "norm_type")
+    """A float torch's ``clip_grad_norm_`` takes: p > 0 and inf (the passes), and 0, negative p
+    and -inf (``fusedclip.backends._math.general_norm``); ``'inf'`` as a string, as in torch.
+    NaN is refused: torch returns a NaN norm for it (the one element itself when there is one)
+    and writes NaN into the gradients."""
+    p = _as_float(value, "norm_type")
+    if math.isnan(p):
+        raise ValueError(NAN_NORM_TYPE_MESSAGE)
+    return p
 
 
 def as_pass_norm_type(value: object, what: str) -> float:
     """A norm type for ``what``, which only the passes compute: p > 0 or inf."""
     p = as_norm_type(value)
-    if not p > 0:  # also rejects NaN
+    if not p > 0:
         raise ValueError(
             f"{what} takes norm_type p > 0 or inf, got {p} (clip_grad_norm_ and get_total_norm "
             "take every norm type torch does)"

@@ -8,7 +8,8 @@ the fused backends already handle all tensors of a device and dtype group in one
 and the reference is a loop.
 
 Every ``norm_type`` torch takes is taken: p > 0 and inf by the backends' passes, and 0, negative
-p, -inf and NaN by ``fusedclip.backends._math.general_norm`` (then the backend scales).
+p and -inf by ``fusedclip.backends._math.general_norm`` (then the backend scales); NaN, for which
+torch returns a NaN norm and writes NaN into the gradients, is refused.
 
 Differences from torch, all deliberate (README.md "Different from torch"):
 
@@ -16,8 +17,8 @@ Differences from torch, all deliberate (README.md "Different from torch"):
   and the norm is returned in the gradients' dtypes promoted with float32 (torch: in the
   gradients' dtype, so a bf16 norm reads 83.0 for 82.83 and an fp16 norm above 65504 is inf,
   which zeroes the gradients).
-* A negative or NaN ``max_norm``/``clip_value`` raises ``ValueError`` instead of silently
-  flipping or pinning the gradients.
+* A negative or NaN ``max_norm``/``clip_value``, and a NaN ``norm_type``, raise ``ValueError``
+  instead of silently flipping, pinning or poisoning the gradients.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def _check_options(amp_call: bool, return_stats: bool, process_group: object, sc
 
 
 def _refuse_general_norm_type(p: float, what: str) -> None:
-    """0, negative p, -inf and NaN are computed on the general path alone, which ``what`` does not
+    """0, negative p and -inf are computed on the general path alone, which ``what`` does not
     take yet: a clear error before anything is touched."""
     if not kernels_take_norm_type(p):
         raise ValueError(f"norm_type={p} is not available with {what} yet (there: p > 0 or inf); "

@@ -66,7 +66,7 @@ def clip_coef(max_norm: float | Tensor, norm: Tensor, soft: bool = False) -> Ten
 
 def kernels_take_norm_type(norm_type: float) -> bool:
     """Whether the passes compute this norm type: p > 0, or inf. The others torch accepts (0,
-    negative p, -inf, NaN) take ``general_norm``."""
+    negative p, -inf) take ``general_norm``; NaN is refused before (``fusedclip._args``)."""
     return norm_type > 0
 
 
@@ -96,12 +96,10 @@ def general_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
 
     p = 0 counts, per tensor, the elements that are not 0 (NaN counts), then the tensors whose count
     is not 0. p < 0 is ``(sum |x|^p)^(1/p)`` over all elements, so one zero makes it 0 (an
-    infinite element adds nothing); -inf is the smallest magnitude; NaN gives NaN. As in torch, an
+    infinite element adds nothing); -inf is the smallest magnitude. As in torch, an
     empty tensor has no p < 0 or -inf norm (no identity for the reduction): a ``RuntimeError``.
     """
     device = tensors[0].device
-    if math.isnan(norm_type):
-        return torch.full((), math.nan, dtype=torch.float64, device=device)
     if norm_type < 0 and any(t.numel() == 0 for t in tensors):
         raise RuntimeError(
             f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor because "

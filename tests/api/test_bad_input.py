@@ -71,9 +71,9 @@ def test_max_norm_edge_values_are_accepted(params, backend, device):
     assert all(not g.any() for g in grads(params))
 
 
-@pytest.mark.parametrize("norm_type", [0, 0.0, -1.0, -math.inf, math.nan, "-inf"])
+@pytest.mark.parametrize("norm_type", [0, 0.0, -1.0, -math.inf, "-inf"])
 def test_norm_types_that_only_torchs_functions_take(params, backend, norm_type):
-    """0, negative p, -inf and NaN: clip_grad_norm_ and get_total_norm take them as torch does
+    """0, negative p and -inf: clip_grad_norm_ and get_total_norm take them as torch does
     (tests/api/test_parity.py); fusedclip's own functions, and the AMP and spread paths, refuse
     them before anything is touched."""
     device = params[0].device
@@ -91,6 +91,32 @@ def test_norm_types_that_only_torchs_functions_take(params, backend, norm_type):
     expect_untouched(params, ValueError, "not available with process_group=",
                      lambda: fusedclip.get_total_norm(grads(params), norm_type, backend=backend,
                                                       process_group=object()))
+
+
+@pytest.mark.parametrize("norm_type", [math.nan, -math.nan, "nan", torch.tensor(math.nan)],
+                         ids=["nan", "-nan", "'nan'", "tensor"])
+def test_nan_norm_type_is_refused(backend, device, norm_type):
+    """torch returns a NaN norm for it and writes NaN into the gradients (or, for one element,
+    returns that element): every function refuses it, before anything is touched."""
+    params = make_params([(1,)], torch.float32, device=device, seed=23)
+    params[0].grad.fill_(4.0)
+    params += make_params(SHAPE_CLASSES["several"], torch.float32, device=device, seed=23)
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler(params[0].device.type)
+    match = "norm_type must not be NaN"
+    for call in (
+        lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, backend=backend),
+        lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True,
+                                          return_stats="per_tensor", backend=backend),
+        lambda: fusedclip.clip_grad_norm_(params, 1.0, norm_type, scaler=scaler, optimizer=opt,
+                                          backend=backend),
+        lambda: fusedclip.get_total_norm(grads(params), norm_type, backend=backend),
+        lambda: fusedclip.clip_grad_norm_per_tensor_(params, 1.0, norm_type, backend=backend),
+        lambda: fusedclip.adaptive_clip_grad_(params, norm_type=norm_type, backend=backend),
+        lambda: fusedclip.AutoClipper(params, norm_type=norm_type, backend=backend),
+    ):
+        expect_untouched(params, ValueError, match, call)
+    assert float(params[0].grad) == 4.0
 
 
 @pytest.mark.parametrize("norm_type", [-1.0, -0.5, -math.inf])
