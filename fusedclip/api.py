@@ -392,7 +392,11 @@ def clip_grad_value_(
     backend: str | None = None,
 ) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place (DTensors: their
-    local shards)."""
+    local shards).
+
+    The bound is rounded to each gradient's dtype as torch rounds it; a ``clip_value`` past a
+    dtype's range (1e5 for fp16) becomes inf there and clamps nothing of those gradients, where
+    torch raises ("cannot be converted to type c10::Half without overflow")."""
     params = collect_tensors(parameters, name="parameters")
     limit = as_threshold(clip_value, "clip_value")
     choice = _select.parse(backend)

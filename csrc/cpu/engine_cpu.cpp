@@ -185,7 +185,8 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
 }
 
 // Value clipping in one read and write of every element. The bound is rounded to each tensor's
-// dtype first (an fp16 bound past 65504 becomes inf, which clamps nothing), as torch does.
+// dtype first, as torch rounds one the dtype can hold; one past its range (an fp16 bound past
+// 65504) becomes inf, which clamps nothing, where torch raises.
 void clamp_pass_cpu(const Plan& plan, double clip_value) {
   const TableView table = plan.view();
   const cpu::CpuKernels& k = cpu::kernels();

@@ -170,7 +170,7 @@ FUSEDCLIP_HD double scaled<double>(double x, double c) {
 }
 
 // A Python float bound as torch converts it for a T tensor (through fp32 for fp16/bf16), returned
-// exactly as fp64.
+// exactly as fp64: inf past T's range (which clamps nothing), where torch's conversion raises.
 template <typename T>
 FUSEDCLIP_HD double bound_as(double v) {
   return static_cast<double>(static_cast<float>(static_cast<T>(static_cast<float>(v))));

@@ -193,10 +193,38 @@ def adaptive_clip_(
         g.copy_(g.to(torch.float64) * coef)
 
 
+# (significand bits, largest exponent) of the formats a bound is rounded through.
+_FORMATS = {torch.float32: (24, 127), torch.float16: (11, 15), torch.bfloat16: (8, 127)}
+
+
+def _rounded(x: float, digits: int, emax: int) -> float:
+    """``x > 0``, far above the subnormals, rounded to the nearest value (ties to even) of a
+    binary format with ``digits`` significand bits; inf past its largest, ``(2 - 2^(1 - digits))
+    * 2^emax``. (On Python floats: a tensor would be read back on the host.)"""
+    _, e = math.frexp(x)  # x = f * 2^e, f in [0.5, 1): its last kept bit weighs 2^(e - digits)
+    r = math.ldexp(round(math.ldexp(x, digits - e)), e - digits)
+    return r if r < 2.0 ** (emax + 1) else math.inf
+
+
+def _bound_for(clip_value: float, dtype: torch.dtype) -> float:
+    """``clip_value`` for torch's clamp of a ``dtype`` tensor. As it is where the dtype holds it
+    (torch rounds it there as the other backends do: csrc/engine/norm_math.h ``bound_as``); past
+    the dtype's largest value, what they round it to, through fp32 for fp16/bf16 (that largest
+    value, or inf, which clamps nothing), where torch's conversion raises instead."""
+    if dtype not in _FORMATS or clip_value <= torch.finfo(dtype).max or math.isinf(clip_value):
+        return clip_value
+    bound = _rounded(clip_value, *_FORMATS[torch.float32])
+    return bound if dtype == torch.float32 or math.isinf(bound) else _rounded(bound,
+                                                                              *_FORMATS[dtype])
+
+
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
-    """Clip every element to ``[-clip_value, clip_value]`` in place (NaN stays NaN, as in torch)."""
+    """Clip every element to ``[-b, b]`` in place, b ``clip_value`` rounded to the tensor's dtype
+    (NaN stays NaN, as in torch). A bound past the dtype's range clamps nothing, as in the other
+    backends; torch raises there, after clamping the tensors before it."""
     for t in tensors:
-        t.clamp_(min=-clip_value, max=clip_value)
+        b = _bound_for(clip_value, t.dtype)
+        t.clamp_(min=-b, max=b)
 
 
 def clip_params(

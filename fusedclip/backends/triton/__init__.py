@@ -263,7 +263,8 @@ def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
 
 def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> None:
     """Value clipping: every element clamped to [-clip_value, clip_value] in place, the bound
-    rounded to each group's dtype as torch rounds a Python bound, bitwise as torch's kernels on
+    rounded to each group's dtype as torch rounds a Python bound (inf past the dtype's range:
+    nothing clamped, where torch raises), bitwise as torch's kernels on
     the plan's device (``cuda_rule``: force the CUDA ones' zero signs, for tests)."""
     if not clip_value >= 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
