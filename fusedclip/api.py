@@ -39,6 +39,7 @@ from fusedclip._args import (
     as_threshold,
     as_thresholds,
     as_total_norm,
+    check_disjoint,
     check_grad_dtypes,
     check_tensor_items,
     check_writable_grads,
@@ -93,6 +94,7 @@ def get_total_norm(
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
+    check_disjoint(items, "tensors")
     impl = _select.select(choice, items)
     norm = impl.total_norm(items, p) if kernels_take_norm_type(p) else general_norm(items, p)
     norm = norm.to(norm_result_dtype(items))
@@ -296,6 +298,7 @@ def _spread_norm(local: distributed.Local, p, choice, group):
         device = distributed.group_device(group, None)
         return distributed.sharded_norm(local, p, None, group, device), None, torch.float32
     check_grad_dtypes(tensors, "tensors")
+    check_disjoint(tensors, "tensors")
     impl = _select.select(choice, tensors)
     norm = distributed.sharded_norm(local, p, lambda ts: impl.total_norm(ts, p), group,
                                     tensors[0].device)
@@ -367,7 +370,8 @@ def adaptive_clip_grad_(
     tensor below two dims) of the gradient whose norm reaches ``clip_factor * max(norm of the
     parameter's unit, eps)`` is scaled down to that norm; the other units are untouched. The fused
     backends read each parameter and each gradient once and write only the clipped units; norms
-    are accumulated in fp64 (timm's are in the parameters' dtype).
+    are accumulated in fp64 (timm's are in the parameters' dtype). The parameters, only read,
+    may share memory.
     """
     params = [p for p in collect_tensors(parameters, name="parameters") if p.grad is not None]
     factor = as_threshold(clip_factor, "clip_factor")

@@ -4,7 +4,8 @@ The ``cpp`` and ``triton`` backends are instances of it. Their operators (``Oper
 dense tensors of the kernel dtypes on one device and make the two passes of the fused clip; this
 class adds what both need around them: the checks that run before anything is touched, several
 devices reduced one by one and combined, and strided views with gaps processed through a dense copy
-that is written back.
+that is written back. (The public functions have checked by then that no two gradients share
+memory: fusedclip._args check_disjoint, on the tensors as given, not on their copies.)
 """
 
 from __future__ import annotations

@@ -183,13 +183,17 @@ def adaptive_clip_(
 ) -> None:
     """Adaptive gradient clipping as timm's ``adaptive_clip_grad`` (NFNets), in fp64: each unit
     of ``grads[i]`` whose norm reaches ``clip_factor * max(norm of the unit of params[i], eps)``
-    is scaled down to it (``max_norm / max(grad_norm, 1e-6)``); the others keep their bits."""
+    is scaled down to it (``max_norm / max(grad_norm, 1e-6)``); the others keep their bits.
+    Every coefficient is found before any gradient is written, as the fused backends do (so a
+    gradient that shares memory with a parameter after it reads the same)."""
+    coefs = []
     for g, p in zip(grads, params):
         if g.numel() == 0:
             continue
         limit = _unit_norms(p, norm_type).to(g.device).clamp(min=eps) * clip_factor
         norm = _unit_norms(g, norm_type)
-        coef = torch.where(norm < limit, 1.0, limit / norm.clamp(min=1e-6))
+        coefs.append((g, torch.where(norm < limit, 1.0, limit / norm.clamp(min=1e-6))))
+    for g, coef in coefs:
         g.copy_(g.to(torch.float64) * coef)
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from gradients import SHAPE_CLASSES, grads, make_params
-from oracle import assert_bitwise_equal
+from oracle import assert_bitwise_equal, oracle_adaptive_clipped, ulp_close
 
 import fusedclip
 from fusedclip import _select
@@ -273,3 +273,136 @@ def test_unknown_backend_is_reported_without_grads(name):
         CALLS[name](no_grad, backend="turbo")
     with pytest.raises(ValueError, match="unknown backend"):
         fusedclip.get_total_norm([], backend="turbo")
+
+
+# ---- memory shared between gradients, or within one --------------------------------------------
+# One rule on every backend and every function: an element shared between two gradients, or
+# stored twice in one, is refused with a ValueError naming them, before anything is written
+# (torch would scale such an element once per appearance).
+
+WRITERS = {
+    **CALLS,
+    "clip_grad_norm_-general": lambda params, **kw: fusedclip.clip_grad_norm_(
+        params, 1.0, error_if_nonfinite=True, return_stats="per_tensor", **kw),
+    "clip_grad_norm_per_tensor_": lambda params, **kw: fusedclip.clip_grad_norm_per_tensor_(
+        params, 1.0, **kw),
+    "adaptive_clip_grad_": lambda params, **kw: fusedclip.adaptive_clip_grad_(params, 1e-3, **kw),
+    "get_total_norm": lambda params, **kw: fusedclip.get_total_norm(grads(params), **kw),
+}
+
+
+def _sharing(case, device):
+    """Gradients (for parameters 4 and up, after the ``params`` fixture's) that share memory."""
+    b = torch.randn(16, device=device)
+    return {
+        "the same twice": [b, b],
+        "one with gaps twice": [b[::2], b[::2]],
+        "dense and a view with gaps": [b, b[::2]],
+        "a view with gaps and dense": [b[1::2], b],
+        "overlapping slices": [b[:8], b[4:12]],
+        "transposed and a slice": [b.view(4, 4).t(), b[5:6]],
+        "the same bytes as two dtypes": [b[:4], b[:4].view(torch.bfloat16)[3:]],
+        "expand": [torch.randn(1, 3, device=device).expand(4, 3)],
+        "as_strided onto itself": [b.as_strided((4, 3), (2, 1))],
+    }[case]
+
+
+def _params_for(grad_list):
+    params = []
+    for g in grad_list:
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype, device=g.device))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+SHARING = ["the same twice", "one with gaps twice", "dense and a view with gaps",
+           "a view with gaps and dense", "overlapping slices", "transposed and a slice",
+           "the same bytes as two dtypes", "expand", "as_strided onto itself"]
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+@pytest.mark.parametrize("case", SHARING)
+def test_memory_shared_between_or_within_gradients_is_refused(params, backend, case, name):
+    device = params[0].device
+    sharing = _params_for(_sharing(case, device))
+    everything = params + sharing
+    what = "tensors" if name == "get_total_norm" else "gradients"
+    if len(sharing) == 1:
+        match = (rf"^{what}\[4\] has elements that share memory \(an expand\(\)-ed or "
+                 r"overlapping as_strided view\); fusedclip takes every element once: give it "
+                 r"its own storage \(\.clone\(\)\)$")
+    else:
+        match = (rf"^{what}\[4\] and {what}\[5\] share memory \(the same tensor twice, or views "
+                 r"of one buffer\); fusedclip takes every element once: give each its own "
+                 r"storage \(\.clone\(\)\)$")
+    base = [g._base if g._base is not None else g for g in grads(sharing)]
+    before = [t.clone() for t in base]
+    expect_untouched(everything, ValueError, match, lambda: WRITERS[name](everything,
+                                                                          backend=backend))
+    assert_bitwise_equal(base, before)
+
+
+def test_the_one_call_path_refuses_as_the_general_path(backend, device):
+    """Dense gradients that share memory reach the compiled engine's plan first on the one-call
+    path of clip_grad_norm_ and clip_grad_value_: the same words."""
+    g = torch.randn(6, device=device)
+    params = _params_for([g, g])
+    messages = set()
+    for call in (lambda: fusedclip.clip_grad_norm_(params, 1.0, backend=backend),
+                 lambda: fusedclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True,
+                                                   backend=backend),
+                 lambda: fusedclip.clip_grad_value_(params, 0.1, backend=backend),
+                 lambda: fusedclip.clip_grads_with_norm_(params, 1.0, 9.0, backend=backend)):
+        with pytest.raises(ValueError, match="share memory") as info:
+            call()
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_views_that_share_no_element_are_taken(backend, device, name):
+    """Spans that meet without a shared element: interleaved views, and an as_strided view whose
+    strides interleave without overlapping (offsets 0 3 6 / 2 5 8 / 4 7 10): the results of the
+    same call on gradients of their own."""
+    b = torch.randn(24, device=device)
+    views = [b[0:12:2], b[1:12:2], b[12:].as_strided((3, 3), (2, 3))]
+    copies = [v.clone() for v in views]
+    ours = WRITERS[name](_params_for(views), backend=backend)
+    theirs = WRITERS[name](_params_for(copies), backend=backend)
+    if isinstance(ours, torch.Tensor):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    assert_bitwise_equal(views, copies)
+
+
+def test_spans_that_do_not_meet_are_not_compared_element_by_element(monkeypatch):
+    """The check reads sizes, strides and addresses: disjoint gradients, views with gaps included,
+    are cleared from their spans alone; element addresses are listed only where spans meet."""
+    from fusedclip import _args
+
+    b = torch.randn(64, 8)
+    disjoint = [b[:16, ::2], b[16:32].t(), b[32:48, 1:3], torch.randn(5), b[48:]]
+
+    def listed(t):
+        raise AssertionError("element addresses listed for spans that do not meet")
+
+    monkeypatch.setattr(_args, "_element_addresses", listed)
+    _args.check_disjoint(disjoint)
+    with pytest.raises(AssertionError, match="listed"):
+        _args.check_disjoint([b[:16, ::2], b[:16, 1::2]])
+
+
+def test_adaptive_clipping_parameters_may_share_memory(backend, device):
+    """adaptive_clip_grad_ only reads the parameters: two that are views of one buffer (their rows
+    overlap) are taken, on every backend, with the oracle's result."""
+    buf = torch.randn(5, 3, dtype=torch.float64, device=device)
+    first, second = torch.nn.Parameter(buf[:3]), torch.nn.Parameter(buf[1:])
+    gen = torch.Generator().manual_seed(24)
+    for p in (first, second):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device) * 0.05
+    before = [first.grad.clone(), second.grad.clone()]
+    fusedclip.adaptive_clip_grad_([first, second], 0.01, 1e-3, backend=backend)
+    for p, g0 in zip((first, second), before):
+        ulp_close(p.grad, oracle_adaptive_clipped(g0, p.detach(), 0.01, 1e-3, 2.0))
+    assert not torch.equal(first.grad, before[0])  # (something was clipped)
+

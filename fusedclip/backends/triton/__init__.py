@@ -339,7 +339,7 @@ def _adaptive_clip_op(
     if not any(g.numel() for g in grads):
         return
     grad_plan = plans.plan_for(grads, units=True)
-    param_plan = plans.plan_for(params, units=True)
+    param_plan = plans.plan_for(params, units=True, written=False)  # only read: may overlap
     of_params = norm_pass(param_plan, Request(norm_type, per_tensor=True, totals=False))
     of_grads = norm_pass(grad_plan, Request(norm_type, max_norms=of_params.per_tensor,
                                             adaptive=(eps, clip_factor), totals=False))
