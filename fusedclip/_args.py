@@ -72,14 +72,40 @@ def check_grad_dtypes(tensors: list[Tensor], name: str = "gradients") -> None:
             )
 
 
-def check_writable_grads(grads: list[Tensor]) -> None:
-    """Gradients about to be modified in place: right dtypes, and no element shared between two
-    of them or stored twice in one (``check_disjoint``).
+def check_dense_real_grads(grads: list[Tensor], what: str) -> None:
+    """``what`` works on dense real gradients only: clamping has no order for complex values,
+    unit norms have no rows in a sparse tensor (torch's clamp_ and timm's unitwise norm raise on
+    them too, after writing the gradients before)."""
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"gradients[{i}] is a {g.layout} tensor; {what} takes dense "
+                            "gradients only")
+        if g.is_complex():
+            raise TypeError(f"gradients[{i}] has dtype {g.dtype}; {what} takes real (floating) "
+                            "gradients only")
 
-    torch fails on a self-overlapping gradient (an ``expand``-ed tensor) only when it reaches it,
-    after scaling the ones before it; fusedclip refuses before touching any.
+
+def check_writable_grads(grads: list[Tensor]) -> None:
+    """Gradients about to be modified in place: right dtypes, memory that can be written in
+    place, and no element shared between two of them or stored twice in one (``check_disjoint``).
+
+    torch fails on an inference tensor or a self-overlapping gradient (an ``expand``-ed tensor)
+    only when it reaches it, after scaling the ones before it; fusedclip refuses before touching
+    any.
     """
     check_grad_dtypes(grads)
+    if torch.compiler.is_compiling():
+        return  # (data pointers and these flags are the runtime's; see check_disjoint)
+    for i, g in enumerate(grads):
+        if g._is_zerotensor():
+            raise ValueError(f"gradients[{i}] is a ZeroTensor, which has no memory to write in "
+                             "place; give it its own storage (.clone())")
+        if g.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"gradients[{i}] is an inference tensor (made under torch.inference_mode()), "
+                "which cannot be written in place outside inference mode; clone it first, or "
+                "call inside inference mode"
+            )
     check_disjoint(grads)
 
 

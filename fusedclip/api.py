@@ -39,6 +39,7 @@ from fusedclip._args import (
     as_threshold,
     as_thresholds,
     as_total_norm,
+    check_dense_real_grads,
     check_disjoint,
     check_grad_dtypes,
     check_tensor_items,
@@ -370,8 +371,8 @@ def adaptive_clip_grad_(
     tensor below two dims) of the gradient whose norm reaches ``clip_factor * max(norm of the
     parameter's unit, eps)`` is scaled down to that norm; the other units are untouched. The fused
     backends read each parameter and each gradient once and write only the clipped units; norms
-    are accumulated in fp64 (timm's are in the parameters' dtype). The parameters, only read,
-    may share memory.
+    are accumulated in fp64 (timm's are in the parameters' dtype). Gradients must be dense and
+    real (a ``TypeError`` otherwise); the parameters, only read, may share memory.
     """
     params = [p for p in collect_tensors(parameters, name="parameters") if p.grad is not None]
     factor = as_threshold(clip_factor, "clip_factor")
@@ -383,6 +384,7 @@ def adaptive_clip_grad_(
     grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
     distributed.refuse_dtensors(grads, "adaptive_clip_grad_")
     check_writable_grads(grads)
+    check_dense_real_grads(grads, "adaptive_clip_grad_")
     _select.select(choice, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
                                                  floor, p)
 
@@ -410,4 +412,5 @@ def clip_grad_value_(
     grads = _local_grads(params)
     if grads:
         check_writable_grads(grads)
+        check_dense_real_grads(grads, "clip_grad_value_")
         _select.select(choice, grads).clamp_(grads, limit)

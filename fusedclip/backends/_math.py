@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NORM_EPS", "clip_coef", "combine_norms", "general_norm", "kernels_take_norm_type",
-           "ratio_pow", "root_norm"]
+           "ratio_pow", "refuse_meta_beside_data", "root_norm"]
 
 # Added to the total norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
 NORM_EPS = 1e-6
@@ -90,6 +90,22 @@ def _scaled_negative_norm(values: Tensor, p: float) -> Tensor:
     return torch.where(torch.isnan(low) | (low == 0), low, norm)
 
 
+def refuse_meta_beside_data(tensors: list[Tensor]) -> None:
+    """A meta tensor holds no values: its norm cannot join the norms of tensors that do (torch
+    fails there with "Cannot copy out of meta tensor"). Raises naming both devices; a list all on
+    meta is fine (its norm is a meta tensor)."""
+    meta = next((i for i, t in enumerate(tensors) if t.device.type == "meta"), None)
+    if meta is None:
+        return
+    other = next((i for i, t in enumerate(tensors) if t.device.type != "meta"), None)
+    if other is not None:
+        raise RuntimeError(
+            f"gradients[{meta}] is on meta and gradients[{other}] on {tensors[other].device}: a "
+            "meta tensor holds no values, so its norm cannot be combined with the others' (with "
+            "every gradient on meta, the norm is a meta tensor)"
+        )
+
+
 def general_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The norms the passes do not take, as ``torch.nn.utils.get_total_norm`` defines them (the
     norm of the per-tensor norms), computed in fp64: fp64 0-dim on ``tensors[0]``'s device.
@@ -99,6 +115,7 @@ def general_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     infinite element adds nothing); -inf is the smallest magnitude. As in torch, an
     empty tensor has no p < 0 or -inf norm (no identity for the reduction): a ``RuntimeError``.
     """
+    refuse_meta_beside_data(tensors)
     device = tensors[0].device
     if norm_type < 0 and any(t.numel() == 0 for t in tensors):
         raise RuntimeError(

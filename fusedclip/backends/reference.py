@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusedclip.backends import BackendStatus
-from fusedclip.backends._math import clip_coef, ratio_pow, root_norm
+from fusedclip.backends._math import clip_coef, ratio_pow, refuse_meta_beside_data, root_norm
 
 NAME = "reference"
 
@@ -64,6 +64,7 @@ def total_norm(
     result is the norm of ``x * inv_scale``; ``found_inf`` (one-element fp32) is set to 1 when any
     element is inf or NaN and left as it is otherwise.
     """
+    refuse_meta_beside_data(tensors)
     device = tensors[0].device
     peaks = [_peak(t).to(device) for t in tensors]
     peak = torch.stack(peaks).amax()
@@ -148,6 +149,7 @@ def clip_stats_(
     """``clip_`` that also returns (fp64 norm, fp64 coefficient, per-tensor norms or None)."""
     per = None
     if per_tensor:
+        refuse_meta_beside_data(tensors)
         device = tensors[0].device
         per = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
     norm = total_norm(tensors, norm_type)
@@ -161,6 +163,7 @@ def clip_per_tensor_(
 ) -> Tensor:
     """Per-tensor clipping: tensor i scaled in place by the coefficient of its own norm under
     ``max_norms[i]``; returns the per-tensor norms (fp64, on ``tensors[0]``'s device)."""
+    refuse_meta_beside_data(tensors)
     device = tensors[0].device
     norms = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
     coefs = clip_coef(max_norms.to(device=device, dtype=torch.float64), norms, soft)

@@ -38,11 +38,16 @@ def cpu_params():
     return make_params(SHAPE_CLASSES["several"], torch.float32, seed=21)
 
 
+def _values(g):
+    return g.to_dense() if g.is_sparse else g
+
+
 def expect_untouched(params, error, match, call):
-    before = [g.clone() for g in grads(params)]
+    """``call()`` raises ``error`` matching ``match``, and every gradient keeps its bits."""
+    before = [_values(g).clone() for g in grads(params)]
     with pytest.raises(error, match=match):
         call()
-    assert_bitwise_equal(grads(params), before)
+    assert_bitwise_equal([_values(g) for g in grads(params)], before)
 
 
 @pytest.mark.parametrize("max_norm", [-1.0, -1e-30, math.nan, -math.inf])
@@ -406,3 +411,99 @@ def test_adaptive_clipping_parameters_may_share_memory(backend, device):
         ulp_close(p.grad, oracle_adaptive_clipped(g0, p.detach(), 0.01, 1e-3, 2.0))
     assert not torch.equal(first.grad, before[0])  # (something was clipped)
 
+
+# ---- gradients that cannot be written in place, or taken by every function ----------------------
+
+def _with(params, grad):
+    p = torch.nn.Parameter(torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device))
+    p.grad = grad
+    return params + [p]
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_inference_tensor_gradient_is_refused_before_any_change(params, backend, device, name):
+    """torch's in-place ops refuse an inference tensor outside inference mode; the reference used
+    to write the gradients before it first, and Triton's kernels wrote it regardless."""
+    with torch.inference_mode():
+        grad = torch.randn(4, device=device)
+    everything = _with(params, grad)
+    if name == "get_total_norm":  # only read: taken
+        WRITERS[name](everything, backend=backend)
+        return
+    expect_untouched(everything, ValueError,
+                     r"^gradients\[4\] is an inference tensor \(made under "
+                     r"torch.inference_mode\(\)\), which cannot be written in place outside "
+                     r"inference mode; clone it first, or call inside inference mode$",
+                     lambda: WRITERS[name](everything, backend=backend))
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_zero_tensor_gradient_is_refused_before_any_change(params, backend, device, name):
+    everything = _with(params, torch._efficientzerotensor(4, device=device))
+    if name == "get_total_norm":  # only read: its norm is that of zeros, on every backend
+        ours = WRITERS[name](everything, backend=backend)
+        theirs = fusedclip.get_total_norm(grads(params), backend=backend)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        return
+    expect_untouched(everything, ValueError,
+                     r"^gradients\[4\] is a ZeroTensor, which has no memory to write in place; "
+                     r"give it its own storage \(\.clone\(\)\)$",
+                     lambda: WRITERS[name](everything, backend=backend))
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_negative_view_gradients_as_their_values(backend, device, name):
+    """A gradient with torch's negative bit (``_neg_view()``): the fused operators cannot take it
+    as a mutable argument (the dispatcher's fallback raises), so it goes through a dense copy, as a
+    view with gaps does; every backend gives the result of a plain gradient of the same values."""
+    base = torch.randn(5, 3, device=device)
+    views = [base._neg_view(), torch.randn(4, device=device)]
+    plain = [v.resolve_neg().clone() for v in views]
+    ours = WRITERS[name](_params_for(views), backend=backend)
+    theirs = WRITERS[name](_params_for(plain), backend=backend)
+    if isinstance(ours, torch.Tensor):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    assert views[0].is_neg()
+    assert_bitwise_equal([v.resolve_neg() for v in views], plain)
+
+
+@pytest.mark.parametrize("name", ["clip_grad_value_", "adaptive_clip_grad_"])
+@pytest.mark.parametrize("kind", ["sparse", "complex"])
+def test_value_and_adaptive_clipping_take_dense_real_gradients(params, backend, device, name,
+                                                              kind):
+    """Clamping has no order for complex values, and a sparse tensor no rows: refused on every
+    backend, before anything is written (the reference used to clamp the gradients before a
+    complex or sparse one, then fail in torch's clamp_; and to drop the imaginary parts in
+    adaptive clipping)."""
+    if kind == "sparse":
+        grad = torch.randn(4, device=device).to_sparse()
+        match = rf"^gradients\[4\] is a torch.sparse_coo tensor; {name} takes dense gradients only$"
+    else:
+        grad = torch.randn(4, dtype=torch.complex64, device=device)
+        match = (rf"^gradients\[4\] has dtype torch.complex64; {name} takes real \(floating\) "
+                 "gradients only$")
+    everything = _with(params, grad)
+    expect_untouched(everything, TypeError, match,
+                     lambda: WRITERS[name](everything, backend=backend))
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_meta_gradient_beside_others(params, backend, name):
+    """A meta tensor holds no values. The fused backends do not run it; the reference, which does,
+    cannot join its norm with the others' (torch: "Cannot copy out of meta tensor"): both say so,
+    naming the devices. What needs no norm (a given one, or value clipping) runs on the
+    reference, as in torch."""
+    everything = _with(params, torch.randn(4, device="meta"))
+    call = lambda: WRITERS[name](everything, backend=backend)  # noqa: E731
+    if backend != "reference":
+        expect_untouched(everything[:4], RuntimeError,
+                         rf"backend '{backend}' \(from backend=\) runs .* tensors here, but "
+                         r"gradients\[4\] is on meta", call)
+    elif name in ("clip_grads_with_norm_", "clip_grad_value_", "adaptive_clip_grad_"):
+        call()
+    else:
+        expect_untouched(everything[:4], RuntimeError,
+                         rf"^gradients\[4\] is on meta and gradients\[0\] on {params[0].device}: "
+                         r"a meta tensor holds no values, so its norm cannot be combined with the "
+                         r"others' \(with every gradient on meta, the norm is a meta tensor\)$",
+                         call)
