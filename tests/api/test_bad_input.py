@@ -7,7 +7,15 @@ anything is touched on every path, the one-call fast paths of the compiled backe
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -507,3 +515,200 @@ def test_meta_gradient_beside_others(params, backend, name):
                          r"a meta tensor holds no values, so its norm cannot be combined with the "
                          r"others' \(with every gradient on meta, the norm is a meta tensor\)$",
                          call)
+
+
+
+# ---- docs/errors.md: every bad input, its exact error, and a test per row ------------------------
+# The page is the contract: each row's message (a "…" stands for what depends on the machine, such
+# as a backend's reason) must be the whole message raised, and every gradient must keep its bits.
+# A row of the page without a case here, or a case without a row, fails.
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _doc_rows() -> dict[str, tuple[str, str]]:
+    """``{id: (error class name, message)}`` from the table of docs/errors.md."""
+    rows = {}
+    for line in (ROOT / "docs" / "errors.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        ident, error, message = (c.strip("`").strip() for c in (cells[0], cells[2], cells[3]))
+        rows[ident] = (error, message)
+    return rows
+
+
+def _doc_pattern(message: str) -> str:
+    """The whole message, with each "…" standing for any text."""
+    return "^" + ".*".join(re.escape(part) for part in message.split("…")) + "$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row: ``call(params, backend)`` raises it. ``params`` are the ``params`` fixture's four
+    float32 gradients, or ``make(device)``'s, then a parameter whose gradient is ``extra(device)``
+    (gradients[4]); all are checked bit for bit afterwards, but a meta one (``extra_checked``).
+    ``backends``: the ones the row is about (None: every one). ``setup(monkeypatch, backend)``
+    runs first."""
+
+    call: Callable[[list, str], object]
+    extra: Callable[[torch.device], torch.Tensor] | None = None
+    extra_checked: bool = True
+    make: Callable[[torch.device], list] | None = None
+    backends: tuple[str, ...] | None = None
+    setup: Callable[[pytest.MonkeyPatch, str], None] | None = None
+
+
+def _amp(params, backend, **kw):
+    """clip_grad_norm_ with a GradScaler (that has scaled a loss) and an optimizer of ``params``;
+    ``kw`` replaces either, or adds options."""
+    scaler = torch.amp.GradScaler(params[0].device.type)
+    scaler.scale(torch.ones((), device=params[0].device))
+    options = {"scaler": scaler, "optimizer": torch.optim.SGD(params, lr=0.1), **kw}
+    return fusedclip.clip_grad_norm_(params, 1.0, backend=backend, **options)
+
+
+def _inference(device):
+    with torch.inference_mode():
+        return torch.randn(4, device=device)
+
+
+def _env(name, value):
+    return lambda monkeypatch, backend: monkeypatch.setenv(name, value)
+
+
+def _env_and_off(monkeypatch, backend):
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", backend)
+    _switch_off(monkeypatch, backend, False, ())
+
+
+FUSED = ("cpp", "triton")
+CASES = {
+    "parameters-type": Case(lambda ps, b: fusedclip.clip_grad_norm_(3.5, 1.0, backend=b)),
+    "parameters-item": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps[:1] + ["w"], 1.0,
+                                                                    backend=b)),
+    "max-norm-negative": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, -1.0, backend=b)),
+    "max-norm-nan": Case(lambda ps, b: fusedclip.clip_grads_with_norm_(ps, math.nan, 5.0,
+                                                                       backend=b)),
+    "max-norm-string": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, "1.0x", backend=b)),
+    "max-norm-none": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, None, backend=b)),
+    "max-norm-tensor": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, torch.ones(2),
+                                                                    backend=b)),
+    "max-norms-count": Case(lambda ps, b: fusedclip.clip_grad_norm_per_tensor_(
+        ps, [1.0, 2.0], backend=b)),
+    "max-norms-negative": Case(lambda ps, b: fusedclip.clip_grad_norm_per_tensor_(
+        ps, [1.0, -1.0, 1.0, 1.0], backend=b)),
+    "clip-value-negative": Case(lambda ps, b: fusedclip.clip_grad_value_(ps, -0.5, backend=b)),
+    "norm-type-string": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, "fro", backend=b)),
+    "norm-type-none": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, None, backend=b)),
+    "norm-type-nan": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, math.nan,
+                                                                  backend=b)),
+    "norm-type-not-positive": Case(lambda ps, b: fusedclip.clip_grad_norm_per_tensor_(
+        ps, 1.0, 0.0, backend=b)),
+    "norm-type-general-with-option": Case(lambda ps, b: _amp(ps, b, norm_type=-1.0)),
+    "negative-norm-of-empty": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, -1.0,
+                                                                           backend=b),
+                                   extra=lambda dev: torch.zeros(0, device=dev)),
+    "mode": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, mode="medium", backend=b)),
+    "return-stats": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, return_stats="all",
+                                                                 backend=b)),
+    "total-norm-shape": Case(lambda ps, b: fusedclip.clip_grads_with_norm_(
+        ps, 1.0, torch.ones(2), backend=b)),
+    "total-norm-dtype": Case(lambda ps, b: fusedclip.clip_grads_with_norm_(
+        ps, 1.0, torch.tensor(True), backend=b)),
+    "total-norm-string": Case(lambda ps, b: fusedclip.clip_grads_with_norm_(ps, 1.0, "big",
+                                                                            backend=b)),
+    "nonfinite-norm": Case(lambda ps, b: fusedclip.clip_grad_norm_(
+        ps, 1.0, error_if_nonfinite=True, backend=b),
+        extra=lambda dev: torch.tensor([math.inf], device=dev)),
+    "integer-tensor": Case(lambda ps, b: fusedclip.get_total_norm(
+        [ps[0].grad, torch.arange(3, device=ps[0].device)], backend=b)),
+    "sparse-on-fused": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=b),
+                            extra=lambda dev: torch.ones(4, device=dev).to_sparse(),
+                            backends=FUSED),
+    "complex-on-fused": Case(lambda ps, b: fusedclip.get_total_norm(grads(ps), backend=b),
+                             extra=lambda dev: torch.ones(4, dtype=torch.complex64, device=dev),
+                             backends=FUSED),
+    "sparse-value-or-adaptive": Case(lambda ps, b: fusedclip.clip_grad_value_(ps, 0.1,
+                                                                              backend=b),
+                                     extra=lambda dev: torch.ones(4, device=dev).to_sparse()),
+    "complex-value-or-adaptive": Case(lambda ps, b: fusedclip.adaptive_clip_grad_(ps, backend=b),
+                                      extra=lambda dev: torch.ones(4, dtype=torch.complex64,
+                                                                   device=dev)),
+    "device-not-run": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=b),
+                           extra=lambda dev: torch.ones(4, device="meta"), extra_checked=False,
+                           backends=FUSED),
+    "meta-beside-others": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=b),
+                               extra=lambda dev: torch.ones(4, device="meta"),
+                               extra_checked=False, backends=("reference",)),
+    "shared-memory": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps + ps[1:2], 1.0,
+                                                                  backend=b)),
+    "self-overlap": Case(lambda ps, b: fusedclip.clip_grad_value_(ps, 0.1, backend=b),
+                         extra=lambda dev: torch.randn(1, 3, device=dev).expand(4, 3)),
+    "inference-tensor": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=b),
+                             extra=_inference),
+    "zero-tensor": Case(lambda ps, b: fusedclip.clip_grads_with_norm_(ps, 1.0, 5.0, backend=b),
+                        extra=lambda dev: torch._efficientzerotensor(4, device=dev)),
+    "backend-unknown": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend="turbo")),
+    "backend-type": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=1)),
+    "backend-cannot-run": Case(lambda ps, b: fusedclip.clip_grad_norm_(ps, 1.0, backend=b),
+                               setup=lambda mp, b: _switch_off(mp, b, False, ())),
+    "env-backend-unknown": Case(lambda ps, b: fusedclip.clip_grad_value_(ps, 0.1),
+                                setup=_env("FUSEDCLIP_BACKEND", "turbo")),
+    "env-backend-cannot-run": Case(lambda ps, b: fusedclip.clip_grad_value_(ps, 0.1),
+                                   setup=_env_and_off),
+    "select-backend-nothing": Case(lambda ps, b: fusedclip.select_backend([])),
+    "amp-scaler-type": Case(lambda ps, b: _amp(ps, b, scaler="yes")),
+    "amp-optimizer-missing": Case(lambda ps, b: _amp(ps, b, optimizer=None)),
+    "amp-optimizer-alone": Case(lambda ps, b: _amp(ps, b, scaler=None)),
+    "amp-return-stats": Case(lambda ps, b: _amp(ps, b, return_stats=True)),
+    "amp-fp16": Case(lambda ps, b: _amp(ps, b),
+                     make=lambda dev: make_params(SHAPE_CLASSES["several"], torch.float16,
+                                                  device=dev, seed=21)),
+    "amp-not-owned": Case(lambda ps, b: _amp(ps, b, optimizer=torch.optim.SGD(ps[:2], lr=0.1))),
+    "fold-not-fused": Case(lambda ps, b: _amp(ps, b, scaler=None, fold_into_optimizer=True)),
+    "process-group-options": Case(lambda ps, b: fusedclip.clip_grad_norm_(
+        ps, 1.0, return_stats=True, process_group=object(), backend=b)),
+}
+
+
+def test_every_row_of_the_errors_page_has_a_case():
+    assert sorted(_doc_rows()) == sorted([*CASES, "cpu-capability"])
+
+
+@pytest.mark.parametrize("ident", sorted(CASES))
+def test_errors_page_row(params, backend, device, monkeypatch, ident):
+    case = CASES[ident]
+    if case.backends is not None and backend not in case.backends:
+        pytest.skip(f"{ident}: a row about backend {' or '.join(case.backends)}")
+    error, message = _doc_rows()[ident]
+    base = case.make(params[0].device) if case.make else params
+    called = _with(base, case.extra(params[0].device)) if case.extra else base
+    if case.setup:
+        case.setup(monkeypatch, backend)
+    checked = called if case.extra_checked else base
+    expect_untouched(checked, getattr(builtins, error), _doc_pattern(message),
+                     lambda: case.call(called, backend))
+
+
+def test_errors_page_cpu_capability_row():
+    """FUSEDCLIP_CPU_CAPABILITY is read once, by the first CPU pass: a process of its own."""
+    if not fusedclip.available_backends()["cpp"].available:
+        pytest.skip("fusedclip._C is not built")
+    error, message = _doc_rows()["cpu-capability"]
+    script = (
+        "import torch, fusedclip\n"
+        "p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.ones(3)\n"
+        "try:\n"
+        "    fusedclip.clip_grad_norm_([p], 0.5, backend='cpp')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__); print(str(exc).splitlines()[0])\n"
+        "print(p.grad.tolist())\n"
+    )
+    env = {**os.environ, "FUSEDCLIP_CPU_CAPABILITY": "sse9",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.splitlines()
+    assert out[0] == error
+    assert re.match(_doc_pattern(message), out[1]), out[1]
+    assert out[2] == "[1.0, 1.0, 1.0]"
