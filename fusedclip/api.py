@@ -8,7 +8,8 @@ the fused backends already handle all tensors of a device and dtype group in one
 and the reference is a loop.
 
 Every ``norm_type`` torch takes is taken: p > 0 and inf by the backends' passes, and 0, negative
-p, -inf and NaN by ``fusedclip.backends._math.general_norm`` (then the backend scales).
+p and -inf by ``fusedclip.backends._math.general_norm`` (then the backend scales); NaN, for which
+torch returns a NaN norm and writes NaN into the gradients, is refused.
 
 Differences from torch, all deliberate (README.md "Different from torch"):
 
@@ -16,8 +17,8 @@ Differences from torch, all deliberate (README.md "Different from torch"):
   and the norm is returned in the gradients' dtypes promoted with float32 (torch: in the
   gradients' dtype, so a bf16 norm reads 83.0 for 82.83 and an fp16 norm above 65504 is inf,
   which zeroes the gradients).
-* A negative or NaN ``max_norm``/``clip_value`` raises ``ValueError`` instead of silently
-  flipping or pinning the gradients.
+* A negative or NaN ``max_norm``/``clip_value``, and a NaN ``norm_type``, raise ``ValueError``
+  instead of silently flipping, pinning or poisoning the gradients.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from fusedclip._args import (
     as_threshold,
     as_thresholds,
     as_total_norm,
+    check_dense_real_grads,
+    check_disjoint,
     check_grad_dtypes,
     check_tensor_items,
     check_writable_grads,
@@ -92,6 +95,7 @@ def get_total_norm(
     if not items:
         return torch.tensor(0.0)
     check_grad_dtypes(items, "tensors")
+    check_disjoint(items, "tensors")
     impl = _select.select(choice, items)
     norm = impl.total_norm(items, p) if kernels_take_norm_type(p) else general_norm(items, p)
     norm = norm.to(norm_result_dtype(items))
@@ -216,7 +220,7 @@ def _check_options(amp_call: bool, return_stats: bool, process_group: object, sc
 
 
 def _refuse_general_norm_type(p: float, what: str) -> None:
-    """0, negative p, -inf and NaN are computed on the general path alone, which ``what`` does not
+    """0, negative p and -inf are computed on the general path alone, which ``what`` does not
     take yet: a clear error before anything is touched."""
     if not kernels_take_norm_type(p):
         raise ValueError(f"norm_type={p} is not available with {what} yet (there: p > 0 or inf); "
@@ -295,6 +299,7 @@ def _spread_norm(local: distributed.Local, p, choice, group):
         device = distributed.group_device(group, None)
         return distributed.sharded_norm(local, p, None, group, device), None, torch.float32
     check_grad_dtypes(tensors, "tensors")
+    check_disjoint(tensors, "tensors")
     impl = _select.select(choice, tensors)
     norm = distributed.sharded_norm(local, p, lambda ts: impl.total_norm(ts, p), group,
                                     tensors[0].device)
@@ -366,7 +371,8 @@ def adaptive_clip_grad_(
     tensor below two dims) of the gradient whose norm reaches ``clip_factor * max(norm of the
     parameter's unit, eps)`` is scaled down to that norm; the other units are untouched. The fused
     backends read each parameter and each gradient once and write only the clipped units; norms
-    are accumulated in fp64 (timm's are in the parameters' dtype).
+    are accumulated in fp64 (timm's are in the parameters' dtype). Gradients must be dense and
+    real (a ``TypeError`` otherwise); the parameters, only read, may share memory.
     """
     params = [p for p in collect_tensors(parameters, name="parameters") if p.grad is not None]
     factor = as_threshold(clip_factor, "clip_factor")
@@ -378,6 +384,7 @@ def adaptive_clip_grad_(
     grads = grads_of(params)  # torch keeps every gradient the shape of its parameter
     distributed.refuse_dtensors(grads, "adaptive_clip_grad_")
     check_writable_grads(grads)
+    check_dense_real_grads(grads, "adaptive_clip_grad_")
     _select.select(choice, grads).adaptive_clip_(grads, [q.detach() for q in params], factor,
                                                  floor, p)
 
@@ -391,7 +398,11 @@ def clip_grad_value_(
     backend: str | None = None,
 ) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place (DTensors: their
-    local shards)."""
+    local shards).
+
+    The bound is rounded to each gradient's dtype as torch rounds it; a ``clip_value`` past a
+    dtype's range (1e5 for fp16) becomes inf there and clamps nothing of those gradients, where
+    torch raises ("cannot be converted to type c10::Half without overflow")."""
     params = collect_tensors(parameters, name="parameters")
     limit = as_threshold(clip_value, "clip_value")
     choice = _select.parse(backend)
@@ -401,4 +412,5 @@ def clip_grad_value_(
     grads = _local_grads(params)
     if grads:
         check_writable_grads(grads)
+        check_dense_real_grads(grads, "clip_grad_value_")
         _select.select(choice, grads).clamp_(grads, limit)

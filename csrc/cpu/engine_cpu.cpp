@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -26,6 +27,18 @@
 
 namespace fusedclip {
 namespace {
+
+// The chunk loops cpu::kernels() chose, its refusal of a bad FUSEDCLIP_CPU_CAPABILITY made a
+// ValueError: its std::invalid_argument reaches Python as a ValueError through the operators but
+// as a RuntimeError through the one-call path (bindings.cpp), and the error should not depend on
+// the path.
+const cpu::CpuKernels& chunk_loops() {
+  try {
+    return cpu::kernels();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
 
 // Below this many elements a pass runs on the calling thread: waking the pool costs more.
 constexpr int64_t kSerialElems = int64_t{1} << 15;
@@ -135,7 +148,7 @@ void write_totals(Partial total, NormKind kind, const NormRequest& r) {
 void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const TableView table = plan.view();
   const NormKind kind = norm_kind(r.p);
-  const cpu::CpuKernels& k = cpu::kernels();
+  const cpu::CpuKernels& k = chunk_loops();
   std::vector<Partial> partials(table.num_chunks);
   for_each_chunk(plan, [&](int64_t c) {
     const ChunkSpan span = table.span(c);
@@ -172,7 +185,7 @@ void finish_pass_cpu(const double* partials, int64_t n, const at::Device&, const
 // Pass 2: every element of a chunk whose coefficient is not 1 read and written once.
 void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
   const TableView table = plan.view();
-  const cpu::CpuKernels& k = cpu::kernels();
+  const cpu::CpuKernels& k = chunk_loops();
   if (!per_tensor && *coef == 1.0) return;  // nothing to write
   for_each_chunk(plan, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
@@ -185,10 +198,11 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
 }
 
 // Value clipping in one read and write of every element. The bound is rounded to each tensor's
-// dtype first (an fp16 bound past 65504 becomes inf, which clamps nothing), as torch does.
+// dtype first, as torch rounds one the dtype can hold; one past its range (an fp16 bound past
+// 65504) becomes inf, which clamps nothing, where torch raises.
 void clamp_pass_cpu(const Plan& plan, double clip_value) {
   const TableView table = plan.view();
-  const cpu::CpuKernels& k = cpu::kernels();
+  const cpu::CpuKernels& k = chunk_loops();
   for_each_chunk(plan, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const at::ScalarType dtype = plan.keys[span.tensor].dtype;

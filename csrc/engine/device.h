@@ -24,7 +24,8 @@ struct DeviceEngine {
   // per_tensor coef[t] for the elements of tensor t. No writes to a chunk whose coefficient is 1.
   void (*scale_pass)(const Plan& plan, const double* coef, bool per_tensor);
   // Value clipping in one pass: every element clamped to [-bound, bound], bound = clip_value
-  // rounded to the element's dtype (as torch converts a Python bound); NaN stays NaN.
+  // rounded to the element's dtype (as torch converts a Python bound; inf past the dtype's range,
+  // where torch raises); NaN stays NaN.
   void (*clamp_pass)(const Plan& plan, double clip_value);
   // The end of pass 1 on partials made earlier (fp64 [n, 2] on `device`, e.g. BackwardClipper's,
   // one per gradient): combined in row order as pass 1 combines its chunks', then the request's

@@ -4,7 +4,8 @@
 //
 // A partial result over some elements x_i is a pair (m, s) with
 //   m = max |x_i|, and the sum of |x_i|^p = m^p * s,
-// so that no finite input overflows or underflows whatever p is. m also carries the non-finite
+// so that no finite input overflows or underflows whatever p is (and finish_norm forms the norm
+// itself in log space where m * s^(1/p) would overflow). m also carries the non-finite
 // state: NaN once any element was NaN, otherwise inf once any element was infinite; s means
 // nothing then. A plain fp64 sum of |x|^p (p = 1 or 2 on fp16/bf16/fp32 input, where it cannot
 // overflow: (3.4e38)^2 * 2^64 < 1.8e308) enters as (1, sum).
@@ -45,11 +46,18 @@ struct Partial {
 FUSEDCLIP_HD bool is_nan(double x) { return x != x; }
 FUSEDCLIP_HD bool is_inf(double x) { return x == INFINITY; }  // magnitudes only: never -inf
 
-// r^p for 0 <= r <= 1.
-FUSEDCLIP_HD double ratio_pow(double r, double p, NormKind kind) {
+// The smallest normal fp64 number.
+constexpr double kMinNormal = 2.2250738585072014e-308;
+
+// (b / a)^p for 0 <= b <= a, 0 < a < inf. Where the ratio is below the normal range it has lost
+// bits or flushed to 0, yet for p < 1 its power is not negligible ((1e-400)^0.01 = 1e-4, beside
+// the 1 of the largest magnitude): there the power is taken from the two logs instead.
+FUSEDCLIP_HD double ratio_pow(double b, double a, double p, NormKind kind) {
+  const double r = b / a;
   if (kind == NormKind::kTwo) return r * r;
   if (kind == NormKind::kOne) return r;
-  return pow(r, p);
+  if (r >= kMinNormal) return pow(r, p);
+  return b == 0.0 ? 0.0 : exp(p * (log(b) - log(a)));
 }
 
 // A plain sum of |x|^p as a partial. A NaN sum becomes the canonical NaN: which NaN payload an
@@ -73,18 +81,18 @@ FUSEDCLIP_HD Partial combine(Partial a, Partial b, double p, NormKind kind) {
   if (kind == NormKind::kInf || b.m == 0.0 || is_inf(a.m)) return a;
   // Equal scales (always, for plain sums): no division, and (b.m / a.m)^p would be exactly 1.
   if (b.m == a.m) return {a.m, a.s + b.s};
-  return {a.m, a.s + b.s * ratio_pow(b.m / a.m, p, kind)};
+  return {a.m, a.s + b.s * ratio_pow(b.m, a.m, p, kind)};
 }
 
 // Adds one magnitude a = |x| to a scaled partial, all in fp64.
 FUSEDCLIP_HD void add_scaled(Partial& acc, double a, double p, NormKind kind) {
   if (a > acc.m) {
-    acc.s = (acc.m == 0.0 ? 0.0 : acc.s * ratio_pow(acc.m / a, p, kind)) + 1.0;
+    acc.s = (acc.m == 0.0 ? 0.0 : acc.s * ratio_pow(acc.m, a, p, kind)) + 1.0;
     acc.m = a;
   } else if (is_nan(a)) {
     acc.m = a;
   } else if (a > 0.0) {
-    acc.s += ratio_pow(a / acc.m, p, kind);
+    acc.s += ratio_pow(a, acc.m, p, kind);
   }
 }
 
@@ -94,12 +102,20 @@ FUSEDCLIP_HD A max_magnitude(A m, A a) {
   return (a > m || a != a) ? a : m;
 }
 
-// The norm a partial describes: m * s^(1/p), or m itself when it is 0, inf or NaN.
-FUSEDCLIP_HD double finish_norm(Partial t, double p, NormKind kind) {
-  if (is_nan(t.m) || is_inf(t.m) || t.m == 0.0 || kind == NormKind::kInf) return t.m;
-  if (kind == NormKind::kOne) return t.m * t.s;
-  if (kind == NormKind::kTwo) return t.m * sqrt(t.s);
-  return t.m * pow(t.s, 1.0 / p);
+// The norm a partial describes, times inv (the inverse loss scale; 1 without one):
+// m * s^(1/p) * inv, or m * inv when m is 0, inf or NaN. It is finite wherever that value is.
+// s^(1/p) alone overflows for a small p long before m brings the product back (2000 elements of
+// 1e-100 and p = 0.01: s^(1/p) = 2000^100 = 1e330, the norm 1.3e230), and m * s^(1/p) can
+// overflow where inv brings it back; then the product is formed in log space (relative error
+// about 1e-13 there, from the logs' rounding).
+FUSEDCLIP_HD double finish_norm(Partial t, double p, NormKind kind, double inv) {
+  if (is_nan(t.m) || is_inf(t.m) || t.m == 0.0 || kind == NormKind::kInf) return t.m * inv;
+  const double root = kind == NormKind::kOne   ? t.s
+                      : kind == NormKind::kTwo ? sqrt(t.s)
+                                               : pow(t.s, 1.0 / p);
+  const double norm = t.m * root;
+  if (!is_inf(norm)) return norm * inv;
+  return exp(log(t.m) + log(t.s) / p + log(inv));
 }
 
 // How a norm becomes a coefficient: torch's hard min(1, max_norm / (norm + 1e-6)); the soft
@@ -137,7 +153,7 @@ struct Finished {
 
 FUSEDCLIP_HD Finished finish_total(Partial total, double p, NormKind kind, double max_norm,
                                    ClipMode mode, double inv) {
-  const double norm = finish_norm(total, p, kind) * inv;
+  const double norm = finish_norm(total, p, kind, inv);
   return {norm, clip_coef(norm, max_norm, mode) * inv, is_nonfinite(total)};
 }
 
@@ -154,7 +170,7 @@ FUSEDCLIP_HD double scaled<double>(double x, double c) {
 }
 
 // A Python float bound as torch converts it for a T tensor (through fp32 for fp16/bf16), returned
-// exactly as fp64.
+// exactly as fp64: inf past T's range (which clamps nothing), where torch's conversion raises.
 template <typename T>
 FUSEDCLIP_HD double bound_as(double v) {
   return static_cast<double>(static_cast<float>(static_cast<T>(static_cast<float>(v))));

@@ -210,7 +210,8 @@ void adaptive_clip_(at::TensorList grads, at::TensorList params, double clip_fac
   }
   if (grad_units.empty()) return;
   const auto grad_plan = plan_for(grad_units, device, op);
-  const auto param_plan = plan_for(param_units, device, op);
+  // The parameters are only read: they may share memory (tied or overlapping views).
+  const auto param_plan = plan_for(param_units, device, op, /*written=*/false);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
   const auto units = static_cast<int64_t>(grad_units.size());
   at::Tensor param_norms = at::empty({units}, f64), coefs = at::empty({units}, f64);

@@ -60,9 +60,14 @@ std::array<const DeviceEngine*, c10::COMPILE_TIME_MAX_DEVICE_TYPES>& engines() {
   return e;
 }
 
+}  // namespace
+
 // Refuses tensors whose memory ranges overlap: the kernels would read them twice and race on
-// writes. One sort of the tensors by address, at build time only.
-void check_disjoint(const std::vector<TensorKey>& keys, const char* op) {
+// writes. One sort of the tensors by address, when a plan is built (or first used for writing).
+// The words are those of the public functions' own check (fusedclip/_args.py SHARED_MESSAGE,
+// without an operator's name in front), so that their one-call path, which reaches only this
+// one, refuses dense gradients exactly as their general path does.
+void check_disjoint(const std::vector<TensorKey>& keys) {
   std::vector<size_t> order;
   for (size_t i = 0; i < keys.size(); ++i) {
     if (keys[i].numel > 0) order.push_back(i);
@@ -72,21 +77,25 @@ void check_disjoint(const std::vector<TensorKey>& keys, const char* op) {
   for (size_t k = 1; k < order.size(); ++k) {
     const TensorKey& prev = keys[order[k - 1]];
     const int64_t prev_end = prev.addr + prev.numel * static_cast<int64_t>(c10::elementSize(prev.dtype));
-    TORCH_CHECK_VALUE(keys[order[k]].addr >= prev_end, op, ": tensors[", order[k - 1],
-                      "] and tensors[", order[k],
-                      "] share memory (the same gradient passed twice, or overlapping views); "
-                      "the fused backends scale each element once, so pass each gradient once");
+    TORCH_CHECK_VALUE(keys[order[k]].addr >= prev_end, "gradients[",
+                      std::min(order[k - 1], order[k]), "] and gradients[",
+                      std::max(order[k - 1], order[k]),
+                      "] share memory (the same tensor twice, or views of one buffer); fusedclip "
+                      "takes every element once: give each its own storage (.clone())");
   }
 }
 
+namespace {
+
 std::shared_ptr<Plan> build(const std::vector<TensorKey>& keys, at::Device device,
-                            const char* op) {
+                            const char* op, bool written) {
   const DeviceEngine& engine = engine_for(device, op);
-  check_disjoint(keys, op);
+  if (written) check_disjoint(keys);
   auto plan = std::make_shared<Plan>();
   plan->device = device;
   plan->engine = &engine;
   plan->keys = keys;
+  plan->disjoint = written || keys.size() <= 1;
   const int64_t n = static_cast<int64_t>(keys.size());
 
   // Chunks grouped by dtype and 16-byte alignment of the tensor's base (the Triton kernels take
@@ -189,7 +198,7 @@ std::shared_ptr<Plan> single_plan_for(Cache& c, const TensorKey& key, at::Device
     found->second->engine->make_ready(*found->second);
     return found->second;
   }
-  std::shared_ptr<Plan> plan = build({key}, device, op);
+  std::shared_ptr<Plan> plan = build({key}, device, op, true);
   plan->engine->make_ready(*plan);
   if (c.single.size() >= kSingleCacheSize) {
     for (auto it = c.single.begin(); it != c.single.end();) {
@@ -203,19 +212,23 @@ std::shared_ptr<Plan> single_plan_for(Cache& c, const TensorKey& key, at::Device
 }  // namespace
 
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
-                               const char* op) {
+                               const char* op, bool written) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   if (keys.size() == 1) return single_plan_for(c, keys[0], device, op);
   for (size_t i = 0; i < c.plans.size(); ++i) {
     std::shared_ptr<Plan> plan = c.plans[i];
     if (plan->device == device && plan->keys == keys) {
+      if (written && !plan->disjoint) {  // built for reading only: checked once, now
+        check_disjoint(keys);
+        plan->disjoint = true;
+      }
       std::rotate(c.plans.begin(), c.plans.begin() + i, c.plans.begin() + i + 1);
       plan->engine->make_ready(*plan);
       return plan;
     }
   }
-  std::shared_ptr<Plan> plan = build(keys, device, op);
+  std::shared_ptr<Plan> plan = build(keys, device, op, written);
   plan->engine->make_ready(*plan);
   c.plans.insert(c.plans.begin(), plan);
   // Evict the least recently used plans, but never one a captured graph still reads.

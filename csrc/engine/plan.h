@@ -67,6 +67,9 @@ struct Plan {
   // is never evicted). Both set by the engine's hooks, guarded by the plan cache's mutex.
   std::unique_ptr<PlanDeviceState> device_state;
   bool pinned = false;
+  // Whether the tensors are known not to share memory (check_disjoint passed): every plan that
+  // writes is; one built to read parameters only (adaptive clipping's) may not be.
+  bool disjoint = false;
 
   TableView view() const {
     return table_view(table.const_data_ptr<int64_t>(), static_cast<int64_t>(keys.size()),
@@ -83,10 +86,14 @@ void check_plain(const at::Tensor& t, const at::Device& device, const char* op, 
 TensorKey key_of(const at::Tensor& t);
 
 // The plan for these keys (taken from tensors on `device`), cached or new, with its table ready
-// for kernels on the current stream (the engine's make_ready). Throws, touching nothing, when two
-// tensors share memory or this build has no engine for `device`.
+// for kernels on the current stream (the engine's make_ready). Throws, touching nothing, when
+// this build has no engine for `device`, or when two tensors share memory and the plan's tensors
+// may be `written` (a plan only read, like adaptive clipping's parameters', may overlap).
 std::shared_ptr<Plan> plan_for(const std::vector<TensorKey>& keys, at::Device device,
-                               const char* op);
+                               const char* op, bool written = true);
+
+// Throws a ValueError naming two of the tensors when their memory ranges overlap.
+void check_disjoint(const std::vector<TensorKey>& keys);
 
 // check_plain on every tensor, then plan_for. `tensors` must not be empty.
 std::shared_ptr<Plan> plan_for(at::TensorList tensors, const char* op);

@@ -63,7 +63,7 @@ FUSEDCLIP_HD void write_tensor_outputs(const NormRequest& r, int64_t t, Partial 
     r.per_tensor_partial[2 * t + 1] = own.s;
   }
   if (!(r.per_tensor || r.per_tensor_coef)) return;
-  const double norm = finish_norm(own, r.p, kind) * inv;
+  const double norm = finish_norm(own, r.p, kind, inv);
   if (r.per_tensor) r.per_tensor[t] = norm;
   if (r.per_tensor_coef) {
     double limit = r.per_tensor_max_norm ? r.per_tensor_max_norm[t] : r.max_norm;

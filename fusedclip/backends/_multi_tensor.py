@@ -3,8 +3,10 @@
 The ``cpp`` and ``triton`` backends are instances of it. Their operators (``Operators``) take
 dense tensors of the kernel dtypes on one device and make the two passes of the fused clip; this
 class adds what both need around them: the checks that run before anything is touched, several
-devices reduced one by one and combined, and strided views with gaps processed through a dense copy
-that is written back.
+devices reduced one by one and combined, and what the kernels cannot read in place (strided views
+with gaps, negative views, ZeroTensors) processed through a dense copy that is written back. (The
+public functions have checked by then that no two gradients share memory: fusedclip._args
+check_disjoint, on the tensors as given, not on their copies.)
 """
 
 from __future__ import annotations
@@ -76,15 +78,28 @@ def is_dense(t: Tensor) -> bool:
     return t.permute(order).is_contiguous()
 
 
+def _values_as_stored(t: Tensor) -> bool:
+    """Whether ``t``'s memory holds its values: no negative bit (which a mutable operator argument
+    may not carry), and memory of its own (not a ZeroTensor). (Under torch.compile, which does not
+    trace these flags of a graph input, taken as so.)"""
+    return torch.compiler.is_compiling() or not (t.is_neg() or t._is_zerotensor())
+
+
+def _in_place_readable(t: Tensor) -> bool:
+    """Whether the kernels can take ``t`` as it is: dense, and its values as stored."""
+    return is_dense(t) and _values_as_stored(t)
+
+
 def dense_staged(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """The tensors the kernels can read in place, with a dense copy standing in for each strided
-    view with gaps; and the (view, copy) pairs to write back after an in-place pass."""
+    """The tensors the kernels can read in place, with a dense copy standing in for each other
+    one (a strided view with gaps, a negative view, a ZeroTensor); and the (view, copy) pairs to
+    write back after an in-place pass."""
     staged, write_back = [], []
     for t in tensors:
-        if is_dense(t):
+        if _in_place_readable(t):
             staged.append(t)
         else:
-            copy = t.contiguous()
+            copy = t.resolve_neg().clone(memory_format=torch.contiguous_format)
             staged.append(copy)
             write_back.append((t, copy))
     return staged, write_back
@@ -314,8 +329,10 @@ class FusedBackend:
         for device in self._groups(grads):
             idx = [i for i, g in enumerate(grads) if g.device == device]
             mine = [grads[i] for i in idx]
-            staged = [g if g.is_contiguous() else g.contiguous() for g in mine]
-            theirs = [params[i].detach().to(device).contiguous() for i in idx]
+            staged = [g if g.is_contiguous() and _values_as_stored(g)
+                      else g.resolve_neg().clone(memory_format=torch.contiguous_format)
+                      for g in mine]
+            theirs = [params[i].detach().to(device).resolve_neg().contiguous() for i in idx]
             self.ops.adaptive_clip(staged, theirs, clip_factor, eps, norm_type)
             for g, s in zip(mine, staged):
                 if s is not g:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusedclip.backends import BackendStatus
-from fusedclip.backends._math import clip_coef
+from fusedclip.backends._math import clip_coef, ratio_pow, refuse_meta_beside_data, root_norm
 
 NAME = "reference"
 
@@ -64,6 +64,7 @@ def total_norm(
     result is the norm of ``x * inv_scale``; ``found_inf`` (one-element fp32) is set to 1 when any
     element is inf or NaN and left as it is otherwise.
     """
+    refuse_meta_beside_data(tensors)
     device = tensors[0].device
     peaks = [_peak(t).to(device) for t in tensors]
     peak = torch.stack(peaks).amax()
@@ -75,16 +76,17 @@ def total_norm(
                   for t, m in zip(tensors, peaks)]
         found_inf.masked_fill_(~torch.isfinite(torch.stack(stored).amax()).to(found_inf.device),
                                1.0)
-    norm = _norm_from_peak(tensors, norm_type, peak)
-    if inv_scale is not None:
-        norm = norm * inv_scale.to(device=device, dtype=torch.float64).reshape(())
-    return norm
+    inv = None if inv_scale is None else inv_scale.to(device=device,
+                                                        dtype=torch.float64).reshape(())
+    return _norm_from_peak(tensors, norm_type, peak, inv)
 
 
-def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Tensor:
+def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor,
+                    inv: Tensor | None = None) -> Tensor:
+    """The p-norm of ``tensors`` whose largest magnitude is ``peak``, times ``inv`` (1 if None)."""
     device = peak.device
     if math.isinf(norm_type):
-        return peak
+        return peak if inv is None else peak * inv
     # Scale by the largest magnitude so sum(|x|^p) cannot overflow or underflow in fp64; fall back
     # to 1 where the peak is 0 (the norm is 0) or not finite (the peak is the answer).
     usable = torch.isfinite(peak) & (peak > 0)
@@ -95,10 +97,10 @@ def _norm_from_peak(tensors: list[Tensor], norm_type: float, peak: Tensor) -> Te
         v = _values(t)
         if v.numel():
             s = scale_on.setdefault(t.device, scale.to(t.device))
-            # |x| is exact in x's dtype; the division and the power happen in fp64.
-            powered += (v.abs().to(torch.float64) / s).pow_(norm_type).sum().to(device)
-    norm = scale * powered.pow(1.0 / norm_type)
-    return torch.where(torch.isfinite(peak), norm, peak)
+            # |x| is exact in x's dtype; the power of its ratio to the peak is taken in fp64.
+            powered += ratio_pow(v.abs().to(torch.float64), s, norm_type).sum().to(device)
+    norm = root_norm(scale, powered, norm_type, inv)
+    return torch.where(torch.isfinite(peak), norm, peak if inv is None else peak * inv)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -147,6 +149,7 @@ def clip_stats_(
     """``clip_`` that also returns (fp64 norm, fp64 coefficient, per-tensor norms or None)."""
     per = None
     if per_tensor:
+        refuse_meta_beside_data(tensors)
         device = tensors[0].device
         per = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
     norm = total_norm(tensors, norm_type)
@@ -160,6 +163,7 @@ def clip_per_tensor_(
 ) -> Tensor:
     """Per-tensor clipping: tensor i scaled in place by the coefficient of its own norm under
     ``max_norms[i]``; returns the per-tensor norms (fp64, on ``tensors[0]``'s device)."""
+    refuse_meta_beside_data(tensors)
     device = tensors[0].device
     norms = torch.stack([total_norm([t], norm_type).to(device) for t in tensors])
     coefs = clip_coef(max_norms.to(device=device, dtype=torch.float64), norms, soft)
@@ -182,20 +186,52 @@ def adaptive_clip_(
 ) -> None:
     """Adaptive gradient clipping as timm's ``adaptive_clip_grad`` (NFNets), in fp64: each unit
     of ``grads[i]`` whose norm reaches ``clip_factor * max(norm of the unit of params[i], eps)``
-    is scaled down to it (``max_norm / max(grad_norm, 1e-6)``); the others keep their bits."""
+    is scaled down to it (``max_norm / max(grad_norm, 1e-6)``); the others keep their bits.
+    Every coefficient is found before any gradient is written, as the fused backends do (so a
+    gradient that shares memory with a parameter after it reads the same)."""
+    coefs = []
     for g, p in zip(grads, params):
         if g.numel() == 0:
             continue
         limit = _unit_norms(p, norm_type).to(g.device).clamp(min=eps) * clip_factor
         norm = _unit_norms(g, norm_type)
-        coef = torch.where(norm < limit, 1.0, limit / norm.clamp(min=1e-6))
+        coefs.append((g, torch.where(norm < limit, 1.0, limit / norm.clamp(min=1e-6))))
+    for g, coef in coefs:
         g.copy_(g.to(torch.float64) * coef)
 
 
+# (significand bits, largest exponent) of the formats a bound is rounded through.
+_FORMATS = {torch.float32: (24, 127), torch.float16: (11, 15), torch.bfloat16: (8, 127)}
+
+
+def _rounded(x: float, digits: int, emax: int) -> float:
+    """``x > 0``, far above the subnormals, rounded to the nearest value (ties to even) of a
+    binary format with ``digits`` significand bits; inf past its largest, ``(2 - 2^(1 - digits))
+    * 2^emax``. (On Python floats: a tensor would be read back on the host.)"""
+    _, e = math.frexp(x)  # x = f * 2^e, f in [0.5, 1): its last kept bit weighs 2^(e - digits)
+    r = math.ldexp(round(math.ldexp(x, digits - e)), e - digits)
+    return r if r < 2.0 ** (emax + 1) else math.inf
+
+
+def _bound_for(clip_value: float, dtype: torch.dtype) -> float:
+    """``clip_value`` for torch's clamp of a ``dtype`` tensor. As it is where the dtype holds it
+    (torch rounds it there as the other backends do: csrc/engine/norm_math.h ``bound_as``); past
+    the dtype's largest value, what they round it to, through fp32 for fp16/bf16 (that largest
+    value, or inf, which clamps nothing), where torch's conversion raises instead."""
+    if dtype not in _FORMATS or clip_value <= torch.finfo(dtype).max or math.isinf(clip_value):
+        return clip_value
+    bound = _rounded(clip_value, *_FORMATS[torch.float32])
+    return bound if dtype == torch.float32 or math.isinf(bound) else _rounded(bound,
+                                                                              *_FORMATS[dtype])
+
+
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
-    """Clip every element to ``[-clip_value, clip_value]`` in place (NaN stays NaN, as in torch)."""
+    """Clip every element to ``[-b, b]`` in place, b ``clip_value`` rounded to the tensor's dtype
+    (NaN stays NaN, as in torch). A bound past the dtype's range clamps nothing, as in the other
+    backends; torch raises there, after clamping the tensors before it."""
     for t in tensors:
-        t.clamp_(min=-clip_value, max=clip_value)
+        b = _bound_for(clip_value, t.dtype)
+        t.clamp_(min=-b, max=b)
 
 
 def clip_params(
@@ -223,8 +259,8 @@ def partials_(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
         s = torch.zeros((), dtype=torch.float64, device=t.device)
         if not math.isinf(norm_type) and _values(t).numel():
             scale = torch.where(torch.isfinite(m) & (m > 0), m, 1.0)
-            s = torch.where(torch.isfinite(m), (_values(t).abs().to(torch.float64) / scale)
-                            .pow_(norm_type).sum(), 0.0)
+            s = torch.where(torch.isfinite(m), ratio_pow(_values(t).abs().to(torch.float64),
+                                                         scale, norm_type).sum(), 0.0)
         out[i].copy_(torch.stack([m, s]))
 
 
@@ -237,19 +273,22 @@ def finish_partials(
     and ``found_inf`` is set when an m is inf or NaN."""
     m, s = partials[:, 0], partials[:, 1]
     peak = m.amax() if m.numel() else torch.zeros((), dtype=torch.float64, device=m.device)
+    inv = None if inv_scale is None else inv_scale.to(device=m.device,
+                                                      dtype=torch.float64).reshape(())
+    bare = peak if inv is None else peak * inv
     if math.isinf(norm_type):
-        norm = peak
+        norm = bare
     else:
         usable = torch.isfinite(peak) & (peak > 0)
         scale = torch.where(usable, peak, 1.0)
-        total = torch.where(m > 0, s * (m / scale).pow(norm_type), 0.0).sum()
-        norm = torch.where(usable, scale * total.pow(1.0 / norm_type), peak)
+        # Rows with m = 0 add nothing; rows past a non-finite m do not matter (norm = m).
+        ratio = ratio_pow(torch.where(m > 0, m, 0.0).clamp(max=scale), scale, norm_type)
+        total = torch.where(m > 0, s * ratio, 0.0).sum()
+        norm = torch.where(usable, root_norm(scale, total, norm_type, inv), bare)
     if found_inf is not None:
         found_inf.masked_fill_(~torch.isfinite(peak).to(found_inf.device), 1.0)
-    inv = 1.0 if inv_scale is None else inv_scale.to(device=m.device,
-                                                     dtype=torch.float64).reshape(())
-    norm = norm * inv
-    return norm, clip_coef(max_norm, norm, soft) * inv
+    coef = clip_coef(max_norm, norm, soft)
+    return norm, coef if inv is None else coef * inv
 
 
 def clamp_params(params: list[Tensor], clip_value: float, *, cuda_only: bool = True) -> bool:

@@ -237,6 +237,31 @@ def test_clip_grad_value_bitwise_equal_to_torch(backend, device, dtype):
     assert all(float(g.nan_to_num().abs().max()) <= limit for g in grads(params))
 
 
+@pytest.mark.parametrize("clip_value, clamped",
+                         [(1e5, (torch.float32, torch.bfloat16, torch.float64)),
+                          (1e39, (torch.float64,))])
+def test_clip_value_past_a_dtypes_range_clamps_nothing_of_it(backend, device, clip_value,
+                                                             clamped):
+    """1e5 is past fp16's range (1e39 past fp32's and bf16's too): torch raises, after clamping
+    the gradients before the first such one. Every backend clamps the gradients whose dtype holds
+    the bound, and leaves the others as they are (their bound is inf)."""
+    values = [3e5, -7e38, 12.0, -0.5, math.nan]
+    params = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        held = [v for v in values if math.isnan(v) or abs(v) <= torch.finfo(dtype).max]
+        p = torch.nn.Parameter(torch.zeros(len(held), dtype=dtype, device=device))
+        p.grad = torch.tensor(held, dtype=dtype, device=device)
+        params.append(p)
+    before = [g.clone() for g in grads(params)]
+    with pytest.raises(RuntimeError, match="without overflow"):
+        torch.nn.utils.clip_grad_value_(clone_params(params), clip_value)
+    fusedclip.clip_grad_value_(params, clip_value, backend=backend)
+    for g, g0 in zip(grads(params), before):
+        expected = g0.clamp(-clip_value, clip_value) if g0.dtype in clamped else g0
+        assert_bitwise_equal([g], [expected])
+    assert float(grads(params)[0][0]) == (1e5 if clip_value == 1e5 else 3e5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bitwise_deterministic(backend, device, dtype):
     results = []
@@ -248,9 +273,10 @@ def test_bitwise_deterministic(backend, device, dtype):
     assert_bitwise_equal(results[2], results[0])
 
 
-# ---- the norm types the passes do not take: 0, negative p, -inf, NaN ---------------------------
+# ---- the norm types the passes do not take: 0, negative p, -inf ---------------------------------
+# (NaN is refused: tests/api/test_bad_input.py)
 
-GENERAL_NORM_TYPES = [0.0, -1.0, -2.0, -0.5, -math.inf, math.nan]
+GENERAL_NORM_TYPES = [0.0, -1.0, -2.0, -0.5, -math.inf]
 
 
 def torch_norm_fp64(tensors, norm_type):

@@ -24,6 +24,8 @@ import fusedclip
 from fusedclip import _select, reference
 from fusedclip.backends import reference as backend_module
 
+F64 = torch.float64
+
 
 def test_public_module_is_the_backend():
     assert reference is backend_module is fusedclip.reference
@@ -183,3 +185,22 @@ def test_clamp_is_torch_s():
     theirs.clamp_(-0.5, 0.5)
     assert torch.equal(ours.view(torch.int32)[:6], theirs.view(torch.int32)[:6])
     assert math.isnan(float(ours[6])) and float(ours[7]) == -0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_clamp_bound_past_the_dtype_rounds_as_the_engines_do(dtype):
+    """Past the dtype's largest value torch's clamp refuses the bound; the reference rounds it as
+    the compiled engines do (csrc/engine/norm_math.h bound_as: to fp32, then to the dtype), to
+    that largest value within half a step of it, else to inf, which clamps nothing."""
+    top = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(25)
+    above = [top * (1 + 0.02 * float(u)) for u in torch.rand(500, generator=gen, dtype=F64)]
+    eps = torch.finfo(dtype).eps
+    above += [top * (1 + eps / 4), top * (1 + eps / 2), top * (1 + eps), 65520.0, 1e5, 1e39]
+    g = torch.tensor([-math.inf, -top, 1.0, top, math.inf], dtype=dtype)
+    for v in (v for v in above if v > top):
+        expected = float(torch.tensor(v, dtype=F64).to(torch.float32).to(dtype))
+        ours = g.clone()
+        reference.clamp_([ours], v)
+        torch.testing.assert_close(ours, g.clamp(-expected, expected), rtol=0, atol=0)
+        assert math.isinf(expected) or expected == top

@@ -263,7 +263,8 @@ def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
 
 def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> None:
     """Value clipping: every element clamped to [-clip_value, clip_value] in place, the bound
-    rounded to each group's dtype as torch rounds a Python bound, bitwise as torch's kernels on
+    rounded to each group's dtype as torch rounds a Python bound (inf past the dtype's range:
+    nothing clamped, where torch raises), bitwise as torch's kernels on
     the plan's device (``cuda_rule``: force the CUDA ones' zero signs, for tests)."""
     if not clip_value >= 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
@@ -338,7 +339,7 @@ def _adaptive_clip_op(
     if not any(g.numel() for g in grads):
         return
     grad_plan = plans.plan_for(grads, units=True)
-    param_plan = plans.plan_for(params, units=True)
+    param_plan = plans.plan_for(params, units=True, written=False)  # only read: may overlap
     of_params = norm_pass(param_plan, Request(norm_type, per_tensor=True, totals=False))
     of_grads = norm_pass(grad_plan, Request(norm_type, max_norms=of_params.per_tensor,
                                             adaptive=(eps, clip_factor), totals=False))

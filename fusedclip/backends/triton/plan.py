@@ -95,6 +95,7 @@ def _key(t: Tensor) -> Key:
 
 
 def _check_disjoint(keys: list[Key]) -> None:
+    """csrc/engine/plan.cpp ``check_disjoint``, with its words (fusedclip/_args.py's)."""
     spans = sorted(
         (addr, addr + n * torch.empty((), dtype=dt).element_size(), i)
         for i, (addr, n, dt) in enumerate(keys) if n
@@ -102,21 +103,23 @@ def _check_disjoint(keys: list[Key]) -> None:
     for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(
-                f"gradients[{i}] and gradients[{j}] share memory (the same gradient passed twice, "
-                "or overlapping views); the fused backends scale each element once, so pass each "
-                "gradient once"
+                f"gradients[{min(i, j)}] and gradients[{max(i, j)}] share memory (the same "
+                "tensor twice, or views of one buffer); fusedclip takes every element once: give "
+                "each its own storage (.clone())"
             )
 
 
-def build(keys: list[Key], device: torch.device) -> Plan:
-    """A new plan for ``keys`` on ``device`` (csrc/engine/plan.cpp ``build``)."""
+def build(keys: list[Key], device: torch.device, written: bool = True) -> Plan:
+    """A new plan for ``keys`` on ``device`` (csrc/engine/plan.cpp ``build``); its tensors may
+    share memory only when none is ``written``."""
     global _built
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "backend 'triton' cannot build a plan inside a CUDA graph capture (its table is "
             "uploaded with a blocking copy); call it once on the same gradients before capturing"
         )
-    _check_disjoint(keys)
+    if written:
+        _check_disjoint(keys)
     n = len(keys)
     first_chunk = [0] * n
     chunk_tensor: list[int] = []
@@ -150,21 +153,24 @@ def unit_keys(tensors: list[Tensor]) -> list[Key]:
     return keys
 
 
-def plan_for(tensors: list[Tensor], units: bool = False) -> Plan:
+def plan_for(tensors: list[Tensor], units: bool = False, written: bool = True) -> Plan:
     """The cached plan of ``tensors`` (checked: ``check_plain``), or a new one. With ``units`` its
-    entries are adaptive clipping's units (``unit_keys``, contiguous tensors)."""
+    entries are adaptive clipping's units (``unit_keys``, contiguous tensors). Tensors that are
+    not ``written`` (adaptive clipping's parameters) may share memory: their plans are cached
+    apart, never handed to a call that writes."""
     check_plain(tensors)
     device = tensors[0].device
     if units:
-        key = (device, "units", tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors))
+        key = (device, "units", written,
+               tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors))
     else:
         keys = [_key(t) for t in tensors]
-        key = (device, tuple(keys))
+        key = (device, tuple(keys)) if written else (device, "read", tuple(keys))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     with _LOCK:
         plan = _PLANS.get(key) or _PINNED.get(key)
         if plan is None:
-            plan = build(unit_keys(tensors) if units else keys, device)
+            plan = build(unit_keys(tensors) if units else keys, device, written)
             _PLANS[key] = plan
             while len(_PLANS) > CACHE_SIZE:
                 _PLANS.popitem(last=False)

@@ -43,14 +43,16 @@ def norm_kind(p: float) -> int:
 
 
 @triton.jit
-def _pow(r, p, KIND: tl.constexpr):
-    """r^p for 0 <= r <= 1 (fp64)."""
+def _ratio_pow(b, a, p, KIND: tl.constexpr):
+    """(b / a)^p for 0 <= b <= a, 0 < a < inf (fp64; csrc/engine/norm_math.h ratio_pow). For
+    general p from the logs of b and a, not of the ratio: a ratio below the normal range has lost
+    bits or flushed to 0, yet for p < 1 its power is not negligible ((1e-400)^0.01 = 1e-4)."""
     if KIND == 1:
-        out = r * r
+        out = (b / a) * (b / a)
     elif KIND == 0:
-        out = r
+        out = b / a
     else:
-        out = tl.where(r > 0, tl.exp(p * tl.log(tl.where(r > 0, r, 1.0))), 0.0)
+        out = tl.where(b > 0, tl.exp(p * (tl.log(tl.where(b > 0, b, 1.0)) - tl.log(a))), 0.0)
     return out
 
 
@@ -95,11 +97,12 @@ def _add_tile(acc, m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
         acc = _nan_maximum(acc, a)
     else:
         tm = _nan_max(a)
-        ts = tl.sum(tl.where(a > 0, _pow(a / tl.where(tm > 0, tm, 1.0), p, KIND), 0.0), axis=0)
+        ts = tl.sum(tl.where(a > 0, _ratio_pow(a, tl.where(tm > 0, tm, 1.0), p, KIND), 0.0),
+                    axis=0)
         big = tl.maximum(m, tm)
         safe = tl.where(big > 0, big, 1.0)
-        s = tl.where(m > 0, s * _pow(m / safe, p, KIND), 0.0) + \
-            tl.where(tm > 0, ts * _pow(tm / safe, p, KIND), 0.0)
+        s = tl.where(m > 0, s * _ratio_pow(m, safe, p, KIND), 0.0) + \
+            tl.where(tm > 0, ts * _ratio_pow(tm, safe, p, KIND), 0.0)
         m = _nan_maximum(m, tm)
     return acc, m, s
 
@@ -159,27 +162,41 @@ def _partial_of_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.conste
             idx = i + offs
             mi = tl.load(partials + 2 * idx, mask=idx < hi, other=0.0)
             si = tl.load(partials + 2 * idx + 1, mask=idx < hi, other=0.0)
-            term = tl.where(mi == big, si, si * _pow(mi / safe, p, KIND))
+            term = tl.where(mi == big, si, si * _ratio_pow(mi, safe, p, KIND))
             total += tl.sum(tl.where(mi > 0, term, 0.0), axis=0)
             i += FBLOCK
     return big, total
 
 
 @triton.jit
-def _combine_range(partials, lo, hi, p, KIND: tl.constexpr, FBLOCK: tl.constexpr):
-    """The norm described by the partials of chunks [lo, hi), and their largest m."""
-    big, total = _partial_of_range(partials, lo, hi, p, KIND, FBLOCK)
+def _finish_norm(big, total, p, inv, KIND: tl.constexpr):
+    """The norm a partial (big, total) describes, times inv (csrc/engine/norm_math.h
+    finish_norm): big * total^(1/p) * inv, or big * inv when big is 0, inf or NaN. Where the
+    product overflows (total^(1/p) does for a small p long before big brings it back) it is formed
+    in log space, finite wherever the norm is."""
     finite = (big == big) & (big != float("inf")) & (big > 0)
     if KIND == 2:
-        norm = big
-    elif KIND == 1:
-        norm = tl.where(finite, big * tl.sqrt(total), big)
-    elif KIND == 0:
-        norm = tl.where(finite, big * total, big)
+        norm = big * inv
     else:
-        root = tl.exp(tl.log(tl.where(total > 0, total, 1.0)) / p)
-        norm = tl.where(finite, big * root, big)
-    return norm, big
+        m = tl.where(finite, big, 1.0)
+        s = tl.where(total > 0, total, 1.0)
+        if KIND == 1:
+            root = tl.sqrt(s)
+        elif KIND == 0:
+            root = s
+        else:
+            root = tl.exp(tl.log(s) / p)
+        direct = m * root
+        logged = tl.exp(tl.log(m) + tl.log(s) / p + tl.log(inv))
+        norm = tl.where(finite, tl.where(direct != float("inf"), direct * inv, logged), big * inv)
+    return norm
+
+
+@triton.jit
+def _combine_range(partials, lo, hi, p, inv, KIND: tl.constexpr, FBLOCK: tl.constexpr):
+    """The norm described by the partials of chunks [lo, hi) times inv, and their largest m."""
+    big, total = _partial_of_range(partials, lo, hi, p, KIND, FBLOCK)
+    return _finish_norm(big, total, p, inv, KIND), big
 
 
 @triton.jit
@@ -225,8 +242,7 @@ def finish(
     p = f64(p_bits)
     max_norm = f64(max_norm_bits)
     inv = _inverse_scale(inv_ptr, UNSCALE)
-    raw, big = _combine_range(partials, 0, num_chunks, p, KIND, FBLOCK)
-    norm = raw * inv
+    norm, big = _combine_range(partials, 0, num_chunks, p, inv, KIND, FBLOCK)
     tl.store(norm_ptr, norm)
     tl.store(coef_ptr, _clip_coef(norm, max_norm, MODE) * inv)
     if FLAG:
@@ -253,9 +269,8 @@ def per_tensor_norms(
     numel = tl.load(table + n_tensors + t)
     first = tl.load(table + 2 * n_tensors + t)
     n_chunks = (numel + CHUNK - 1) // CHUNK
-    norm, _ = _combine_range(partials, first, first + n_chunks, p, KIND, FBLOCK)
     inv = _inverse_scale(inv_ptr, UNSCALE)
-    norm = norm * inv
+    norm, _ = _combine_range(partials, first, first + n_chunks, p, inv, KIND, FBLOCK)
     tl.store(out_ptr + t, norm)
     if COEF == 1:
         tl.store(coef_ptr + t, _clip_coef(norm, f64(max_norm_bits), MODE) * inv)
