@@ -3,6 +3,10 @@
 
 #include "cpu/kernels.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // the fp32/fp64 clamp's MAXPS/MINPS (chunk_loops.h)
+#endif
+
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of internal functions only
 
 namespace fusedclip {

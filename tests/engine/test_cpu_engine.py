@@ -163,6 +163,45 @@ def test_clamped_16bit_patterns_as_torch(dtype, bound, capability):
     assert_bitwise_equal([got], [expected])
 
 
+def _special_float_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """fp32/fp64 values a clamp can get wrong, each sign: zero, the smallest and largest
+    subnormals, the smallest normal, values next to the bounds below, the largest finite value,
+    inf and NaNs with payloads (quiet and signaling); shuffled into 4,099 elements (vector tails)
+    with normal values between them."""
+    bits_dtype, width = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}[dtype]
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.0, info.smallest_normal, 0.5, 1.0, 3.0e38, info.max, math.inf],
+                          dtype=dtype)
+    near = torch.cat([torch.nextafter(values, values.new_full((1,), math.inf)),
+                      torch.nextafter(values, values.new_zeros(1))])
+    mantissa = 23 if width == 32 else 52
+    exponent = (1 << (width - 1 - mantissa)) - 1
+    raw = torch.tensor([1, (1 << mantissa) - 1, (exponent << mantissa) | 1,
+                        (exponent << mantissa) | (1 << (mantissa - 1)) | 5], dtype=torch.int64)
+    special = torch.cat([values, near, raw.to(bits_dtype).view(dtype)])
+    special = torch.cat([special, -special])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4099, generator=gen, dtype=torch.float64).to(dtype)
+    x[torch.randperm(4099, generator=gen)[:len(special)]] = special
+    return x
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bound", [0.0, 1e-40, 0.5, 1.0, 3.0e38, math.inf])
+def test_clamped_float_patterns_as_torch(dtype, bound, capability):
+    """fp32/fp64 clamped as torch's CPU clamp_min_/clamp_max_ do, bit for bit (signs of zero, the
+    bound's own bits, subnormals, NaN payloads), in the vectors and their tails alike."""
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
+    x = _special_float_patterns(dtype)
+    expected = x.clone().clamp_min_(-bound).clamp_max_(bound)
+    with _capability(capability):
+        got = [x.clone(), x.clone()[1:]]  # and one element into its storage (misaligned)
+        torch.ops.fusedclip.clamp_(got, bound)
+    assert_bitwise_equal(got, [expected, expected[1:]], nan_payloads=True)
+
+
 FP64_EXTREMES = {
     "huge": [1e300, -3e302, 1e303],  # squares overflow; the norm does not
     "tiny": [1e-300, -3e-310, 5e-324],
