@@ -525,6 +525,71 @@ static inline uint16_t bf16_round_bits(float v) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// kDoubles words (2 kDoubles elements) of x scaled by the fp64 route: each product in fp64,
+// rounded to fp32, then to bf16.
+static inline void scale_words_f64(BF16* x, double c) {
+  const hu w = load_vec<hu>(x);
+  const hf first = bit_cast<hf>(w << 16), second = bit_cast<hf>(w & 0xFFFF0000u);
+  const hu lo = bf16_round_bits(to_f32(to_f64(first) * c));
+  const hu hi = bf16_round_bits(to_f32(to_f64(second) * c));
+  store_vec(x, lo | (hi << 16));
+}
+
+#if FUSEDCLIP_AVX512
+// AVX-512 takes the fp64 route's results from a table: for a normal x = +-(1 + i/128) 2^e whose
+// product stays normal in fp32 and bf16, scaling by 2^e commutes with all three roundings, so
+// round(x c) = +-round((1 + i/128) c) 2^e, and its bit pattern is x's plus an offset that depends
+// on i (x's 7 mantissa bits) alone. The 128 offsets come from the fp64 route itself (on the 128
+// mantissas, once per chunk), and two 64-entry word permutes look them up: per 32 elements about
+// 20 instructions, against 40 (eight of them fp32 <-> fp64 conversions) on the fp64 route: 51
+// against 195 ps per element on a Zen 4 core in L2, where torch's bf16 multiply takes about 145.
+// One read and one write of every element, as before. Zero keeps its bits (c > 0); a step with a
+// subnormal, inf or NaN element, or one whose product could leave the normal range, takes the
+// fp64 route.
+struct Bf16Table {
+  __m512i offsets[4];  // offsets[j] lane l: the offset of mantissa 32 j + l
+  __m512i x_min, x_max;  // the |x| bit patterns the table serves (normal, normal products)
+};
+
+// Whether the table serves c (in [2^-60, 2^60], where every offset fits in 16 bits), and the
+// table.
+static inline bool bf16_table(double c, Bf16Table* t) {
+  if (!(c >= 0x1p-60 && c <= 0x1p60)) return false;
+  alignas(64) uint16_t rounded[128];
+  int16_t offsets[128];
+  for (int i = 0; i < 128; ++i) rounded[i] = static_cast<uint16_t>(0x3F80 | i);  // 1 + i/128
+  for (int i = 0; i < 128; i += 2 * kDoubles) {
+    scale_words_f64(reinterpret_cast<BF16*>(rounded + i), c);
+  }
+  for (int i = 0; i < 128; ++i) offsets[i] = static_cast<int16_t>(rounded[i] - (0x3F80 | i));
+  for (int j = 0; j < 4; ++j) t->offsets[j] = load_vec<__m512i>(offsets + 32 * j);
+  // |x c| within [2^-125, 2^127): |x| between these patterns (integer order is value order; two
+  // steps of margin cover the divisions' roundings), and normal.
+  const int lo = static_cast<int>(f32_to_bits(static_cast<float>(0x1p-125 / c)) >> 16) + 2;
+  const int hi = static_cast<int>(f32_to_bits(static_cast<float>(0x1p127 / c)) >> 16) - 2;
+  t->x_min = _mm512_set1_epi16(static_cast<int16_t>(lo > 0x80 ? lo : 0x80));
+  t->x_max = _mm512_set1_epi16(static_cast<int16_t>(hi < 0x7F7F ? hi : 0x7F7F));
+  return true;
+}
+
+// 32 elements scaled through the table into *out; false (writing nothing) when one needs the
+// fp64 route.
+static inline bool scale_by_table(__m512i x, const Bf16Table& t, __m512i* out) {
+  const __m512i m = _mm512_and_si512(x, _mm512_set1_epi16(0x7FFF));
+  const __mmask32 served = _mm512_mask_cmple_epu16_mask(_mm512_cmpge_epu16_mask(m, t.x_min), m,
+                                                        t.x_max);
+  const __mmask32 zero = _mm512_testn_epi16_mask(x, _mm512_set1_epi16(0x7FFF));
+  if (static_cast<__mmask32>(served | zero) != 0xFFFFFFFFu) return false;
+  // Index bits 0-5 pick among 64 words of two tables; bit 6 picks the pair.
+  const __m512i low = _mm512_permutex2var_epi16(t.offsets[0], x, t.offsets[1]);
+  const __m512i high = _mm512_permutex2var_epi16(t.offsets[2], x, t.offsets[3]);
+  const __mmask32 upper = _mm512_test_epi16_mask(x, _mm512_set1_epi16(0x40));
+  // The offset moves the magnitude bits only (both ends stay normal): x + offset keeps the sign.
+  *out = _mm512_mask_add_epi16(x, served, x, _mm512_mask_blend_epi16(upper, low, high));
+  return true;
+}
+#endif
+
 static void scale_chunk_bf16(void* data, int64_t n, double c) {
   BF16* x = static_cast<BF16*>(data);
   int64_t k = 0;
@@ -532,14 +597,24 @@ static void scale_chunk_bf16(void* data, int64_t n, double c) {
     for (; k < n; ++k) x[k].bits = 0x7FC0;
     return;
   }
-  constexpr int kPairStep = 2 * kDoubles;  // elements per step: kDoubles words
-  for (; k + kPairStep <= n; k += kPairStep) {
+#if FUSEDCLIP_AVX512
+  // Making the table costs what about 200 elements do on the fp64 route (measured 40 ns).
+  Bf16Table table;
+  if (n >= 256 && bf16_table(c, &table)) {
+    for (; k + 32 <= n; k += 32) {  // a cache line per step
+      prefetch_ahead<true>(x + k);
+      __m512i r;
+      if (scale_by_table(load_vec<__m512i>(x + k), table, &r)) {
+        store_vec(x + k, r);
+      } else {
+        for (int j = 0; j < 32; j += 2 * kDoubles) scale_words_f64(x + k + j, c);
+      }
+    }
+  }
+#endif
+  for (; k + 2 * kDoubles <= n; k += 2 * kDoubles) {
     if (k % 32 == 0) prefetch_ahead<true>(x + k);  // once a cache line
-    const hu w = load_vec<hu>(x + k);
-    const hf first = bit_cast<hf>(w << 16), second = bit_cast<hf>(w & 0xFFFF0000u);
-    const hu lo = bf16_round_bits(to_f32(to_f64(first) * c));
-    const hu hi = bf16_round_bits(to_f32(to_f64(second) * c));
-    store_vec(x + k, lo | (hi << 16));
+    scale_words_f64(x + k, c);
   }
   for (; k < n; ++k) {
     x[k].bits = bf16_round_bits(static_cast<float>(static_cast<double>(to_f32(x[k])) * c));

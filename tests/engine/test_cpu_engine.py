@@ -146,6 +146,38 @@ def test_scaled_16bit_patterns_round_as_torch(dtype, coef, capability):
     assert_bitwise_equal([got], [expected])
 
 
+# Coefficients for the bf16 scale's table (AVX-512): ends of the range it serves (2^-60, 2^60) and
+# just outside, ones whose 16 high bits end the expansion (a product of 24 bits or fewer), ones
+# next to 1, and ones whose products often fall near a bf16 midpoint (0.37: 1.5% of elements).
+BF16_COEFS = [2.0**-60, 2.0**60, 2.0**-61, 2.0**61, 0.5 + 2**-16, 1.0 - 2**-53, 1.0 + 2**-52,
+              0.37, 0.1, 1.5, 2.5e-5, 7.0e4, 0.999999, 1e-30]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES[1:])
+def test_bf16_scale_gives_the_fp64_route_bits(capability):
+    """The wide sets' bf16 scale (AVX-512: offsets looked up by mantissa) gives the baseline's
+    bits (each product in fp64, rounded to fp32, then bf16) for every bf16 pattern, shuffled
+    into steps of every kind (all normal, zeros, subnormals, inf and NaN beside normal ones), and
+    200 more random coefficients."""
+    if not _capability_runs(capability):
+        pytest.skip(f"this CPU or build cannot run the {capability} loops")
+    gen = torch.Generator().manual_seed(11)
+    patterns = _every_pattern(torch.bfloat16)
+    normal = torch.randn(70_001, generator=gen).to(torch.bfloat16)
+    normal[::97] = 0.0
+    x = torch.cat([patterns[torch.randperm(len(patterns), generator=gen)], patterns, normal])
+    coefs = BF16_COEFS + (2.0 ** (torch.rand(200, generator=gen, dtype=torch.float64) * 130 - 65)
+                          ).tolist()
+    for coef in coefs:
+        with _capability("baseline"):
+            expected = x.clone()
+            torch.ops.fusedclip.scale_([expected], torch.tensor(coef, dtype=torch.float64))
+        with _capability(capability):
+            got = x.clone()
+            torch.ops.fusedclip.scale_([got], torch.tensor(coef, dtype=torch.float64))
+        assert_bitwise_equal([got], [expected], nan_payloads=True)
+
+
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bound", [0.0, 1e-6, 0.5, 6e4])
