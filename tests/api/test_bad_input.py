@@ -705,10 +705,13 @@ def test_errors_page_cpu_capability_row():
         "    print(type(exc).__name__); print(str(exc).splitlines()[0])\n"
         "print(p.grad.tolist())\n"
     )
+    # The fusedclip under test (the source tree's, or an installed copy: make test-cpu-torch),
+    # not whatever the repository root would put first on the path.
+    home = os.path.dirname(os.path.dirname(os.path.abspath(fusedclip.__file__)))
     env = {**os.environ, "FUSEDCLIP_CPU_CAPABILITY": "sse9",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([home, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout.splitlines()
+                         text=True, check=True, cwd=home).stdout.splitlines()
     assert out[0] == error
     assert re.match(_doc_pattern(message), out[1]), out[1]
     assert out[2] == "[1.0, 1.0, 1.0]"
