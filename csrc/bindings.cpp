@@ -25,10 +25,28 @@ namespace {
 // subclass, an inference tensor, another device...) sends the call to the Python path, which
 // either handles it or raises the documented error. So does a device without an engine in this
 // build (CUDA gradients when fusedclip._C was built without its CUDA kernels).
-bool is_plain_grad(const at::Tensor& g, const at::Device& device) {
-  return g.layout() == at::kStrided && g.device() == device && is_kernel_dtype(g.scalar_type()) &&
-         g.has_storage() && !g.unsafeGetTensorImpl()->is_python_dispatch() && !g.is_neg() &&
-         !g._is_zerotensor() && !g.is_inference() && g.is_non_overlapping_and_dense();
+// Asked of the TensorImpl, once per gradient on the one-call path, so with no call left in it:
+// flatten inlines the strides test (emitted out of line, and called through the PLT), and the
+// storage is tested for what plain_key_of reads, where has_storage() is a virtual call.
+__attribute__((flatten)) bool is_plain_grad(c10::TensorImpl& g, const at::Device& device) {
+  return g.layout() == at::kStrided && g.device() == device &&
+         is_kernel_dtype(c10::typeMetaToScalarType(g.dtype())) &&
+         g.unsafe_storage().unsafeGetStorageImpl() != nullptr && !g.is_python_dispatch() &&
+         !g.is_neg() && !g._is_zerotensor() && !g.is_inference() &&
+         g.is_non_overlapping_and_dense();
+}
+
+// key_of (engine/plan.h) of a gradient that passed is_plain_grad, for the one-call path's loop:
+// the data pointer read from the storage is_plain_grad tested (TensorImpl::data() would test it
+// again, through a virtual call), and inlined: key_of's struct, returned through memory, stalled
+// the loop's 16-byte reload of it (store forwarding), by a third in some processes.
+C10_ALWAYS_INLINE TensorKey plain_key_of(const c10::TensorImpl& g) {
+  const int64_t n = g.numel();
+  const at::ScalarType dtype = c10::typeMetaToScalarType(g.dtype());
+  if (n == 0) return {0, 0, dtype};
+  const auto* data = static_cast<const char*>(g.unsafe_storage().data()) +
+                     g.storage_offset() * static_cast<int64_t>(c10::elementSize(dtype));
+  return {static_cast<int64_t>(reinterpret_cast<uintptr_t>(data)), n, dtype};
 }
 
 // The gradients of `params` (a Python list of tensors) when every existing one is plain and all
@@ -58,20 +76,35 @@ struct PlainGrads {
         checked_type = Py_TYPE(item);
       }
       // TensorImpl::grad directly: TensorBase::grad adds a non-leaf warning check per call.
-      const at::Tensor& g = THPVariable_Unpack(item).unsafeGetTensorImpl()->grad();
-      if (!g.defined()) continue;
-      if (impls.empty()) {
-        device = g.device();
+      const at::Tensor& grad = THPVariable_Unpack(item).unsafeGetTensorImpl()->grad();
+      if (grad.defined()) impls.push_back(grad.unsafeGetTensorImpl());
+    }
+    // The gradients' own fields in a second loop, which knows their addresses ahead and asks for
+    // them early: a gradient's TensorImpl (three cache lines) eight ahead, its storage four. Each
+    // gradient costs a few cache misses in this C++ loop; taken one after the other in a single
+    // loop they overlapped little (5,000 gradients: 14.6 ns each, against 12.1 so, and 10.3 for
+    // the bare loop of grad_pointer_floor; Zen 4).
+    const size_t count = impls.size();
+    for (size_t i = 0; i < count; ++i) {
+      if (i + 8 < count) {
+        const char* ahead = reinterpret_cast<const char*>(impls[i + 8]);
+        for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) {
+          __builtin_prefetch(ahead + line);
+        }
+      }
+      if (i + 4 < count) __builtin_prefetch(impls[i + 4]->unsafe_storage().unsafeGetStorageImpl());
+      c10::TensorImpl* g = impls[i];
+      if (i == 0) {
+        device = g->device();
         if (find_engine(device.type()) == nullptr || (cuda_only && !device.is_cuda())) {
           return false;
         }
       }
-      if (!is_plain_grad(g, device)) return false;
-      if (!allow_half && g.scalar_type() == at::kHalf) return false;
-      keys.push_back(key_of(g));
-      impls.push_back(g.unsafeGetTensorImpl());
+      if (!is_plain_grad(*g, device)) return false;
+      keys.push_back(plain_key_of(*g));
+      if (!allow_half && keys.back().dtype == at::kHalf) return false;
     }
-    return !impls.empty();
+    return count != 0;
   }
 
   // They are about to be written in place, as by any in-place op: autograd must see it.
@@ -173,12 +206,15 @@ bool partial_into(py::handle grad, double norm_type, py::handle out) {
                    ": grad and out must be tensors");
   const at::Tensor& g = THPVariable_Unpack(grad.ptr());
   const at::Tensor& o = THPVariable_Unpack(out.ptr());
-  if (find_engine(g.device().type()) == nullptr || !is_plain_grad(g, g.device())) return false;
+  if (find_engine(g.device().type()) == nullptr ||
+      !is_plain_grad(*g.unsafeGetTensorImpl(), g.device())) {
+    return false;
+  }
   TORCH_CHECK(o.scalar_type() == at::kDouble && o.numel() == 2 && o.is_contiguous() &&
                   o.device() == g.device(),
               op, ": out must be a contiguous float64 tensor of 2 elements on ", g.device());
   TORCH_CHECK_VALUE(norm_type > 0.0, op, ": norm_type must be > 0 or inf, got ", norm_type);
-  const auto plan = plan_for({key_of(g)}, g.device(), op);
+  const auto plan = plan_for({plain_key_of(*g.unsafeGetTensorImpl())}, g.device(), op);
   NormRequest r;
   r.p = norm_type;
   r.per_tensor_partial = o.data_ptr<double>();

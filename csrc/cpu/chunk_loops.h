@@ -725,7 +725,9 @@ static inline vd clamp_float(vd x, vd lo, vd hi) {
 }
 
 // The tail (under a vector) goes through the same instructions in a partial vector, so that no
-// element's result depends on where a chunk ends.
+// element's result depends on where a chunk ends. No prefetch hint, unlike the other streaming
+// loops: with one per cache line this loop took 1.20-1.29x torch's clamp time on 4M fp32
+// elements (2 threads), 1.05-1.11x on 64M, against 0.95-0.97x and 1.01-1.07x without.
 template <typename V, typename T>
 static void clamp_chunk(void* data, int64_t n, double bound) {
   T* x = static_cast<T*>(data);

@@ -40,8 +40,24 @@ const cpu::CpuKernels& chunk_loops() {
   }
 }
 
-// Below this many elements a pass runs on the calling thread: waking the pool costs more.
-constexpr int64_t kSerialElems = int64_t{1} << 15;
+// Below these many elements (the plan's total) a pass runs on the calling thread: handing half
+// of it to the pool's other thread costs more than that half takes. Measured on this project's
+// 2-core Zen 4 VM (torch's 2 OpenMP threads) with no threshold, through the public functions in
+// the benchmark's protocol (gradients restored, then one call; median of 150 calls with 1 and 2
+// threads interleaved; bf16 and fp32; two runs) on sets of many small tensors (sizes
+// log-uniform in 1..16384, as small-500), 2 threads against 1:
+// - norm (clip_grad_norm_ that does not clip) and norm + scale (one that clips): 0.83-0.98x at
+//   8K-16K elements, 0.94-1.01x at 24K, 0.73-1.09x at 32K-48K (the runs disagree), 1.03-1.20x
+//   at 64K, 1.07-1.39x at 96K-128K (one bf16 run: 0.86-0.91x);
+// - clamp (clip_grad_value_, about half the norm's work per element): 0.82-1.01x at 64K,
+//   0.99-1.07x at 96K, 0.92-1.12x at 128K, 1.03-1.14x at 192K.
+// One tensor of 80K-128K elements (two chunks): 1.02-1.24x from 80K, with the split below.
+// That is with the pool's thread awake, as in a training loop (and the benchmark). After 1 ms
+// of idling, 2 threads took 20-40 us more than that, and after 10 ms 0.2 to 5 ms more on this VM:
+// no size threshold pays for that without giving up what 2 threads gain on the benchmark's CPU
+// sets (1.25-1.9x at 0.9M-5.3M elements).
+constexpr int64_t kSerialElems = int64_t{1} << 16;       // the norm and scale passes
+constexpr int64_t kSerialClampElems = int64_t{1} << 17;  // the clamp
 
 int storage_index(at::ScalarType t) {
   switch (t) {
@@ -64,22 +80,32 @@ const std::vector<int64_t>& elems_through(const Plan& plan) {
 }
 
 // f(chunk) for every chunk of the plan, spread over the intra-op threads in contiguous ranges of
-// about equal element counts (the serial loop below kSerialElems).
+// about equal element counts (the serial loop below serial_below elements in all).
 template <typename F>
-void for_each_chunk(const Plan& plan, const F& f) {
+void for_each_chunk(const Plan& plan, int64_t serial_below, const F& f) {
   const std::vector<int64_t>& through = elems_through(plan);
   const int64_t total = through.empty() ? 0 : through.back();
   const int64_t parts =
-      total < kSerialElems ? 1 : std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
+      total < serial_below ? 1 : std::min<int64_t>(at::get_num_threads(), plan.num_chunks);
   auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) f(c);
   };
   if (parts <= 1) return run(0, plan.num_chunks);
-  // Part i takes the chunks that end in its share of the elements.
+  // Part i takes the chunks whose middle lies in its share of the elements. (By their ends, a
+  // tensor of two chunks, 64K and 16K elements, went whole to the second part: the first chunk
+  // ends past the middle of the total.)
   auto first_of = [&](int64_t part) {
-    const int64_t from = total * part / parts;
-    return static_cast<int64_t>(std::upper_bound(through.begin(), through.end(), from) -
-                                through.begin());
+    const int64_t twice_from = 2 * (total * part / parts);
+    int64_t lo = 0, hi = plan.num_chunks;  // the first chunk whose start + end reaches twice_from
+    while (lo < hi) {
+      const int64_t c = (lo + hi) / 2;
+      if ((c == 0 ? 0 : through[c - 1]) + through[c] < twice_from) {
+        lo = c + 1;
+      } else {
+        hi = c;
+      }
+    }
+    return lo;
   };
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t part = lo; part < hi; ++part) {
@@ -150,7 +176,7 @@ void norm_pass_cpu(const Plan& plan, const NormRequest& r) {
   const NormKind kind = norm_kind(r.p);
   const cpu::CpuKernels& k = chunk_loops();
   std::vector<Partial> partials(table.num_chunks);
-  for_each_chunk(plan, [&](int64_t c) {
+  for_each_chunk(plan, kSerialElems, [&](int64_t c) {
     const ChunkSpan span = table.span(c);
     partials[c] = chunk_partial(k, plan.keys[span.tensor].dtype,
                                 table.data<const void>(span.tensor), span, r.p, kind);
@@ -187,7 +213,7 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
   const TableView table = plan.view();
   const cpu::CpuKernels& k = chunk_loops();
   if (!per_tensor && *coef == 1.0) return;  // nothing to write
-  for_each_chunk(plan, [&](int64_t chunk) {
+  for_each_chunk(plan, kSerialElems, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const double c = coef[per_tensor ? span.tensor : 0];
     if (c == 1.0) return;
@@ -203,7 +229,7 @@ void scale_pass_cpu(const Plan& plan, const double* coef, bool per_tensor) {
 void clamp_pass_cpu(const Plan& plan, double clip_value) {
   const TableView table = plan.view();
   const cpu::CpuKernels& k = chunk_loops();
-  for_each_chunk(plan, [&](int64_t chunk) {
+  for_each_chunk(plan, kSerialClampElems, [&](int64_t chunk) {
     const ChunkSpan span = table.span(chunk);
     const at::ScalarType dtype = plan.keys[span.tensor].dtype;
     FUSEDCLIP_DISPATCH_FLOATING(dtype, "fusedclip::clamp_", [&] {

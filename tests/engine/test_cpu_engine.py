@@ -6,9 +6,9 @@
   the fp64 product (through fp32);
 - fp64 chunks, whose squares overflow or underflow, against the fp64 oracle at the extremes.
 
-Sizes are picked to cross the engine's thresholds: sets above the serial limit (2^15 elements) run
-on several threads, chunks of 2^16 elements split big tensors, and odd sizes and misaligned views
-leave vector tails.
+Sizes are picked to cross the engine's thresholds: sets above the serial limits (2^16 elements, 2^17
+for the clamp) run on several threads, chunks of 2^16 elements split big tensors, and odd sizes and
+misaligned views leave vector tails.
 """
 
 from __future__ import annotations
