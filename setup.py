@@ -148,7 +148,11 @@ setup(
     name="fusedclip",
     version="0.1.0",
     description="Fused CUDA and Triton gradient clipping for PyTorch",
-    packages=find_packages(include=["fusedclip", "fusedclip.*"]),
+    # The Triton kernels live at the top level (triton_kernels/, beside csrc/) and install inside
+    # the package: a top-level import name would collide with the triton_kernels package that
+    # Triton's own project publishes.
+    packages=find_packages(include=["fusedclip", "fusedclip.*"]) + ["fusedclip.triton_kernels"],
+    package_dir={"fusedclip.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"bench": ["rich", "matplotlib"], "triton": ["triton>=3.2"]},

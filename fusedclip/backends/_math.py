@@ -3,7 +3,7 @@ and the combination of partial norms. All of it runs on the device, in fp64, wit
 synchronization.
 
 (The kernels have their own copy of these rules, csrc/engine/norm_math.h and
-``fusedclip.backends.triton.kernels``; tests hold all of them to the independent oracle.)
+``fusedclip.triton_kernels``; tests hold all of them to the independent oracle.)
 """
 
 from __future__ import annotations

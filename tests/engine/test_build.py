@@ -69,7 +69,7 @@ def test_kernels_compile_for_sm90():
         import re, triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
-        from fusedclip.backends.triton.kernels import norm, scale
+        from fusedclip.triton_kernels import norm, scale
         from fusedclip.backends.triton.plan import CHUNK
 
         def ptx(fn, sig, consts, warps=8):

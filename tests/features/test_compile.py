@@ -11,6 +11,7 @@ compiled and the eager call run the same operators, so these tests check the plu
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -117,17 +118,22 @@ def test_auto_clipper_step_compiles_and_matches_eager(backend, device, method):
 
 
 _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.realpath(fusedclip.__file__)), "")
+# The Triton kernels install inside the package but live at a checkout's top level (triton_kernels/).
+_PACKAGE_DIRS = (_PACKAGE_DIR, *(os.path.join(os.path.realpath(d), "")
+                                 for d in importlib.import_module("fusedclip.triton_kernels").__path__))
 
 
 def _inside_fusedclip(filename: str) -> bool:
     """Whether a frame's file is part of the fusedclip package under test: decided by the
-    package's real location, not by a name in the path (a checkout is often named fusedclip)."""
-    return os.path.realpath(filename).startswith(_PACKAGE_DIR)
+    package's real locations, not by a name in the path (a checkout is often named fusedclip)."""
+    return os.path.realpath(filename).startswith(_PACKAGE_DIRS)
 
 
 def test_inside_fusedclip_is_the_package_not_the_checkout():
     assert _inside_fusedclip(fusedclip.api.__file__)
     assert _inside_fusedclip(fusedclip.backends.reference.__file__)
+    kernels = importlib.import_module("fusedclip.triton_kernels").__path__[0]
+    assert _inside_fusedclip(os.path.join(kernels, "norm.py"))
     assert not _inside_fusedclip(__file__)  # tests/ sits beside the package, in any checkout
     assert not _inside_fusedclip(os.path.join(os.path.dirname(_PACKAGE_DIR) + "-other", "x.py"))
 

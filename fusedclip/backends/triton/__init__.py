@@ -72,7 +72,7 @@ def _kernels():
     # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before.
     import triton.language as tl
 
-    from fusedclip.backends.triton.kernels import norm, scale
+    from fusedclip.triton_kernels import norm, scale
 
     dtypes = {torch.float32: tl.float32, torch.float64: tl.float64,
               torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedclip.backends.triton.kernels.convert import round_fp32_to
-from fusedclip.backends.triton.kernels.table import f64, program_chunk
+from .convert import round_fp32_to
+from .table import f64, program_chunk
 
 
 @triton.jit
