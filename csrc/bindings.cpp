@@ -4,6 +4,7 @@
 // 5,000 parameters that is a few nanoseconds each instead of the microseconds a Python loop over
 // .grad and a Tensor[] argument cost.
 
+#include <ATen/ops/empty.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>

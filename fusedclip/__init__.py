@@ -11,6 +11,8 @@ taken during backward, the coefficient applied by the optimizer's step). ``fused
 routes torch's own functions through fusedclip (HF Trainer, Lightning).
 """
 
+# First: importing it refuses a torch older than fusedclip supports, with a clear error.
+from fusedclip import _versions  # noqa: F401
 from fusedclip._select import available_backends, select_backend
 from fusedclip.api import (
     adaptive_clip_grad_,

@@ -207,6 +207,8 @@ def _check(args: argparse.Namespace) -> int:
 
     from fusedclip.tools import selfcheck
 
+    for line in selfcheck.environment():
+        print(line)
     results = selfcheck.run_check(args.seconds)
     table = Table(title=f"fusedclip self-check ({selfcheck.total_cases()} cases per backend, "
                   f"~{args.seconds:g} s in all)", box=box.SIMPLE)

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import Tensor
 
-from fusedclip import _select, api
+from fusedclip import _select, _versions, api
 from fusedclip.torch_patch import torch_function
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -178,3 +178,56 @@ def run_check(seconds: float = 10.0) -> list[CheckResult]:
 
 def total_cases() -> int:
     return sum(1 for _ in _cases())
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def environment() -> list[str]:
+    """What is installed (fusedclip, Python, torch, Triton, fusedclip._C, the compilers), whether
+    CI tests this torch/Triton pair, and for each missing piece how to get it: the lines
+    ``python -m fusedclip check`` prints before its self-test."""
+    import platform
+
+    import fusedclip
+    from fusedclip.backends.cpp import _lib
+
+    triton_version = _triton_version()
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    lines = [
+        f"fusedclip {fusedclip.__version__}, Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({build}), "
+        f"Triton {triton_version or 'not installed'}",
+    ]
+    if not _lib.loaded():
+        lines.append(f"fusedclip._C: not built or not loadable ({_lib.LOAD_ERROR})")
+    else:
+        lines.append("fusedclip._C: the CPU engine" + (" and the CUDA kernels"
+                     if _lib.cuda_kernels() else " only (built without its CUDA kernels)"))
+    for name, version in _versions.compilers().items():
+        lines.append(f"{name}: {version}")
+    pair = _versions.tested_pair(torch.__version__, triton_version)
+    triton_named = f"Triton {triton_version}" if triton_version else "no Triton"
+    if pair:
+        lines.append(f"torch {pair.torch} with {triton_named}: a pair CI tests ({pair.what})")
+    else:
+        tested = "; ".join(f"{p.torch} with {'Triton ' + p.triton if p.triton else 'no Triton'}"
+                           for p in _versions.CI_TESTED)
+        lines.append(f"torch {torch.__version__} with {triton_named}: not a pair CI tests "
+                     f"(CI tests torch {tested}); the self-test below still checks every backend")
+    if not _lib.loaded():
+        lines.append("to get fusedclip._C: with a C++ compiler (and nvcc for the CUDA kernels), "
+                     "pip install --no-build-isolation --no-deps --force-reinstall fusedclip "
+                     "(from a checkout: pip install --no-build-isolation -e .); "
+                     "FUSEDCLIP_BUILD_EXT=0 installs without it")
+    elif torch.cuda.is_available() and not _lib.cuda_kernels():
+        lines.append("to get the CUDA kernels: rebuild with nvcc found (CUDA_HOME) and "
+                     "FUSEDCLIP_BUILD_EXT=cuda")
+    if triton_version is None:
+        lines.append("to get the triton backend: pip install triton (on a CUDA machine)")
+    return lines

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fusedclip.backends import BackendStatus
 from fusedclip.backends._multi_tensor import FusedBackend, Operators
-from fusedclip.backends._schema import register_fakes
+from fusedclip.backends._schema import custom_op, register_fakes
 from fusedclip.backends.triton import plan as plans
 from fusedclip.backends.triton.plan import CHUNK, Plan
 
@@ -282,7 +282,7 @@ def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> 
 
 # ---- operators: the schemas of csrc/ops.cpp, as fusedclip::triton_<op> ----------------------
 
-@torch.library.custom_op("fusedclip::triton_total_norm", mutates_args=("found_inf",))
+@custom_op("fusedclip::triton_total_norm", mutates_args=("found_inf",))
 def _total_norm_op(
     tensors: list[Tensor],
     norm_type: float,
@@ -297,7 +297,7 @@ def _total_norm_op(
     return r.norm, r.coef, r.per_tensor
 
 
-@torch.library.custom_op("fusedclip::triton_clip_", mutates_args=("tensors", "found_inf"))
+@custom_op("fusedclip::triton_clip_", mutates_args=("tensors", "found_inf"))
 def _clip_op(
     tensors: list[Tensor],
     max_norm: float,
@@ -314,7 +314,7 @@ def _clip_op(
     return r.norm, r.per_tensor
 
 
-@torch.library.custom_op("fusedclip::triton_clip_per_tensor_", mutates_args=("tensors",))
+@custom_op("fusedclip::triton_clip_per_tensor_", mutates_args=("tensors",))
 def _clip_per_tensor_op(
     tensors: list[Tensor], max_norms: Tensor, norm_type: float, soft: bool
 ) -> Tensor:
@@ -324,7 +324,7 @@ def _clip_per_tensor_op(
     return r.per_tensor
 
 
-@torch.library.custom_op("fusedclip::triton_adaptive_clip_", mutates_args=("grads",))
+@custom_op("fusedclip::triton_adaptive_clip_", mutates_args=("grads",))
 def _adaptive_clip_op(
     grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
 ) -> None:
@@ -346,7 +346,7 @@ def _adaptive_clip_op(
     scale_pass(grad_plan, of_grads.per_tensor_coef, per_tensor=True)
 
 
-@torch.library.custom_op("fusedclip::triton_partials_", mutates_args=("out",))
+@custom_op("fusedclip::triton_partials_", mutates_args=("out",))
 def _partials_op(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
     if not tensors:
         return
@@ -355,7 +355,7 @@ def _partials_op(tensors: list[Tensor], norm_type: float, out: Tensor) -> None:
     norm_pass(plan, Request(norm_type, totals=False, partials_out=out))
 
 
-@torch.library.custom_op("fusedclip::triton_finish_partials", mutates_args=("found_inf",))
+@custom_op("fusedclip::triton_finish_partials", mutates_args=("found_inf",))
 def _finish_partials_op(
     partials: Tensor,
     norm_type: float,
@@ -368,12 +368,12 @@ def _finish_partials_op(
                                              found_inf=found_inf, soft=soft))
 
 
-@torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
+@custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
 def _scale_op(tensors: list[Tensor], coef: Tensor) -> None:
     scale_pass(plans.plan_for(tensors), coef)
 
 
-@torch.library.custom_op("fusedclip::triton_clamp_", mutates_args=("tensors",))
+@custom_op("fusedclip::triton_clamp_", mutates_args=("tensors",))
 def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
     clamp_pass(plans.plan_for(tensors), clip_value)
 
