@@ -8,9 +8,13 @@
 #                    counted by reason at the end)
 #   make test-cpu-torch
 #                    what a user without CUDA gets: a second venv (CPU_VENV) with the CPU build of
-#                    torch CPU_TORCH_VERSION, fusedclip installed into it (not editable) with the CPU
-#                    engine, and the CPU engine's tests (tests/api, engine, features; not slow) run
-#                    against that installed copy
+#                    torch CPU_TORCH_VERSION, fusedclip's sdist built and installed into it with the
+#                    CPU engine, and the CPU engine's tests (tests/api, engine, features; not slow)
+#                    run against that installed copy
+#   make test-torch-V  (V in EDGE_TORCH: 2.6.0 2.11.0 2.15.0; make test-edges runs all three)
+#                    the same against PyPI's torch V in .venv-torch-V, with Triton in its
+#                    interpreter; for EDGE_CUDA (2.11.0, the GPU machines' torch) with the CUDA
+#                    kernels compiled (sm_90). make prefetch downloads their wheels into .wheels/
 #   make microbench  per-operation pytest-benchmark runs, saved under .benchmarks/ and compared with
 #                    the previous saved run
 #   make sanitize    fusedclip._C's CPU engine built with AddressSanitizer and
@@ -19,7 +23,7 @@
 #                    runtimes preloaded, leaks off, any report fatal (CI runs it)
 #   make checkstyle  ruff on Python, clang-format (when installed) on csrc/
 #   make lock-check  the venvs hold exactly the versions of their lock files (CI runs it)
-#   make lock        refresh the lock files to the newest releases, then run both test stages
+#   make lock        refresh the lock files to the newest releases, then run every test stage
 #
 # Versions: requirements/*.txt say what each venv needs; requirements/lock-*.txt pin every package
 # (torch's own dependencies included) to the versions last tested, and every install here uses them
@@ -56,10 +60,13 @@ CPU_DIR := $(abspath $(CPU_VENV))
 CPU_PY := $(CPU_DIR)/bin/python
 CPU_STAMP := $(CPU_DIR)/.deps-torch-$(CPU_TORCH_VERSION)
 
-.PHONY: setup test test-cpu-torch sanitize bench bench-publish microbench checkstyle lock lock-check \
-	clean
+.PHONY: setup test test-cpu-torch test-edges prefetch sanitize bench bench-publish microbench checkstyle \
+	lock lock-check clean
 
 constrained = $(if $(1),-c $(1))
+comma := ,
+empty :=
+space := $(empty) $(empty)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -102,33 +109,102 @@ $(CPU_STAMP): requirements/cpu-torch.txt $(CPU_LOCK)
 	  f"torch {torch.__version__} is a CUDA build: set CPU_TORCH_PIP_ARGS to a CPU index")'
 	rm -f $(CPU_DIR)/.deps-torch-* && touch $@
 
+# sdist_install PYTHON DIR BUILD_EXT: an sdist made from a copy of the files git sees (tracked, and
+# untracked ones not ignored; MANIFEST.in decides what it holds, so a source missing there fails the
+# build), then installed from it into PYTHON's venv (not editable), fusedclip._C built as BUILD_EXT
+# asks. No in-place _C*.so or build/ of another venv's torch can leak into it.
+define sdist_install
+	rm -rf $(2)/src $(2)/dist $(2)/run && mkdir -p $(2)/src $(2)/run
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(2)/src
+	cd $(2)/src && $(1) -m build -q --sdist --no-isolation -o $(2)/dist > $(2)/sdist.log 2>&1 \
+	  || { cat $(2)/sdist.log; exit 1; }
+	@echo "fusedclip: installing $$(cd $(2)/dist && ls) with FUSEDCLIP_BUILD_EXT=$(3)"
+	@start=$$SECONDS; FUSEDCLIP_BUILD_EXT=$(3) $(1) -m pip install -q --no-build-isolation --no-deps \
+	  $(2)/dist/fusedclip-*.tar.gz && echo "fusedclip: built and installed in $$((SECONDS - start)) s"
+endef
+
+# installed_tests PYTHON DIR TESTS CUDA_KERNELS ENV: the installed copy checked (CUDA_KERNELS 0 or 1),
+# then TESTS (not slow) run from an empty directory, so that `import fusedclip` can only find it.
+define installed_tests
+	cd $(2)/run && $(1) -c "$$INSTALL_CHECK" $(4)
+	cd $(2)/run && FUSEDCLIP_REQUIRE_EXTENSION=1 $(5) \
+	  $(1) -m pytest -p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) \
+	  -m "not slow" $(addprefix $(CURDIR)/,$(3))
+endef
+
 # Run in the test directory before pytest: the installed copy is what `import fusedclip` finds, and
-# it is the CPU engine only.
-define CPU_INSTALL_CHECK
+# it has the CUDA kernels or not as the stage built it (argv[1]: 1 or 0).
+define INSTALL_CHECK
 import os, sys, sysconfig, torch, fusedclip, fusedclip._C as C
 print(f"torch {torch.__version__}; fusedclip from {fusedclip.__file__}; "
       f"fusedclip._C.CUDA_KERNELS={C.CUDA_KERNELS}")
 site = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
 if os.path.dirname(os.path.dirname(os.path.abspath(fusedclip.__file__))) not in site:
     sys.exit("not the installed fusedclip: " + fusedclip.__file__)
-if C.CUDA_KERNELS:
-    sys.exit("fusedclip._C has CUDA kernels: not the CPU-only build")
+if bool(C.CUDA_KERNELS) != (sys.argv[1] == "1"):
+    sys.exit(f"fusedclip._C.CUDA_KERNELS={C.CUDA_KERNELS}, the stage built it with {sys.argv[1]}")
 endef
-export CPU_INSTALL_CHECK
+export INSTALL_CHECK
 
-# fusedclip is built every time, from a copy of the files git sees (tracked, and untracked ones not
-# ignored): no in-place _C*.so or build/ made with the main venv's torch can leak into it. The tests
-# run from an empty directory, so that `import fusedclip` can only find the installed copy.
 test-cpu-torch: $(CPU_STAMP)
-	rm -rf $(CPU_DIR)/src $(CPU_DIR)/run && mkdir -p $(CPU_DIR)/src $(CPU_DIR)/run
-	git ls-files -z --cached --others --exclude-standard \
-	  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(CPU_DIR)/src
-	cd $(CPU_DIR)/src && FUSEDCLIP_BUILD_EXT=cpu \
-	  $(CPU_PY) -m pip install -q --no-build-isolation --no-deps .
-	cd $(CPU_DIR)/run && $(CPU_PY) -c "$$CPU_INSTALL_CHECK"
-	cd $(CPU_DIR)/run && FUSEDCLIP_REQUIRE_EXTENSION=1 FUSEDCLIP_REQUIRE_TRITON=0 \
-	  $(CPU_PY) -m pytest -p no:cacheprovider -c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) \
-	  -m "not slow" $(addprefix $(CURDIR)/,$(CPU_TESTS))
+	$(call sdist_install,$(CPU_PY),$(CPU_DIR),cpu)
+	$(call installed_tests,$(CPU_PY),$(CPU_DIR),$(CPU_TESTS),0,FUSEDCLIP_REQUIRE_TRITON=0)
+
+# The edges of the torch range setup.py declares, each in its own venv (.venv-torch-V): the oldest
+# release (TORCH_MIN in fusedclip/_versions.py), the GPU machines' pair (EDGE_CUDA, whose CUDA
+# kernels are compiled too, for sm_90: what a device run builds) and the newest. PyPI's builds of
+# torch (CUDA builds: it has no other; here they run on the CPU) with the Triton each pins, at the
+# versions of requirements/lock-torch-V.txt; fusedclip installed from its sdist; the API, engine and
+# feature tests (EDGE_TESTS, not slow) against it, Triton in its interpreter. The downloads are
+# kept in .wheels/ (`make prefetch` fills it, CI in the background while it builds): pip reads PyPI
+# directly (PIP_CONFIG_FILE=/dev/null: this machine's pip configuration caps torch at 2.14.1).
+EDGE_TORCH ?= 2.6.0 2.11.0 2.15.0
+EDGE_CUDA ?= 2.11.0
+EDGE_TESTS ?= tests/api tests/engine tests/features
+WHEELS := $(abspath .wheels)
+EDGE_PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=$(WHEELS) \
+	$(if $(wildcard /etc/ssl/certs/ca-certificates.crt),PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
+edge_dir = $(abspath .venv-torch-$(1))
+edge_lock = requirements/lock-torch-$(1).txt
+# EDGE_LOCK= installs unpinned (make lock does)
+EDGE_LOCK ?= 1
+
+.SECONDEXPANSION:
+.PRECIOUS: .venv-torch-%/.deps-installed
+.venv-torch-%/.deps-installed: requirements/cpu-torch.txt $$(wildcard requirements/lock-torch-$$*.txt)
+	rm -rf $(call edge_dir,$*) && $(PYTHON) -m venv $(call edge_dir,$*)
+	@echo "fusedclip: installing torch $* into .venv-torch-$* from PyPI (several GB: minutes)"
+	@start=$$SECONDS; $(EDGE_PIP) $(call edge_dir,$*)/bin/python -m pip install -q \
+	  $(if $(EDGE_LOCK),-c $(call edge_lock,$*)) --upgrade pip && \
+	$(EDGE_PIP) $(call edge_dir,$*)/bin/python -m pip install -q \
+	  $(if $(EDGE_LOCK),-c $(call edge_lock,$*)) torch==$* -r requirements/cpu-torch.txt \
+	  && echo "fusedclip: torch $* installed in $$((SECONDS - start)) s"
+	touch $@
+
+test-torch-%: .venv-torch-%/.deps-installed
+	$(call sdist_install,$(call edge_dir,$*)/bin/python,$(call edge_dir,$*),$(if $(filter $*,$(EDGE_CUDA)),cuda,cpu))
+	$(call installed_tests,$(call edge_dir,$*)/bin/python,$(call edge_dir,$*),$(EDGE_TESTS),$(if $(filter $*,$(EDGE_CUDA)),1,0),FUSEDCLIP_REQUIRE_TRITON=1 TRITON_INTERPRET=1)
+	$(call noext_check,$(call edge_dir,$*)/bin/python,$(call edge_dir,$*))
+
+# noext_check PYTHON DIR: the same sdist installed with FUSEDCLIP_BUILD_EXT=0 (into DIR/noext, beside
+# the built install), imported from there: the pure-Python package runs (the reference and Triton
+# backends pass the self-test) and `check` says that fusedclip._C is missing and how to get it.
+define noext_check
+	rm -rf $(2)/noext && FUSEDCLIP_BUILD_EXT=0 $(1) -m pip install -q --no-build-isolation --no-deps \
+	  --target $(2)/noext $(2)/dist/fusedclip-*.tar.gz
+	cd $(2)/run && PYTHONPATH=$(2)/noext TRITON_INTERPRET=1 $(1) -m fusedclip check --seconds 2 \
+	  | tee $(2)/noext.log && grep -q "to get fusedclip._C: " $(2)/noext.log \
+	  || { echo "the pure-Python install failed its check"; exit 1; }
+endef
+
+test-edges: $(addprefix test-torch-,$(EDGE_TORCH))
+
+# The edges' downloads, all at once (CI runs it in the background while `make test` compiles).
+prefetch:
+	mkdir -p $(WHEELS)
+	for v in $(EDGE_TORCH); do $(EDGE_PIP) $(PYTHON) -m pip download -q -d $(WHEELS) \
+	  -c $(call edge_lock,$$v) torch==$$v -r requirements/cpu-torch.txt || exit 1; done
 
 # The sanitized build. Its tests: tests/engine (but test_build, which reads the optimized build's
 # instructions), tests/api and BackwardClipper's, without the Triton cases (Triton's interpreter runs
@@ -193,10 +269,14 @@ export FREEZE
 lock_check = $(1) -c "$$FREEZE" | diff -u --label "$(2) (locked)" --label "$(1) (installed)" \
 	  <(grep -v '^\#' $(2)) - || { echo "$(1) does not hold $(2): make lock refreshes it"; exit 1; }
 
-lock-check: $(DEPS) $(CPU_STAMP)
+EDGE_STAMPS := $(foreach v,$(EDGE_TORCH),.venv-torch-$(v)/.deps-installed)
+
+lock-check: $(DEPS) $(CPU_STAMP) $(EDGE_STAMPS)
 	@$(call lock_check,$(PY),$(LOCK))
 	@$(call lock_check,$(CPU_PY),$(CPU_LOCK))
-	@echo "$(VENV) and $(CPU_VENV) hold exactly $(LOCK) and $(CPU_LOCK)"
+	@$(foreach v,$(EDGE_TORCH),$(call lock_check,$(call edge_dir,$(v))/bin/python,$(call edge_lock,$(v)));)
+	@echo "$(VENV), $(CPU_VENV) and .venv-torch-{$(subst $(space),$(comma),$(EDGE_TORCH))} hold" \
+	  "exactly their lock files"
 
 # lock_env VENV TORCH REQUIREMENTS LOCK [PIP_ARGS]: a new venv with the newest releases of what
 # REQUIREMENTS names beside TORCH, written down as LOCK.
@@ -208,13 +288,27 @@ define lock_env
 	  "tested with torch $(2) and $(3)"; $(1)/bin/python -c "$$FREEZE"; } > $(4)
 endef
 
-# Both venvs made anew from the newest releases, their lock files rewritten, then both test stages
+# An edge's venv made anew from the newest releases beside PyPI's torch V, written down as its lock.
+lock-torch-%:
+	rm -f .venv-torch-$*/.deps-installed
+	$(MAKE) .venv-torch-$*/.deps-installed EDGE_LOCK=
+	{ echo "# make lock, $$(date -u +%F), $$($(call edge_dir,$*)/bin/python -V), $$(uname -m): the" \
+	  "versions tested with torch $* (PyPI) and requirements/cpu-torch.txt"; \
+	  $(call edge_dir,$*)/bin/python -c "$$FREEZE"; } > $(call edge_lock,$*)
+	touch .venv-torch-$*/.deps-installed
+
+# Every venv made anew from the newest releases, their lock files rewritten, then every test stage
 # run against them. Review `git diff requirements/` and commit the locks with the fixes they need.
 lock:
 	$(call lock_env,$(VENV),$(TORCH_VERSION),requirements/dev.txt,$(LOCK))
 	$(call lock_env,$(CPU_DIR),$(CPU_TORCH_VERSION),requirements/cpu-torch.txt,$(CPU_LOCK),$(CPU_TORCH_PIP_ARGS))
 	rm -f $(CPU_DIR)/.deps-torch-* && touch $(CPU_STAMP)
-	$(MAKE) lock-check test test-cpu-torch
+	$(MAKE) $(addprefix lock-torch-,$(EDGE_TORCH))
+	$(MAKE) lock-check test test-cpu-torch test-edges
+
+print-%:
+	@echo $($*)
 
 clean:
-	rm -rf build *.egg-info fusedclip/_C*.so $(CPU_DIR)/src $(CPU_DIR)/run $(SAN_DIR)
+	rm -rf build *.egg-info fusedclip/_C*.so $(CPU_DIR)/src $(CPU_DIR)/run $(CPU_DIR)/dist $(SAN_DIR) \
+	  .venv-torch-*/src .venv-torch-*/run .venv-torch-*/dist .venv-torch-*/noext

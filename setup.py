@@ -11,6 +11,8 @@ Environment:
                         and the CUDA kernels too when nvcc and a CUDA build of torch are found;
                         cpu: the CPU engine only; cuda (or 1): the CPU engine and the CUDA kernels,
                         or exit saying why they cannot be built; 0: no extension (pure Python).
+                        auto without torch or without a C++ compiler (CXX, default c++) installs
+                        the pure-Python package and says why.
   TORCH_CUDA_ARCH_LIST  target GPUs; default the visible GPU's, or 9.0 (H100/H200) when none is.
   MAX_JOBS              parallel compile jobs (ninja).
   CUDA_HOME             the CUDA toolkit; default /usr/local/cuda when it exists.
@@ -46,6 +48,14 @@ def _cuda_problems(torch):
     return problems
 
 
+def _compiler_problem():
+    """Why no C++ compiler can build the extension here (None when one can)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0]) is None:
+        return f"no C++ compiler found ({cxx}: set CXX or install g++)"
+    return None
+
+
 def _what_to_build():
     """("none", "cpu" or "cuda"; one line saying what is built and why)."""
     setting = os.environ.get("FUSEDCLIP_BUILD_EXT", "auto").strip().lower()
@@ -63,6 +73,11 @@ def _what_to_build():
         if mode != "auto":
             sys.exit(f"fusedclip: {named} but fusedclip._C cannot be built: {why}")
         return "none", f"not building fusedclip._C ({named}): {why}; pure-Python install"
+    no_compiler = _compiler_problem()
+    if no_compiler:
+        if mode != "auto":
+            sys.exit(f"fusedclip: {named} but fusedclip._C cannot be built: {no_compiler}")
+        return "none", f"not building fusedclip._C ({named}): {no_compiler}; pure-Python install"
     if mode == "cpu":
         return "cpu", f"building fusedclip._C, CPU engine only ({named}; torch {torch.__version__})"
     problems = _cuda_problems(torch)

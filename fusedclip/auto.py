@@ -42,6 +42,20 @@ __all__ = ["AutoClipper"]
 METHODS = ("zscore", "percentile")
 
 
+def nanquantile(values: Tensor, q: float) -> Tensor:
+    """``torch.nanquantile(values, q)`` of a 1-D tensor, the same bits (linear interpolation
+    between the two ranks around ``q * (n - 1)`` of the n values that are not NaN; NaN when all
+    are), in ops that torch.compile traces on every torch fusedclip supports: torch 2.6 and 2.11
+    break the graph at ``torch.nanquantile`` (a data-dependent check inside it)."""
+    ordered = torch.sort(values).values  # NaN sorts last
+    count = (~torch.isnan(values)).sum()
+    rank = (count - 1).clamp(min=0).to(values.dtype) * q
+    below, above = rank.long().reshape(1), rank.ceil().long().reshape(1)
+    weight = (rank - below.to(values.dtype)).reshape(1)
+    result = torch.lerp(ordered.gather(0, below), ordered.gather(0, above), weight).reshape(())
+    return torch.where(count == 0, math.nan, result)
+
+
 class AutoClipper:
     """Clips the gradients of ``parameters`` with a threshold learned from their norm history.
 
@@ -121,7 +135,7 @@ class AutoClipper:
         history[self.steps % self.window] = torch.where(torch.isfinite(norm), norm, math.nan)
         if self.steps < self.warmup_steps:
             return torch.full_like(norm, math.inf)
-        threshold = torch.nanquantile(history, self.percentile / 100)
+        threshold = nanquantile(history, self.percentile / 100)
         return torch.where(torch.isnan(threshold), math.inf, threshold)
 
     def _zscore(self, state: dict[str, Tensor], norm: Tensor) -> Tensor:

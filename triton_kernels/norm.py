@@ -247,7 +247,9 @@ def finish(
     tl.store(coef_ptr, _clip_coef(norm, max_norm, MODE) * inv)
     if FLAG:
         nonfinite = (big != big) | (big == float("inf"))
-        tl.store(found_ptr, tl.full((), 1.0, tl.float32), mask=nonfinite)
+        # Read, then written back unchanged unless set (one program): Triton 3.2's interpreter
+        # ignores the mask of a 0-d store.
+        tl.store(found_ptr, tl.where(nonfinite, 1.0, tl.load(found_ptr)))
     if OUT_DT == tl.float64:
         tl.store(out_ptr, norm)
     else:

@@ -90,14 +90,22 @@ def _scaled_negative_norm(values: Tensor, p: float) -> Tensor:
     return torch.where(torch.isnan(low) | (low == 0), low, norm)
 
 
+def _first_index(tensors: list[Tensor], on_meta: bool) -> int | None:
+    # A loop, not next(generator, None): torch 2.6's torch.compile breaks the graph on the latter.
+    for i, t in enumerate(tensors):
+        if (t.device.type == "meta") == on_meta:
+            return i
+    return None
+
+
 def refuse_meta_beside_data(tensors: list[Tensor]) -> None:
     """A meta tensor holds no values: its norm cannot join the norms of tensors that do (torch
     fails there with "Cannot copy out of meta tensor"). Raises naming both devices; a list all on
     meta is fine (its norm is a meta tensor)."""
-    meta = next((i for i, t in enumerate(tensors) if t.device.type == "meta"), None)
+    meta = _first_index(tensors, on_meta=True)
     if meta is None:
         return
-    other = next((i for i, t in enumerate(tensors) if t.device.type != "meta"), None)
+    other = _first_index(tensors, on_meta=False)
     if other is not None:
         raise RuntimeError(
             f"gradients[{meta}] is on meta and gradients[{other}] on {tensors[other].device}: a "

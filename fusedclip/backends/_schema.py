@@ -8,8 +8,10 @@ fp64 tensors whose shapes follow from the arguments alone.
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
+import warnings
 
 import torch
 from torch import Tensor
@@ -82,11 +84,59 @@ def _typing_form(hint: object) -> object:
     return hint
 
 
+def _bump_versions(value: object) -> None:
+    for t in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(t, Tensor):
+            torch.autograd.graph.increment_version(t)
+
+
+def _omitted_args_fail() -> bool:
+    """Whether this torch's custom ops raise IndexError on a call whose trailing defaulted mutable
+    argument was left out (torch 2.6 and 2.11 among those CI tests: their kernel indexes the call's
+    arguments by the schema's positions; 2.13 fills the defaults in first, 2.14 checks the
+    length). Read off the kernel's source, so that no release in between is guessed."""
+    source = inspect.getsource(torch._library.custom_ops.CustomOpDef._register_to_dispatcher)
+    return "increment_version(args[idx])" in source and "idx < len(args)" not in source
+
+
+def _skip_omitted_mutable_args(op) -> None:
+    """Torch 2.6 and 2.11's custom ops bump the version counter of each mutable argument found by
+    its position in the call, and the dispatcher leaves out trailing arguments equal to their
+    defaults: a call with ``found_inf=None`` raised IndexError there. The op's ADInplaceOrView
+    kernel is replaced by the same kernel, which skips the arguments not given (None: nothing to
+    bump)."""
+    schema = op._opoverload._schema
+    written = [(i, a.name, a.kwarg_only) for i, a in enumerate(schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+
+    def ad_inplace_or_view(keyset, *args, **kwargs):
+        for i, arg_name, kwarg_only in written:
+            if not kwarg_only and i < len(args):
+                _bump_versions(args[i])
+            elif arg_name in kwargs:
+                _bump_versions(kwargs[arg_name])
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return op._opoverload.redispatch(
+                keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+    # torch.library refuses a second Python kernel for a key it has seen; the dispatcher takes it
+    # (the newest wins) with a warning, which is the point here.
+    torch.library._impls.discard(f"{op._namespace}/{op._name}/ADInplaceOrView")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        op._lib.impl(op._name, ad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
+
+
+_OMITTED_ARGS_FAIL = _omitted_args_fail()
+
+
 def custom_op(name: str, *, mutates_args: tuple[str, ...]):
     """``torch.library.custom_op`` for functions annotated in today's syntax (``list[Tensor]``,
     ``Tensor | None``), on every torch fusedclip supports: torch 2.6 reads only the ``typing``
     forms of these annotations, so where its ``infer_schema`` refuses the function, the
-    annotations are given in those forms (the schema is the same)."""
+    annotations are given in those forms (the schema is the same); and where a call that leaves out
+    a mutable argument would fail (torch 2.6, 2.11), the op's in-place bookkeeping is mended
+    (``_skip_omitted_mutable_args``)."""
 
     def register(fn):
         try:
@@ -94,6 +144,10 @@ def custom_op(name: str, *, mutates_args: tuple[str, ...]):
         except ValueError:
             hints = typing.get_type_hints(fn)
             fn.__annotations__ = {k: _typing_form(v) for k, v in hints.items()}
-        return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        if mutates_args and _OMITTED_ARGS_FAIL:
+            _skip_omitted_mutable_args(op)
+        return op
 
     return register
+
