@@ -69,6 +69,10 @@ stage_build() {
   return "$rc"
 }
 
+# deadline S: the wall clock S seconds before this stage's limit, for FUSEDCLIP_TEST_DEADLINE
+# (tests/conftest.py skips the tests that would start after it, so pytest still prints its counts).
+deadline() { echo $(($(date +%s) + STAGE_END - SECONDS - $1)); }
+
 pytest_args() {  # xdist where it is installed: 8 workers share the GPU and compile Triton kernels
   if "$PY" -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
 }
@@ -77,7 +81,8 @@ stage_tests() {
   export FUSEDCLIP_REQUIRE_EXTENSION=1
   echo "== GPU tests: pytest -m 'gpu and not slow' tests" >>"$OUT/tests.log"
   # shellcheck disable=SC2046
-  gpu "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" $(pytest_args) tests \
+  FUSEDCLIP_TEST_DEADLINE=$(deadline 15) \
+    gpu "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" $(pytest_args) tests \
     >>"$OUT/tests.log" 2>&1
 }
 
@@ -89,7 +94,8 @@ stage_check() {
 stage_slowtests() {
   export FUSEDCLIP_REQUIRE_EXTENSION=1
   echo "== GPU tests marked slow" >>"$OUT/tests.log"
-  gpu "$PY" -m pytest -q -p no:cacheprovider -m "gpu and slow" tests >>"$OUT/tests.log" 2>&1
+  FUSEDCLIP_TEST_DEADLINE=$(deadline 10) \
+    gpu "$PY" -m pytest -q -p no:cacheprovider -m "gpu and slow" tests >>"$OUT/tests.log" 2>&1
 }
 
 stage_bench() {
@@ -140,12 +146,14 @@ stage_ncu() {
 stage_sanitizer() {
   # A small subset, so that each tool ends (and prints its ERROR SUMMARY) inside its share: the
   # compiled engine's CUDA legs of the oracle, determinism, finish, stream and per-tensor tests.
-  local rc=0 n=3 tool
+  local rc=0 n=3 tool limit
   local pick="cpp and not graph and (clip_matches_oracle or deterministic or partials_then_finish"
   pick+=" or two_streams or per_tensor_norms or nonfinite_norm)"
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool" >>"$OUT/sanitizer.log"
-    gpu timeout -k 5 "$(share $n)" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+    limit=$(share $n)
+    FUSEDCLIP_TEST_DEADLINE=$(($(date +%s) + limit - 10)) \
+      gpu timeout -k 5 "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 \
       --target-processes all "$PY" -m pytest -q -x -p no:cacheprovider -m gpu -k "$pick" \
       tests/engine/test_ops.py >>"$OUT/sanitizer.log" 2>&1 || rc=$?
     n=$((n - 1))
