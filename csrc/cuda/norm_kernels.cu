@@ -208,12 +208,14 @@ template <typename T, NormKind K>
 constexpr bool kSplitReads = accum_for<T, K>() == Accum::kPlain;
 
 // Pass 1 (see the top of this file) with kThreads threads per block and kU 16-byte loads in flight
-// per thread, at most 64 registers ((kThreads, 1024 / kThreads) blocks): 2 blocks of 512 per SM.
-// Without the cap ptxas gives the bf16 p = 2 kernel 84 registers and the p = inf and fp64 kernels
-// 63 to 78 (one block per SM); under it p = inf on fp32 and fp16 took 55 and 60 (34 before the
-// variants and the batched finish: 3 blocks per SM), fp64 p = 1 and 2 spill 16 bytes.
+// per thread. The split loops get at most 64 registers ((kThreads, 1024 / kThreads) blocks: 2 of
+// 512 per SM): without the cap ptxas gives the bf16 p = 2 kernel 84, one block per SM. The other
+// kernels get no minimum (0: as if omitted), which leaves ptxas' own choice: with a minimum of 2
+// p = inf on fp32 took 55 registers instead of 34 (2 blocks per SM instead of 3) and fp64 p = 1, 2
+// spilled; with a minimum of 1 they took 63 to 78.
 template <typename T, NormKind K, int kThreads, int kU>
-__global__ void __launch_bounds__(kThreads, 1024 / kThreads) norm_kernel(const Pass1Args a) {
+__global__ void __launch_bounds__(kThreads, kSplitReads<T, K> ? 1024 / kThreads : 0)
+    norm_kernel(const Pass1Args a) {
   const double p = a.out.p;
   for (int64_t chunk = a.chunk_lo + blockIdx.x; chunk < a.chunk_hi; chunk += gridDim.x) {
     const ChunkSpan span = a.table.span(chunk);
