@@ -211,7 +211,13 @@ for stage in "${STAGES[@]}"; do
     *) status="failed($rc)" ;;
   esac
   printf '%s\t%s\t%s\t%s\t\n' "$stage" "$status" "$took" "$limit" >>"$W/stages.tsv"
-  if [ "$stage" = build ] && [ "$rc" -ne 0 ]; then built=0; fi
+  if [ "$stage" = build ] && [ "$rc" -ne 0 ]; then
+    built=0
+    if ! grep -q "build failed" "$OUT/ptxas.txt" 2>/dev/null; then  # killed by its timeout
+      { echo "== build: $status after ${took}s; the log's last 60 lines"; tail -60 "$W/build.log"; } \
+        >>"$OUT/ptxas.txt" 2>&1
+    fi
+  fi
 done
 "$PY" bench/device_report.py summary "$W/stages.tsv" "$OUT" "$((SECONDS - start))" \
   >"$W/summary.txt" 2>&1
