@@ -16,6 +16,7 @@
 #include "engine/device.h"
 #include "engine/plan.h"
 #include "engine/request.h"
+#include "engine/tuning.h"
 
 namespace py = pybind11;
 
@@ -300,6 +301,23 @@ PYBIND11_MODULE(_C, m) {
                           "AVX2, FMA and F16C; avx512 on one with AVX-512 F, BW, VL and DQ too)");
       },
       py::arg("name"), "switch the CPU engine's chunk loops (tests and benchmarks)");
+  {
+    py::list names;
+    for (const auto& v : fusedclip::kPass1Variants) names.append(v.name);
+    m.attr("CUDA_PASS1_VARIANTS") = py::tuple(names);
+  }
+  m.def(
+      "cuda_pass1_variant", [] { return std::string(fusedclip::pass1_variant_name()); },
+      "the CUDA pass-1 kernel variant in use (FUSEDCLIP_CUDA_PASS1 at first use, default "
+      "t512u4; csrc/engine/tuning.h)");
+  m.def(
+      "set_cuda_pass1_variant",
+      [](const std::string& name) {
+        TORCH_CHECK_VALUE(fusedclip::set_pass1_variant(name.c_str()),
+                          "fusedclip: no CUDA pass-1 variant named '", name, "'; choose one of ",
+                          fusedclip::pass1_variant_names());
+      },
+      py::arg("name"), "switch the CUDA pass-1 kernel variant (bench/variant_sweep.py)");
   m.def("grad_pointer_floor", &fusedclip::grad_pointer_floor, py::arg("params"),
         "benchmark floor of the fast path's host cost: a bare loop reading each .grad's data "
         "pointer");

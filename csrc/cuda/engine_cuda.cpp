@@ -60,9 +60,19 @@ void make_ready_cuda(Plan& plan) {
   const bool uploaded = state.upload_stream != nullptr;
   if (capture != 0) {
     plan.pinned = true;
-    // An eager upload finished before the capture began (torch.cuda.graph synchronizes the
-    // device first); an upload recorded by this capture runs first at every replay.
-    if (uploaded && (state.upload_capture == 0 || state.upload_capture == capture)) return;
+    // An upload recorded by this capture runs first at every replay.
+    if (uploaded && state.upload_capture == capture) return;
+    if (uploaded && state.upload_capture == 0) {
+      // An eager upload, on any stream, maybe not finished: torch.cuda.graph synchronizes the
+      // device before it captures, but a raw capture_begin need not, and a replay could then read
+      // the table before the upload kernels ran. The graph waits for the upload's event (an
+      // external event node: allowed on an event recorded outside the capture; at replay the
+      // upload is long done and the wait costs nothing).
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(),
+                                         static_cast<cudaEvent_t>(state.upload_done),
+                                         cudaEventWaitExternal));
+      return;
+    }
     upload_table_cuda(plan.table.data_ptr<int64_t>(), plan.host_table.data(),
                       static_cast<int64_t>(plan.host_table.size()));
     state.upload_capture = capture;

@@ -5,8 +5,10 @@
 // to finish (elected by an atomic counter, not by a second launch) combines the chunk partials in
 // a fixed order and writes the total norm, the clip coefficient and, when asked, each tensor's
 // norm or partial. finish_pass_cuda is that last step alone, over partials made earlier (one per
-// gradient, by BackwardClipper during backward): one block reads 16 bytes per gradient. Nothing about the result depends on the grid size or the order blocks finish in, so it is
-// bitwise identical from run to run (and from GPU to GPU). No host synchronization anywhere.
+// gradient, by BackwardClipper during backward): one block reads 16 bytes per gradient. Nothing
+// about the result depends on the grid size or the order blocks finish in, so for one pass-1
+// variant (engine/tuning.h) it is bitwise identical from run to run (and from GPU to GPU). No host
+// synchronization anywhere.
 //
 // Accumulation (norm_math.h): p = 1 and 2 on fp16/bf16/fp32 sum |x|^p in fp64, which no finite
 // input can overflow; inf takes a running max; any other p, and fp64 input, keep the scaled pair
@@ -29,6 +31,7 @@
 #include "engine/norm_math.h"
 #include "engine/plan.h"
 #include "engine/request.h"
+#include "engine/tuning.h"
 
 namespace fusedclip {
 namespace {
@@ -74,8 +77,6 @@ struct ThreadAcc<T, K, Accum::kScaled> {
   __device__ __forceinline__ Partial partial() const { return acc; }
 };
 
-constexpr int kWarps = kBlockThreads / 32;
-
 // The combination of the warp's 32 partials, valid in lane 0: a fixed shuffle tree.
 __device__ __forceinline__ Partial warp_reduce(Partial v, double p, NormKind kind) {
 #pragma unroll
@@ -87,9 +88,13 @@ __device__ __forceinline__ Partial warp_reduce(Partial v, double p, NormKind kin
   return v;
 }
 
-// The combination of every thread's partial, valid in thread 0. Fixed tree: each warp, then
-// warp 0 over the warps' results. Ends with the shared buffer free again.
+// The combination of every thread's partial (kThreads of them), valid in thread 0. Fixed tree:
+// each warp, then warp 0 over the warps' results. Ends with the shared buffer free again. Zero
+// partials are exact identities of combine, so threads holding zeros past the first k warps leave
+// the result of a kThreads-thread block equal to that of a k-warp one.
+template <int kThreads>
 __device__ Partial block_reduce(Partial v, double p, NormKind kind) {
+  constexpr int kWarps = kThreads / 32;
   __shared__ double shared_m[kWarps], shared_s[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   v = warp_reduce(v, p, kind);
@@ -125,15 +130,37 @@ __device__ void store_as(void* dst, double v) {
   *static_cast<T*>(dst) = static_cast<T>(static_cast<float>(v));
 }
 
-// Run by the last block only: combine every chunk partial and write the outputs.
+// The finish's width: its first kFinishThreads threads stride over the chunk partials, so the
+// result is the same whichever pass-1 variant's block (every one has at least this many threads)
+// is elected last.
+constexpr int kFinishThreads = 256;
+
+// Run by the last block only (kThreads threads): combine every chunk partial and write the
+// outputs. kBatch partials are loaded before any is combined, so the loop pays one L2 round trip
+// per batch rather than per partial; each thread combines in the same order whatever kBatch is.
+// Batches cost registers (4 partials: 16) and, where combine takes a pow, code: pass 1 batches
+// for its plain sums only.
+template <int kThreads, int kBatch>
 __device__ void finish(const Pass1Args& a, NormKind kind) {
+  static_assert(kThreads >= kFinishThreads && kThreads % 32 == 0, "finish needs 256 threads");
   if (!a.out.wants_total()) return;  // the same for every thread of the block
   const double p = a.out.p;
+  const int64_t n = a.table.num_chunks;
   Partial acc{0.0, 0.0};
-  for (int64_t c = threadIdx.x; c < a.table.num_chunks; c += kBlockThreads) {
-    acc = combine(acc, load_partial(a.partials, c), p, kind);
+  if (threadIdx.x < kFinishThreads) {
+    int64_t c = threadIdx.x;
+    if constexpr (kBatch > 1) {
+      for (; c + (kBatch - 1) * kFinishThreads < n; c += kBatch * kFinishThreads) {
+        Partial part[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) part[b] = load_partial(a.partials, c + b * kFinishThreads);
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) acc = combine(acc, part[b], p, kind);
+      }
+    }
+    for (; c < n; c += kFinishThreads) acc = combine(acc, load_partial(a.partials, c), p, kind);
   }
-  acc = block_reduce(acc, p, kind);
+  acc = block_reduce<kThreads>(acc, p, kind);
   const double inv = a.out.inv_scale ? static_cast<double>(*a.out.inv_scale) : 1.0;
   if (threadIdx.x == 0) {
     const Finished f = finish_total(acc, p, kind, a.out.max_norm, a.out.mode, inv);
@@ -162,6 +189,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                           const NormRequest out, NormKind kind) {
   const double p = out.p;
   const double inv = out.inv_scale ? static_cast<double>(*out.inv_scale) : 1.0;
+  constexpr int kWarps = kBlockThreads / 32;
   const int lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t t = blockIdx.x * kWarps + threadIdx.x / 32; t < table.num_tensors; t += stride) {
@@ -175,15 +203,26 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Whether pass 1 on T for K reads in split loops (chunk_io.cuh's kSplit): the plain sums.
 template <typename T, NormKind K>
-__global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) {
+constexpr bool kSplitReads = accum_for<T, K>() == Accum::kPlain;
+
+// Pass 1 (see the top of this file) with kThreads threads per block and kU 16-byte loads in flight
+// per thread. The split loops get at most 64 registers ((kThreads, 1024 / kThreads) blocks: 2 of
+// 512 per SM): without the cap ptxas gives the bf16 p = 2 kernel 84, one block per SM. The other
+// kernels get no minimum (0: as if omitted), which leaves ptxas' own choice: with a minimum of 2
+// p = inf on fp32 took 55 registers instead of 34 (2 blocks per SM instead of 3) and fp64 p = 1, 2
+// spilled; with a minimum of 1 they took 63 to 78.
+template <typename T, NormKind K, int kThreads, int kU>
+__global__ void __launch_bounds__(kThreads, kSplitReads<T, K> ? 1024 / kThreads : 0)
+    norm_kernel(const Pass1Args a) {
   const double p = a.out.p;
   for (int64_t chunk = a.chunk_lo + blockIdx.x; chunk < a.chunk_hi; chunk += gridDim.x) {
     const ChunkSpan span = a.table.span(chunk);
     ThreadAcc<T, K> acc;
-    read_chunk(a.table.data<const T>(span.tensor), span.begin, span.end,
-               [&](T x) { acc.add(x, p); });
-    const Partial part = block_reduce(acc.partial(), p, K);
+    read_chunk<kThreads, kU, kSplitReads<T, K>>(a.table.data<const T>(span.tensor), span.begin,
+                                                span.end, [&](T x) { acc.add(x, p); });
+    const Partial part = block_reduce<kThreads>(acc.partial(), p, K);
     if (threadIdx.x == 0) {
       a.partials[2 * chunk] = part.m;
       a.partials[2 * chunk + 1] = part.s;
@@ -198,38 +237,57 @@ __global__ void __launch_bounds__(kBlockThreads) norm_kernel(const Pass1Args a) 
   __syncthreads();
   if (!last) return;
   __threadfence();
-  finish(a, K);
+  finish<kThreads, kSplitReads<T, K> ? 4 : 1>(a, K);
 }
 
 // The finish alone, over partials made by earlier launches (BackwardClipper's, one per gradient):
 // one block, the same combination as pass 1's last block.
 __global__ void __launch_bounds__(kBlockThreads) finish_kernel(const Pass1Args a, NormKind kind) {
-  finish(a, kind);
+  finish<kBlockThreads, 1>(a, kind);
 }
 
-template <typename T>
-void launch(const Pass1Args& a, int grid, NormKind kind, cudaStream_t stream) {
-  switch (kind) {
-    case NormKind::kOne: norm_kernel<T, NormKind::kOne><<<grid, kBlockThreads, 0, stream>>>(a); break;
-    case NormKind::kTwo: norm_kernel<T, NormKind::kTwo><<<grid, kBlockThreads, 0, stream>>>(a); break;
-    case NormKind::kInf: norm_kernel<T, NormKind::kInf><<<grid, kBlockThreads, 0, stream>>>(a); break;
-    case NormKind::kGeneral:
-      norm_kernel<T, NormKind::kGeneral><<<grid, kBlockThreads, 0, stream>>>(a);
-      break;
+// One pass-1 kernel and its block size: its persistent grid and its launch.
+template <auto Kernel, int kThreads>
+struct Pass1Kernel {
+  static int grid(int device, int64_t chunks) {
+    return std::max(1, grid_for_chunks<Kernel, kThreads>(device, chunks));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  static void launch(int grid, const Pass1Args& a, cudaStream_t stream) {
+    Kernel<<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename T, NormKind K, int V>
+using VariantKernel =
+    Pass1Kernel<norm_kernel<T, K, kPass1Variants[V].threads, kPass1Variants[V].unroll>,
+                kPass1Variants[V].threads>;
+
+// fn(Pass1Kernel<...>{}) for norm_kernel<T, kind> in pass-1 variant `variant` (engine/tuning.h).
+// Only p = 2 on fp32, bf16 and fp16 has variants compiled in (each costs build time); every other
+// kernel is the default, t512u4.
+template <typename T, NormKind K, typename Fn>
+void with_variant(int variant, Fn&& fn) {
+  static_assert(kNumPass1Variants == 4, "instantiate every variant below");
+  if constexpr (K == NormKind::kTwo && !std::is_same_v<T, double>) {
+    switch (variant) {
+      case 1: return fn(VariantKernel<T, K, 1>{});
+      case 2: return fn(VariantKernel<T, K, 2>{});
+      case 3: return fn(VariantKernel<T, K, 3>{});
+      default: break;
+    }
+  }
+  fn(VariantKernel<T, K, 0>{});
 }
 
-template <typename T>
-int grid_for(NormKind kind, int device, int64_t chunks) {
+template <typename T, typename Fn>
+void with_norm_kernel(NormKind kind, int variant, Fn&& fn) {
   switch (kind) {
-    case NormKind::kOne: return grid_for_chunks<norm_kernel<T, NormKind::kOne>>(device, chunks);
-    case NormKind::kTwo: return grid_for_chunks<norm_kernel<T, NormKind::kTwo>>(device, chunks);
-    case NormKind::kInf: return grid_for_chunks<norm_kernel<T, NormKind::kInf>>(device, chunks);
-    case NormKind::kGeneral:
-      return grid_for_chunks<norm_kernel<T, NormKind::kGeneral>>(device, chunks);
+    case NormKind::kOne: with_variant<T, NormKind::kOne>(variant, fn); break;
+    case NormKind::kTwo: with_variant<T, NormKind::kTwo>(variant, fn); break;
+    case NormKind::kInf: with_variant<T, NormKind::kInf>(variant, fn); break;
+    case NormKind::kGeneral: with_variant<T, NormKind::kGeneral>(variant, fn); break;
   }
-  return 1;
 }
 
 }  // namespace
@@ -251,6 +309,7 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   const int device = plan.device.index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   const NormKind kind = norm_kind(request.p);
+  const int variant = pass1_variant();
 
   // This call's workspace: the chunk partials and the counter that elects the last block. From
   // the caching allocator (stream- and graph-aware), so concurrent calls never share it.
@@ -268,7 +327,9 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   for (const Group& g : groups) {
     int grid = 1;
     FUSEDCLIP_DISPATCH_FLOATING(g.dtype, "fusedclip::total_norm", [&] {
-      grid = std::max(1, grid_for<scalar_t>(kind, device, g.chunk_hi - g.chunk_lo));
+      with_norm_kernel<scalar_t>(kind, variant, [&](auto k) {
+        grid = k.grid(device, g.chunk_hi - g.chunk_lo);
+      });
     });
     grids.push_back(grid);
     total += static_cast<unsigned int>(grid);
@@ -277,10 +338,12 @@ void norm_pass_cuda(const Plan& plan, const NormRequest& request) {
   for (size_t i = 0; i < groups.size(); ++i) {
     a.chunk_lo = groups[i].chunk_lo;
     a.chunk_hi = groups[i].chunk_hi;
-    FUSEDCLIP_DISPATCH_FLOATING(groups[i].dtype, "fusedclip::total_norm",
-                                [&] { launch<scalar_t>(a, grids[i], kind, stream); });
+    FUSEDCLIP_DISPATCH_FLOATING(groups[i].dtype, "fusedclip::total_norm", [&] {
+      with_norm_kernel<scalar_t>(kind, variant, [&](auto k) { k.launch(grids[i], a, stream); });
+    });
   }
   if (request.wants_tensors() && plan.keys.size() > 0) {
+    constexpr int kWarps = kBlockThreads / 32;
     const int64_t blocks = (static_cast<int64_t>(plan.keys.size()) + kWarps - 1) / kWarps;
     const int grid = static_cast<int>(std::min<int64_t>(
         blocks, cached_persistent_grid<tensor_outputs_kernel>(device)));

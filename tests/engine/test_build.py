@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +147,99 @@ def _disassembled_functions(path: str) -> dict[str, list[str]]:
 
 def _copies(functions: dict[str, list[str]], fragment: str) -> list[str]:
     return [body for name, bodies in functions.items() if fragment in name for body in bodies]
+
+
+@needs_extension
+def test_cuda_pass1_variant_is_chosen_by_name_and_bad_names_are_refused():
+    """FUSEDCLIP_CUDA_PASS1 (csrc/engine/tuning.h) is parsed in every build, GPU or not: a known
+    name is taken, an unknown one is a ValueError that lists the choices, at first use (not a
+    silent fallback to the default)."""
+    module = _lib.module()
+    assert module.CUDA_PASS1_VARIANTS[0] == "t512u4"
+    assert len(set(module.CUDA_PASS1_VARIANTS)) == len(module.CUDA_PASS1_VARIANTS) >= 2
+    script = textwrap.dedent("""
+        import sys
+        from fusedclip.backends.cpp import _lib
+        C = _lib.module()
+        try:
+            print("variant", C.cuda_pass1_variant())
+        except ValueError as e:
+            print("refused", e)
+        try:
+            C.set_cuda_pass1_variant("t512u3")
+        except ValueError as e:
+            print("set refused", e)
+        C.set_cuda_pass1_variant(C.CUDA_PASS1_VARIANTS[-1])
+        print("now", C.cuda_pass1_variant())
+    """)
+
+    def run(value):
+        env = {**os.environ, "FUSEDCLIP_CUDA_PASS1": value}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    last = module.CUDA_PASS1_VARIANTS[-1]
+    assert "variant t512u4" in run("")
+    out = run(last)
+    assert f"variant {last}" in out and f"now {last}" in out
+    out = run("t512u9")
+    row = next(line for line in (Path(__file__).parents[2] / "docs" / "errors.md").read_text()
+               .splitlines() if line.startswith("| `cuda-pass1-variant` |"))
+    documented = row.split(" | ")[-1].strip(" |`")  # docs/errors.md's message, exactly
+    assert f"refused {documented}" in out
+    assert ", ".join(module.CUDA_PASS1_VARIANTS) in out
+    assert "set refused fusedclip: no CUDA pass-1 variant named 't512u3'" in out
+    assert f"now {last}" in out  # a valid choice replaces the bad environment value
+
+
+def _norm_kernels_sass():
+    """cuobjdump's SASS of fusedclip._C's pass-1 kernels, by (dtype, p kind, threads, unroll)."""
+    import sass
+
+    tool = sass.find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, CUDA_HOME/bin, triton/backends/nvidia/bin): the "
+                    "pass-1 SASS is not checked")
+    dtypes = {"N3c108BFloat16E": "bf16", "N3c104HalfE": "fp16", "f": "fp32", "d": "fp64"}
+    pattern = re.compile(r"norm_kernelI(N3c108BFloat16E|N3c104HalfE|f|d)LNS_8NormKindE(\d)E"
+                         r"Li(\d+)ELi(\d+)E")
+    out = {}
+    for name, lines in sass.kernels(_lib.module().__file__, tool).items():
+        m = pattern.search(name)
+        if m:
+            key = (dtypes[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4)))
+            out[key] = sass.loads_in_flight(lines)
+    return out
+
+
+@needs_extension
+@pytest.mark.skipif(not _lib.loaded() or not _lib.cuda_kernels(),
+                    reason="fusedclip._C was built without its CUDA kernels")
+def test_pass1_keeps_its_16_byte_loads_in_flight():
+    """Pass 1 is a read of every byte: each thread must issue its variant's unroll of 16-byte loads
+    back to back before it uses the first. The count, not just the presence: with every load
+    predicated nvcc sank each fp32 load to its use (one 16-byte load in flight per thread; runs of
+    1 in the p = 2 kernel). p = 1 and 2 (NormKind 0, 1) on bf16, fp16 and fp32, every variant."""
+    runs = _norm_kernels_sass()
+    for dtype in ("bf16", "fp16", "fp32"):
+        for kind in (0, 1):
+            assert (dtype, kind, 512, 4) in runs, sorted(runs)
+    checked = 0
+    for (dtype, kind, threads, unroll), found in sorted(runs.items()):
+        if dtype == "fp64" or kind > 1:
+            continue
+        checked += 1
+        if unroll == 4:
+            # The unpredicated main loop issues all 4 loads before the first use, and no 16-byte
+            # load waits alone (nvcc keeps the predicated remainder's 4 together too).
+            assert min(found, default=0) >= 4, (dtype, kind, threads, unroll, found)
+        else:
+            # Deeper variants: more in flight than the default (under the 64-register cap ptxas
+            # keeps 7 of fp32's 8).
+            assert max(found, default=0) > 4, (dtype, kind, threads, unroll, found)
+    assert checked >= 6
 
 
 @needs_extension

@@ -698,6 +698,37 @@ def test_cuda_graph_capture_and_replay(engine, build_in_capture):
 
 
 @pytest.mark.gpu
+def test_raw_capture_waits_for_an_eager_upload_still_queued_on_another_stream(engine):
+    """A plan uploaded eagerly on one stream, then captured on another with a raw capture_begin
+    (no device synchronization, unlike torch.cuda.graph): the graph waits for the upload's event
+    (an external event node, csrc/cuda/engine_cuda.cpp), so a replay issued while the upload is
+    still queued behind a long kernel reads the table only once it is written."""
+    if engine.name != "cpp":
+        pytest.skip("the compiled engine's table upload (Triton's is a blocking copy)")
+    params = make_params([(70000,), (300, 7)] + [(n % 50 + 1,) for n in range(300)],
+                         torch.float32, "cuda", seed=23)
+    before = [g.clone() for g in grads(params)]
+    expected = oracle_norm(before, 2.0)
+    _lib.module().clear_plan_cache()
+    uploader, capturer = torch.cuda.Stream(), torch.cuda.Stream()
+    uploader.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(uploader):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s: the upload below stays queued behind it
+        fusedclip.clip_grad_norm_(params, 1e30, backend="cpp")  # builds and uploads the plan
+    graph = torch.cuda.CUDAGraph()
+    capturer.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capturer):
+        graph.capture_begin()
+        norm = fusedclip.clip_grad_norm_(params, 0.5, backend="cpp")
+        graph.capture_end()
+    graph.replay()  # on the current stream, which never waited for `uploader`
+    torch.cuda.synchronize()
+    assert_norm_close(norm, expected, torch.float32)
+    for g, g0 in zip(grads(params), before):
+        ulp_close(g, oracle_clipped(g0.cpu(), 0.5, expected))
+
+
+@pytest.mark.gpu
 def test_scale_graph_capture_reads_coef_at_replay(engine):
     tensors = random_tensors([1000, 70000, 3] + [n % 50 for n in range(200)], torch.float32,
                              "cuda", seed=7)
