@@ -29,10 +29,10 @@ class TestedPair:
 CI_TESTED = (
     TestedPair("2.6.0", "3.2.0", "lock-torch-2.6.0.txt",
                "the oldest torch declared: CPU engine from the sdist; API, engine and feature "
-               "tests (not slow), Triton in its interpreter"),
+               "tests that depend on the version, Triton in its interpreter"),
     TestedPair("2.11.0", "3.6.0", "lock-torch-2.11.0.txt",
                "the GPU machines' pair: CPU engine and CUDA kernels (sm_90) from the sdist; API, "
-               "engine and feature tests (not slow), Triton in its interpreter"),
+               "engine and feature tests that depend on the version, Triton in its interpreter"),
     TestedPair("2.13.0", None, "lock-cpu-torch.txt",
                "a CPU build of torch: CPU engine installed from the sdist; API, engine and "
                "feature tests (not slow)"),
@@ -40,8 +40,8 @@ CI_TESTED = (
                "the development pair: CPU engine and CUDA kernels (sm_90); the whole suite, "
                "Triton in its interpreter, sanitizers"),
     TestedPair("2.15.0", "3.9.0", "lock-torch-2.15.0.txt",
-               "the newest torch: CPU engine from the sdist; API, engine and feature tests (not "
-               "slow), Triton in its interpreter"),
+               "the newest torch: CPU engine from the sdist; API, engine and feature tests that "
+               "depend on the version, Triton in its interpreter"),
 )
 
 
