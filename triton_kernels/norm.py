@@ -85,26 +85,109 @@ def _tile(ptr, idx, mask, DT: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _add_tile(acc, m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
-    """Folds a tile of magnitudes into a chunk's running state: the per-lane vector ``acc`` (plain
-    sums, and the inf-norm's max), reduced once per chunk; or, for the scaled pair, (m, s)."""
-    if PLAIN:
-        if KIND == 1:
-            acc += a * a
-        else:
-            acc += a
-    elif KIND == 2:
-        acc = _nan_maximum(acc, a)
+def _add_tile(m, s, a, p, KIND: tl.constexpr):
+    """Folds a tile of magnitudes into a chunk's scaled pair (m, s) (fp64 p = 1, 2; general p)."""
+    tm = _nan_max(a)
+    ts = tl.sum(tl.where(a > 0, _ratio_pow(a, tl.where(tm > 0, tm, 1.0), p, KIND), 0.0), axis=0)
+    big = tl.maximum(m, tm)
+    safe = tl.where(big > 0, big, 1.0)
+    s = tl.where(m > 0, s * _ratio_pow(m, safe, p, KIND), 0.0) + \
+        tl.where(tm > 0, ts * _ratio_pow(tm, safe, p, KIND), 0.0)
+    m = _nan_maximum(m, tm)
+    return m, s
+
+
+@triton.jit
+def _rows(ptr, idx, mask, MASKED: tl.constexpr):
+    """A [ROWS, VEC] tile at ``ptr + idx``; a MASKED one with a mask constant along each row of
+    VEC elements (16 bytes), so that it still compiles to 16-byte loads."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=mask, other=0.0)
     else:
-        tm = _nan_max(a)
-        ts = tl.sum(tl.where(a > 0, _ratio_pow(a, tl.where(tm > 0, tm, 1.0), p, KIND), 0.0),
-                    axis=0)
-        big = tl.maximum(m, tm)
-        safe = tl.where(big > 0, big, 1.0)
-        s = tl.where(m > 0, s * _ratio_pow(m, safe, p, KIND), 0.0) + \
-            tl.where(tm > 0, ts * _ratio_pow(tm, safe, p, KIND), 0.0)
-        m = _nan_maximum(m, tm)
-    return acc, m, s
+        x = tl.load(ptr + idx)
+    return x
+
+
+@triton.jit
+def _fold_rows(acc, x, KIND: tl.constexpr, DT: tl.constexpr):
+    """Folds a [ROWS, VEC] tile into the per-row state ``acc`` [ROWS]: for p = 1, 2 the fp64 sum
+    of |x|^p over each row (summed within a thread: a row is one thread's 16-byte vector); for
+    p = inf the max of the magnitude bits as integers (int64 for fp64, int32 for the others): exact,
+    and NaN-sticky (a NaN's magnitude bits exceed inf's, whatever its payload), with no fp64."""
+    if KIND == 2:
+        if DT == tl.float64:
+            bits = x.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+        elif DT == tl.float32:
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        else:
+            bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        acc = tl.maximum(acc, tl.max(bits, axis=1))
+    else:
+        a = tl.abs(x.to(tl.float32)).to(tl.float64)
+        if KIND == 1:
+            a = a * a
+        acc += tl.sum(a, axis=1)
+    return acc
+
+
+@triton.jit
+def _magnitude_of_bits(bits, DT: tl.constexpr):
+    """The fp64 value of the magnitude bits ``bits`` of a DT element."""
+    if DT == tl.float64:
+        m = bits.to(tl.float64, bitcast=True)
+    elif DT == tl.float32:
+        m = bits.to(tl.float32, bitcast=True).to(tl.float64)
+    else:
+        m = bits.to(tl.int16).to(DT, bitcast=True).to(tl.float32).to(tl.float64)
+    return m
+
+
+@triton.jit
+def _fast_partial(ptr, begin, n, DT: tl.constexpr, KIND: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr):
+    """The partial (m, s) of one chunk for p = 1, 2 on fp16/bf16/fp32 and p = inf on any dtype:
+    one read, tiles of BLOCK elements as [BLOCK // VEC, VEC] (a row is one 16-byte vector),
+    DEPTH tiles loaded before the first is folded (loads in flight), a per-row accumulator."""
+    ROWS: tl.constexpr = BLOCK // VEC
+    rows = tl.arange(0, ROWS).to(tl.int64)[:, None] * VEC
+    idx = rows + tl.arange(0, VEC).to(tl.int64)[None, :]
+    if KIND == 2:
+        if DT == tl.float64:
+            acc = tl.zeros([ROWS], tl.int64)
+        else:
+            acc = tl.zeros([ROWS], tl.int32)
+    else:
+        acc = tl.zeros([ROWS], tl.float64)
+    base = ptr + begin
+    for i in range(0, CHUNK, DEPTH * BLOCK):  # constant trip count: compiles and interprets alike
+        if i + DEPTH * BLOCK <= n:  # full tiles: unmasked, every load issued before any use
+            x0 = _rows(base + i, idx, None, False)
+            if DEPTH == 2:
+                x1 = _rows(base + i + BLOCK, idx, None, False)
+                acc = _fold_rows(acc, x0, KIND, DT)
+                acc = _fold_rows(acc, x1, KIND, DT)
+            else:
+                acc = _fold_rows(acc, x0, KIND, DT)
+        elif i < n:
+            # The chunk's last tiles: rows wholly inside n are loaded as vectors (a mask constant
+            # along each row), then the last n % VEC elements one by one.
+            full = n // VEC * VEC
+            for j in range(0, DEPTH * BLOCK, BLOCK):
+                x = _rows(base + i + j, idx, (i + j + rows) < full, True)
+                acc = _fold_rows(acc, x, KIND, DT)
+            if full < n:
+                x = _rows(base + full, idx, idx < n - full, True)
+                acc = _fold_rows(acc, x, KIND, DT)
+    if KIND == 2:
+        m = _magnitude_of_bits(tl.max(acc, axis=0), DT)
+        s = tl.zeros((), tl.float64)
+    else:
+        s = tl.sum(acc, axis=0)
+        # (1, s), or the sum itself when it is 0, NaN or inf
+        bad = (s != s) | (s == float("inf")) | (s == 0.0)
+        m = tl.where(bad, s, 1.0)
+        s = tl.where(bad, 0.0, s)
+    return m, s
 
 
 # Runtime integers are never specialised: Triton would otherwise compile a value of 1 as a constant
@@ -114,30 +197,30 @@ def _add_tile(acc, m, s, a, p, KIND: tl.constexpr, PLAIN: tl.constexpr):
 def chunk_partials(
     table, n_tensors, chunk_lo, partials, p_bits,
     DT: tl.constexpr, KIND: tl.constexpr, PLAIN: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr,
 ):
+    """Pass 1, one read: chunk c's partial (m, s) into partials[2c], partials[2c + 1].
+
+    PLAIN (p = 1, 2 on fp16/bf16/fp32) and p = inf take ``_fast_partial``: rows of one 16-byte
+    vector, DEPTH tiles in flight, a narrow per-row accumulator (few registers, so ptxas issues
+    every load of a tile before its first use). fp64 p = 1, 2 and general p take the scaled pair
+    (a running (m, s) per tile of BLOCK elements: block reductions, an fp64 divide per element)."""
     p = f64(p_bits)
     c, _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    acc = tl.zeros([BLOCK], tl.float64)
-    m = tl.zeros((), tl.float64)
-    s = tl.zeros((), tl.float64)
-    for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets the same
-        if i + BLOCK <= n:  # a full tile: unmasked, so the loads vectorize
-            a = _tile(ptr, begin + i + offs, None, DT, False)
-            acc, m, s = _add_tile(acc, m, s, a, p, KIND, PLAIN)
-        elif i < n:
-            idx = i + offs
-            a = _tile(ptr, begin + idx, idx < n, DT, True)
-            acc, m, s = _add_tile(acc, m, s, a, p, KIND, PLAIN)
-    if PLAIN:
-        s = tl.sum(acc, axis=0)
-        # (1, s), or the sum itself when it is 0, NaN or inf
-        bad = (s != s) | (s == float("inf")) | (s == 0.0)
-        m = tl.where(bad, s, 1.0)
-        s = tl.where(bad, 0.0, s)
-    elif KIND == 2:
-        m = _nan_max(acc)
+    if PLAIN or KIND == 2:
+        m, s = _fast_partial(ptr, begin, n, DT, KIND, CHUNK, BLOCK, VEC, DEPTH)
+    else:
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        m = tl.zeros((), tl.float64)
+        s = tl.zeros((), tl.float64)
+        for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets the same
+            if i + BLOCK <= n:  # a full tile: unmasked, so the loads vectorize
+                a = _tile(ptr, begin + i + offs, None, DT, False)
+                m, s = _add_tile(m, s, a, p, KIND)
+            elif i < n:
+                idx = i + offs
+                a = _tile(ptr, begin + idx, idx < n, DT, True)
+                m, s = _add_tile(m, s, a, p, KIND)
     tl.store(partials + 2 * c, m)
     tl.store(partials + 2 * c + 1, s)
 
@@ -236,9 +319,12 @@ def finish(
     KIND: tl.constexpr, OUT_DT: tl.constexpr, FBLOCK: tl.constexpr, UNSCALE: tl.constexpr,
     FLAG: tl.constexpr, MODE: tl.constexpr,
 ):
-    """With UNSCALE (the AMP path) the gradients hold loss-scaled values: the norm is that of the
-    unscaled ones and the coefficient also unscales (inv * min(1, ...)). With FLAG, found_ptr
-    (fp32) is set to 1 when any element was inf or NaN and left alone otherwise."""
+    """The rest of pass 1, one program: two passes over the C partials (the max of their m, then
+    the sum relative to it: 16 bytes per 128 KiB of gradients, so no pass over the gradients),
+    then the norm, the coefficient and the norm in OUT_DT. With UNSCALE (the AMP path) the
+    gradients hold loss-scaled values: the norm is that of the unscaled ones and the coefficient
+    also unscales (inv * min(1, ...)). With FLAG, found_ptr (fp32) is set to 1 when any element
+    was inf or NaN and left alone otherwise."""
     p = f64(p_bits)
     max_norm = f64(max_norm_bits)
     inv = _inverse_scale(inv_ptr, UNSCALE)
@@ -262,7 +348,8 @@ def per_tensor_norms(
     eps_bits, factor_bits, KIND: tl.constexpr, CHUNK: tl.constexpr, FBLOCK: tl.constexpr,
     UNSCALE: tl.constexpr, COEF: tl.constexpr, MODE: tl.constexpr,
 ):
-    """Tensor t's norm into out_ptr[t]; COEF 1 (one threshold, max_norm_bits) or 2 (thresholds
+    """Tensor t's norm into out_ptr[t] (one program per tensor, two passes over its own chunks'
+    partials, none over the gradients); COEF 1 (one threshold, max_norm_bits) or 2 (thresholds
     max_norms_ptr[t]) also writes its clip coefficient into coef_ptr[t]. MODE 2 (adaptive
     clipping): max_norms_ptr holds the parameters' unit norms, and the threshold is
     max(that, eps) * factor."""
@@ -289,8 +376,9 @@ def tensor_partials(
     table, n_tensors, partials, p_bits, out_ptr,
     KIND: tl.constexpr, CHUNK: tl.constexpr, FBLOCK: tl.constexpr,
 ):
-    """Tensor t's own partial (m, s) into out_ptr[2t], out_ptr[2t + 1] (BackwardClipper's slots:
-    ``finish`` combines them later as it combines chunk partials)."""
+    """Tensor t's own partial (m, s) into out_ptr[2t], out_ptr[2t + 1] (one program per tensor,
+    two passes over its chunks' partials; BackwardClipper's slots: ``finish`` combines them later
+    as it combines chunk partials)."""
     p = f64(p_bits)
     t = tl.program_id(0).to(tl.int64)
     numel = tl.load(table + n_tensors + t)

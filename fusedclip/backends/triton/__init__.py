@@ -37,11 +37,62 @@ from fusedclip.backends._schema import custom_op, register_fakes
 from fusedclip.backends.triton import plan as plans
 from fusedclip.backends.triton.plan import CHUNK, Plan
 
-__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "finish_partials", "interpreting",
-           "norm_pass", "scale_pass", "status"]
+__all__ = ["BACKEND", "NAME", "Request", "Variant", "clamp_pass", "finish_partials",
+           "interpreting", "norm_pass", "scale_pass", "status", "variant"]
 
 NAME = "triton"
-_NUM_WARPS = 8
+_NUM_WARPS = 8  # the finish's and the scaled pair's
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the streaming kernels (pass 1's p = 1, 2, inf and pass 2) are compiled and launched,
+    chosen at run time by ``FUSEDCLIP_TRITON_VARIANT`` (comma-separated ``key=value``, e.g.
+    ``tile=16384,depth=2,warps=8,maxnreg=64``) so a device run can sweep them without a rebuild;
+    each distinct value compiles its own kernels once. ``tile``: bytes per tile (a power of two,
+    at least 16 per thread); ``depth``: tiles whose loads are issued before the first is used (1 or
+    2); ``warps``: warps per program; ``maxnreg``: the register cap given to ptxas (0: none).
+
+    The default was read off the compiled sm_90 code (docs/performance.md): 8 KiB tiles two deep
+    give every thread four 16-byte loads in flight; ptxas keeps them in flight only when given a
+    register cap (without one it sinks each load to its use), and 64 registers fit 4 programs of 8
+    warps per SM, 64 KiB of reads in flight per SM."""
+
+    tile: int = 8192
+    depth: int = 2
+    warps: int = 8
+    maxnreg: int = 64
+
+    def block(self, dtype: torch.dtype) -> int:
+        return self.tile // torch.empty((), dtype=dtype).element_size()
+
+    def vec(self, dtype: torch.dtype) -> int:
+        """Elements per 16-byte vector."""
+        return 16 // torch.empty((), dtype=dtype).element_size()
+
+    def launch(self) -> dict:
+        return {"num_warps": self.warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+
+
+@functools.cache
+def _parse_variant(text: str) -> Variant:
+    fields = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in Variant.__dataclass_fields__ or not value.strip().isdigit():
+            raise ValueError(f"FUSEDCLIP_TRITON_VARIANT: expected key=integer with key among "
+                             f"{', '.join(Variant.__dataclass_fields__)}, got {item!r}")
+        fields[key] = int(value)
+    v = Variant(**fields)
+    if v.tile & (v.tile - 1) or v.tile < 16 * 32 * v.warps or v.depth not in (1, 2) \
+            or v.warps & (v.warps - 1) or not 0 <= v.maxnreg <= 255:
+        raise ValueError(f"FUSEDCLIP_TRITON_VARIANT: unsupported {v}")
+    return v
+
+
+def variant() -> Variant:
+    """The streaming kernels' variant: ``FUSEDCLIP_TRITON_VARIANT``, read at each call."""
+    return _parse_variant(os.environ.get("FUSEDCLIP_TRITON_VARIANT", ""))
 
 
 def interpreting() -> bool:
@@ -170,12 +221,15 @@ def _norm_pass(plan: Plan, req: Request) -> Pass1:
     f64 = dict(dtype=torch.float64, device=plan.device)
     partials = torch.empty(2 * max(plan.num_chunks, 1), **f64)
     p_bits = _f64_bits(req.norm_type if math.isfinite(req.norm_type) else 0.0)
+    v = variant()
     for g in plan.groups:
         plain = kind in (norm_k.KIND_ONE, norm_k.KIND_TWO) and g.dtype != torch.float64
+        fast = plain or kind == norm_k.KIND_INF  # see norm.chunk_partials
         norm_k.chunk_partials[(g.chunk_hi - g.chunk_lo,)](
             plan.table, plan.num_tensors, g.chunk_lo, partials, p_bits,
-            DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned,
-            CHUNK=CHUNK, BLOCK=norm_k.BLOCK, num_warps=_NUM_WARPS,
+            DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned, CHUNK=CHUNK,
+            BLOCK=v.block(g.dtype) if fast else norm_k.BLOCK, VEC=v.vec(g.dtype),
+            DEPTH=v.depth, **(v.launch() if fast else {"num_warps": _NUM_WARPS}),
         )
     norm = torch.empty((), **f64)
     coef = torch.empty((), **f64)
@@ -251,13 +305,14 @@ def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
     tensor t times ``coef[t]``, in place."""
     _check_scalar(coef, torch.float64, plan.device, "coef",
                   plan.num_tensors if per_tensor else 1)
-    norm_k, scale_k, tl_dtype = _kernels()
+    _, scale_k, tl_dtype = _kernels()
+    v = variant()
     with _on(plan.device):
         for g in plan.groups:
             scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
                 plan.table, plan.num_tensors, g.chunk_lo, coef,
-                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=norm_k.BLOCK,
-                PER_TENSOR=per_tensor, num_warps=_NUM_WARPS,
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=v.block(g.dtype),
+                PER_TENSOR=per_tensor, VEC=v.vec(g.dtype), DEPTH=v.depth, **v.launch(),
             )
 
 
@@ -268,15 +323,16 @@ def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> 
     the plan's device (``cuda_rule``: force the CUDA ones' zero signs, for tests)."""
     if not clip_value >= 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
-    norm_k, scale_k, tl_dtype = _kernels()
+    _, scale_k, tl_dtype = _kernels()
+    v = variant()
     with _on(plan.device):
         for g in plan.groups:
             bound = float(torch.tensor(clip_value, dtype=g.dtype))
             scale_k.clamp[(g.chunk_hi - g.chunk_lo,)](
                 plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound), _f64_bits(-bound),
-                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=norm_k.BLOCK,
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=v.block(g.dtype),
                 CUDA_RULE=plan.device.type == "cuda" if cuda_rule is None else cuda_rule,
-                num_warps=_NUM_WARPS,
+                VEC=v.vec(g.dtype), DEPTH=v.depth, **v.launch(),
             )
 
 
