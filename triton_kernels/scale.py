@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .convert import round_fp32_to
-from .table import f64, program_chunk
+from .table import chunk_at, f64, program_chunk
 
 
 @triton.jit
@@ -73,22 +73,43 @@ def _rewrite_chunk(ptr, begin, n, c, bound, neg_bound, DT: tl.constexpr, OP: tl.
                          mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_tensors", "chunk_lo"])  # see norm.chunk_partials
+@triton.jit
+def _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, coef, DT: tl.constexpr,
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                  PER_TENSOR: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr):
+    """This program's chunks, chunk_lo + program_id, then every num_programs-th up to chunk_hi,
+    each times its coefficient (coef, or coef_ptr[t] with PER_TENSOR) unless that is 1."""
+    c = chunk_lo + tl.program_id(0).to(tl.int64)
+    while c < chunk_hi:  # a while loop: the interpreter runs no runtime-bounded range
+        t, ptr, begin, n = chunk_at(table, n_tensors, c, DT, ALIGNED, CHUNK)
+        if PER_TENSOR:
+            k = tl.load(coef_ptr + t)
+        else:
+            k = coef
+        if k != 1.0:
+            _rewrite_chunk(ptr, begin, n, k, k, k, DT, 0, False, CHUNK, BLOCK, VEC, DEPTH)
+        c += tl.num_programs(0)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "chunk_hi"])  # see norm.chunk_partials
 def scale(
-    table, n_tensors, chunk_lo, coef_ptr,
+    table, n_tensors, chunk_lo, chunk_hi, coef_ptr,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     PER_TENSOR: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr,
 ):
-    """Pass 2: the chunk times its coefficient, coef_ptr[0], or with PER_TENSOR coef_ptr[t] for
-    the chunk's tensor t; a chunk whose coefficient is exactly 1 is left untouched (no pass over
-    memory), otherwise one read and one write (``_rewrite_chunk``)."""
-    _, t, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
+    """Pass 2: chunks [chunk_lo, chunk_hi) times their coefficient, coef_ptr[0], or with
+    PER_TENSOR coef_ptr[t] for a chunk's tensor t; a chunk whose coefficient is exactly 1 is left
+    untouched (no pass over memory), otherwise one read and one write (``_rewrite_chunk``). The
+    grid may be smaller than the chunk count (persistent programs, ``Variant.persist``): with one
+    coefficient of 1 each program then loads it once and returns."""
     if PER_TENSOR:
-        c = tl.load(coef_ptr + t)
+        _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, 1.0, DT, ALIGNED, CHUNK,
+                      BLOCK, PER_TENSOR, VEC, DEPTH)
     else:
-        c = tl.load(coef_ptr)
-    if c != 1.0:
-        _rewrite_chunk(ptr, begin, n, c, c, c, DT, 0, False, CHUNK, BLOCK, VEC, DEPTH)
+        coef = tl.load(coef_ptr)
+        if coef != 1.0:
+            _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, coef, DT, ALIGNED,
+                          CHUNK, BLOCK, PER_TENSOR, VEC, DEPTH)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def test_kernels_compile_for_sm90():
         import re, triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
-        from fusedclip.triton_kernels import norm, scale
+        from fusedclip.triton_kernels import finish, norm, scale
         from fusedclip.backends.triton.plan import CHUNK
 
         def ptx(fn, sig, consts, warps=8):
@@ -94,9 +94,10 @@ def test_kernels_compile_for_sm90():
                "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16",
                "inv_ptr": "*fp64", "found_ptr": "*fp64"}
         plain = {"UNSCALE": False, "FLAG": False, "MODE": 0}
-        ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK, **plain})
+        ptx(finish.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": finish.FBLOCK,
+                                 **plain})
         amp = {**fin, "out_ptr": "*fp32", "inv_ptr": "*fp32", "found_ptr": "*fp32"}
-        code = ptx(norm.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": norm.FBLOCK,
+        code = ptx(finish.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": finish.FBLOCK,
                                       "UNSCALE": True, "FLAG": True, "MODE": 1})
         assert "cvt.f64.f32" in code  # the AMP variant reads the fp32 inverse scale
         per = {"table": "*i64", "n_tensors": "i32", "partials": "*fp64", "p_bits": "i64",
@@ -104,10 +105,11 @@ def test_kernels_compile_for_sm90():
                "coef_ptr": "*fp64", "max_norm_bits": "i64", "eps_bits": "i64",
                "factor_bits": "i64"}
         for unscale, coef, mode in ((False, 0, 0), (True, 1, 1), (False, 2, 0), (False, 2, 2)):
-            ptx(norm.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
-                                             "FBLOCK": norm.FBLOCK, "UNSCALE": unscale,
+            ptx(finish.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
+                                             "FBLOCK": finish.FBLOCK, "UNSCALE": unscale,
                                              "COEF": coef, "MODE": mode}, warps=4)
-        sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
+        sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "chunk_hi": "i32",
+              "coef_ptr": "*fp64"}
         for per_tensor in (False, True):
             code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True,
                                          "PER_TENSOR": per_tensor, **tile, **vec(tl.bfloat16)})
@@ -134,7 +136,7 @@ _SASS_SCRIPT = textwrap.dedent("""
     import json, os, re, subprocess, sys, tempfile, triton, triton.language as tl
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
-    from fusedclip.triton_kernels import norm, scale
+    from fusedclip.triton_kernels import norm, pair, scale
     from fusedclip.backends.triton import Variant
     from fusedclip.backends.triton.plan import CHUNK
     import torch
@@ -194,7 +196,8 @@ _SASS_SCRIPT = textwrap.dedent("""
            torch.float32: tl.float32, torch.float64: tl.float64}
     part = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "partials": "*fp64",
             "p_bits": "i64"}
-    sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
+    sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "chunk_hi": "i32",
+          "coef_ptr": "*fp64"}
     cl = {**{k: sc[k] for k in ("table", "n_tensors", "chunk_lo")}, "bound_bits": "i64",
           "neg_bound_bits": "i64"}
     for dt, kind in json.loads(sys.argv[1]):
@@ -207,7 +210,7 @@ _SASS_SCRIPT = textwrap.dedent("""
             record(f"clamp {dt}", scale.clamp, cl, {**tile, "CUDA_RULE": True})
         else:
             record(f"pass1 {dt} p={kind}", norm.chunk_partials, part,
-                   {**tile, "KIND": norm.norm_kind(kind),
+                   {**tile, "KIND": pair.norm_kind(kind),
                     "PLAIN": kind != float("inf") and dt != torch.float64})
     print(json.dumps(out))
 """)

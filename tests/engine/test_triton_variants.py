@@ -22,7 +22,8 @@ def test_parsing():
             tb._parse_variant(bad)
 
 
-@pytest.mark.parametrize("text", ["tile=4096,depth=1,maxnreg=0", "tile=16384,depth=2,warps=4"])
+@pytest.mark.parametrize("text", ["tile=4096,depth=1,maxnreg=0,persist=0",
+                                  "tile=16384,depth=2,warps=4,persist=1"])
 def test_every_variant_gives_the_same_results(monkeypatch, text):
     """Tensors ending inside a tile, on a row boundary, a few elements past one, and spanning
     chunks: the norms (p = 1, 2, inf), the clip and clamp match the default variant (the max and
