@@ -83,7 +83,10 @@ class Variant:
         return min(chunks, self.persist * _sm_count(device))
 
     def launch(self) -> dict:
-        return {"num_warps": self.warps, **({"maxnreg": self.maxnreg} if self.maxnreg else {})}
+        # Not to the interpreter: some Triton versions' interpreters pass an option they do not
+        # know (maxnreg) on to the kernel as an argument.
+        cap = self.maxnreg and not interpreting()
+        return {"num_warps": self.warps, **({"maxnreg": self.maxnreg} if cap else {})}
 
 
 @functools.cache
