@@ -1,11 +1,11 @@
-"""Pass 2 of the clip in Triton: rescale every tensor of a dtype group in place; and value
-clipping, the other in-place pass of one read and one write.
+"""The in-place kernels of one read and one write: pass 2 of the clip (``scale``) and value
+clipping (``clamp``); one program per chunk (the table of csrc/engine/table.h), both walking the
+chunk as ``_rewrite_chunk`` does.
 
-``scale``: one program per chunk (the table of csrc/engine/table.h). It reads the fp64 coefficient
-on the device; when it is exactly 1 the program returns without touching the gradients (the whole
-clip then costs pass 1's single read), otherwise it makes one read and one write of each element.
-The product is formed in fp64 and rounded to the gradient's dtype through fp32, as the reference
-and the CUDA kernel do.
+``scale`` reads the fp64 coefficient on the device; when it is exactly 1 the program returns
+without touching the gradients (the whole clip then costs pass 1's single read), otherwise it
+makes one read and one write of each element. The product is formed in fp64 and rounded to the
+gradient's dtype through fp32, as the reference and the CUDA kernel do.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .convert import round_fp32_to
-from .table import f64, program_chunk
+from .table import chunk_at, f64, program_chunk
 
 
 @triton.jit
@@ -26,29 +26,90 @@ def _scaled(x, c, DT: tl.constexpr):
     return y
 
 
-@triton.jit(do_not_specialize=["n_tensors", "chunk_lo"])  # see norm.chunk_partials
-def scale(
-    table, n_tensors, chunk_lo, coef_ptr,
-    DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    PER_TENSOR: tl.constexpr,
-):
-    """Pass 2: the chunk times its coefficient, coef_ptr[0], or with PER_TENSOR coef_ptr[t] for
-    the chunk's tensor t; a chunk whose coefficient is exactly 1 is left untouched."""
-    _, t, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
-    if PER_TENSOR:
-        c = tl.load(coef_ptr + t)
+@triton.jit
+def _rewritten(x, c, bound, neg_bound, DT: tl.constexpr, OP: tl.constexpr,
+               CUDA_RULE: tl.constexpr):
+    if OP == 0:
+        y = _scaled(x, c, DT)
     else:
-        c = tl.load(coef_ptr)
-    if c != 1.0:
-        offs = tl.arange(0, BLOCK).to(tl.int64)
-        for i in range(0, CHUNK, BLOCK):  # constant trip count: compiles and interprets alike
-            idx = begin + i + offs
-            if i + BLOCK <= n:  # a full tile: unmasked, so the accesses vectorize
-                tl.store(ptr + idx, _scaled(tl.load(ptr + idx), c, DT))
-            elif i < n:
-                mask = i + offs < n
-                x = tl.load(ptr + idx, mask=mask, other=0.0)
-                tl.store(ptr + idx, _scaled(x, c, DT), mask=mask)
+        y = _clamped(x, bound, neg_bound, DT, CUDA_RULE)
+    return y
+
+
+@triton.jit
+def _rewrite_chunk(ptr, begin, n, c, bound, neg_bound, DT: tl.constexpr, OP: tl.constexpr,
+                   CUDA_RULE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   VEC: tl.constexpr, DEPTH: tl.constexpr):
+    """One read and one write of each of the chunk's n elements at ``ptr + begin``: OP 0 scales
+    by c, OP 1 clamps. Tiles of BLOCK elements as [BLOCK // VEC, VEC] (a row is one 16-byte
+    vector); DEPTH full tiles are loaded before the first is stored (loads in flight); in the last
+    tiles the rows wholly inside n stay 16-byte accesses (a mask constant along each row) and only
+    the last n % VEC elements go one by one."""
+    ROWS: tl.constexpr = BLOCK // VEC
+    rows = tl.arange(0, ROWS).to(tl.int64)[:, None] * VEC
+    idx = rows + tl.arange(0, VEC).to(tl.int64)[None, :]
+    base = ptr + begin
+    for i in range(0, CHUNK, DEPTH * BLOCK):  # constant trip count: compiles and interprets alike
+        if i + DEPTH * BLOCK <= n:  # full tiles: unmasked, so the accesses vectorize
+            x0 = tl.load(base + i + idx)
+            if DEPTH == 2:
+                x1 = tl.load(base + i + BLOCK + idx)
+                tl.store(base + i + idx, _rewritten(x0, c, bound, neg_bound, DT, OP, CUDA_RULE))
+                tl.store(base + i + BLOCK + idx,
+                         _rewritten(x1, c, bound, neg_bound, DT, OP, CUDA_RULE))
+            else:
+                tl.store(base + i + idx, _rewritten(x0, c, bound, neg_bound, DT, OP, CUDA_RULE))
+        elif i < n:
+            full = n // VEC * VEC
+            for j in range(0, DEPTH * BLOCK, BLOCK):
+                mask = (i + j + rows) < full
+                x = tl.load(base + i + j + idx, mask=mask, other=0.0)
+                tl.store(base + i + j + idx, _rewritten(x, c, bound, neg_bound, DT, OP, CUDA_RULE),
+                         mask=mask)
+            if full < n:
+                mask = idx < n - full
+                x = tl.load(base + full + idx, mask=mask, other=0.0)
+                tl.store(base + full + idx, _rewritten(x, c, bound, neg_bound, DT, OP, CUDA_RULE),
+                         mask=mask)
+
+
+@triton.jit
+def _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, coef, DT: tl.constexpr,
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                  PER_TENSOR: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr):
+    """This program's chunks, chunk_lo + program_id, then every num_programs-th up to chunk_hi,
+    each times its coefficient (coef, or coef_ptr[t] with PER_TENSOR) unless that is 1."""
+    c = chunk_lo + tl.program_id(0).to(tl.int64)
+    while c < chunk_hi:  # a while loop: the interpreter runs no runtime-bounded range
+        t, ptr, begin, n = chunk_at(table, n_tensors, c, DT, ALIGNED, CHUNK)
+        if PER_TENSOR:
+            k = tl.load(coef_ptr + t)
+        else:
+            k = coef
+        if k != 1.0:
+            _rewrite_chunk(ptr, begin, n, k, k, k, DT, 0, False, CHUNK, BLOCK, VEC, DEPTH)
+        c += tl.num_programs(0)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "chunk_lo", "chunk_hi"])  # see norm.chunk_partials
+def scale(
+    table, n_tensors, chunk_lo, chunk_hi, coef_ptr,
+    DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    PER_TENSOR: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr,
+):
+    """Pass 2: chunks [chunk_lo, chunk_hi) times their coefficient, coef_ptr[0], or with
+    PER_TENSOR coef_ptr[t] for a chunk's tensor t; a chunk whose coefficient is exactly 1 is left
+    untouched (no pass over memory), otherwise one read and one write (``_rewrite_chunk``). The
+    grid may be smaller than the chunk count (persistent programs, ``Variant.persist``): with one
+    coefficient of 1 each program then loads it once and returns."""
+    if PER_TENSOR:
+        _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, 1.0, DT, ALIGNED, CHUNK,
+                      BLOCK, PER_TENSOR, VEC, DEPTH)
+    else:
+        coef = tl.load(coef_ptr)
+        if coef != 1.0:
+            _scale_chunks(table, n_tensors, chunk_lo, chunk_hi, coef_ptr, coef, DT, ALIGNED,
+                          CHUNK, BLOCK, PER_TENSOR, VEC, DEPTH)
 
 
 @triton.jit
@@ -83,7 +144,7 @@ def _clamped(x, bound, neg_bound, DT: tl.constexpr, CUDA_RULE: tl.constexpr):
 def clamp(
     table, n_tensors, chunk_lo, bound_bits, neg_bound_bits,
     DT: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    CUDA_RULE: tl.constexpr,
+    CUDA_RULE: tl.constexpr, VEC: tl.constexpr, DEPTH: tl.constexpr,
 ):
     """Value clipping: one read and one write of each element of the chunk (torch's foreach path
     makes two passes, clamp_min then clamp_max). bound_bits: the fp64 bits of the bound, already
@@ -91,12 +152,5 @@ def clamp(
     bound = f64(bound_bits)
     neg_bound = f64(neg_bound_bits)
     _, _, ptr, begin, n = program_chunk(table, n_tensors, chunk_lo, DT, ALIGNED, CHUNK)
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    for i in range(0, CHUNK, BLOCK):
-        idx = begin + i + offs
-        if i + BLOCK <= n:
-            tl.store(ptr + idx, _clamped(tl.load(ptr + idx), bound, neg_bound, DT, CUDA_RULE))
-        elif i < n:
-            mask = i + offs < n
-            x = tl.load(ptr + idx, mask=mask, other=0.0)
-            tl.store(ptr + idx, _clamped(x, bound, neg_bound, DT, CUDA_RULE), mask=mask)
+    _rewrite_chunk(ptr, begin, n, bound, bound, neg_bound, DT, 1, CUDA_RULE, CHUNK, BLOCK, VEC,
+                   DEPTH)

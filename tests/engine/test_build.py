@@ -9,6 +9,7 @@ fails there instead of skipping.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -71,7 +72,7 @@ def test_kernels_compile_for_sm90():
         import re, triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
-        from fusedclip.triton_kernels import norm, scale
+        from fusedclip.triton_kernels import finish, norm, scale
         from fusedclip.backends.triton.plan import CHUNK
 
         def ptx(fn, sig, consts, warps=8):
@@ -82,21 +83,23 @@ def test_kernels_compile_for_sm90():
 
         part = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "partials": "*fp64",
                 "p_bits": "i64"}
-        tile = {"CHUNK": CHUNK, "BLOCK": norm.BLOCK}
+        tile = {"CHUNK": CHUNK, "BLOCK": norm.BLOCK, "DEPTH": 2}
+        vec = lambda dt: {"VEC": 16 // (dt.primitive_bitwidth // 8)}
         variants = [(tl.bfloat16, 1, True, True), (tl.float32, 2, False, True),
                     (tl.float16, 3, False, False), (tl.float64, 1, False, True)]
         for dt, kind, plain, aligned in variants:
             code = ptx(norm.chunk_partials, part, {"DT": dt, "KIND": kind, "PLAIN": plain,
-                                                   "ALIGNED": aligned, **tile})
+                                                   "ALIGNED": aligned, **tile, **vec(dt)})
             if aligned:  # 16-byte vectors: v4 of 32-bit words, or v2 of 64-bit ones
                 assert re.search(r"ld\\.global[.\\w]*\\.v(4\\.b32|2\\.b64)", code), (dt, kind)
         fin = {"partials": "*fp64", "num_chunks": "i32", "p_bits": "i64", "max_norm_bits": "i64",
                "norm_ptr": "*fp64", "coef_ptr": "*fp64", "out_ptr": "*bf16",
                "inv_ptr": "*fp64", "found_ptr": "*fp64"}
         plain = {"UNSCALE": False, "FLAG": False, "MODE": 0}
-        ptx(norm.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": norm.FBLOCK, **plain})
+        ptx(finish.finish, fin, {"KIND": 1, "OUT_DT": tl.bfloat16, "FBLOCK": finish.FBLOCK,
+                                 **plain})
         amp = {**fin, "out_ptr": "*fp32", "inv_ptr": "*fp32", "found_ptr": "*fp32"}
-        code = ptx(norm.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": norm.FBLOCK,
+        code = ptx(finish.finish, amp, {"KIND": 3, "OUT_DT": tl.float32, "FBLOCK": finish.FBLOCK,
                                       "UNSCALE": True, "FLAG": True, "MODE": 1})
         assert "cvt.f64.f32" in code  # the AMP variant reads the fp32 inverse scale
         per = {"table": "*i64", "n_tensors": "i32", "partials": "*fp64", "p_bits": "i64",
@@ -104,27 +107,145 @@ def test_kernels_compile_for_sm90():
                "coef_ptr": "*fp64", "max_norm_bits": "i64", "eps_bits": "i64",
                "factor_bits": "i64"}
         for unscale, coef, mode in ((False, 0, 0), (True, 1, 1), (False, 2, 0), (False, 2, 2)):
-            ptx(norm.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
-                                             "FBLOCK": norm.FBLOCK, "UNSCALE": unscale,
+            ptx(finish.per_tensor_norms, per, {"KIND": 2 if coef == 0 else 1, "CHUNK": CHUNK,
+                                             "FBLOCK": finish.FBLOCK, "UNSCALE": unscale,
                                              "COEF": coef, "MODE": mode}, warps=4)
-        sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "coef_ptr": "*fp64"}
+        sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "chunk_hi": "i32",
+              "coef_ptr": "*fp64"}
         for per_tensor in (False, True):
             code = ptx(scale.scale, sc, {"DT": tl.bfloat16, "ALIGNED": True,
-                                         "PER_TENSOR": per_tensor, **tile})
+                                         "PER_TENSOR": per_tensor, **tile, **vec(tl.bfloat16)})
             assert "st.global.v4" in code and "ld.global.v4" in code
-        ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile})
+        ptx(scale.scale, sc, {"DT": tl.float64, "ALIGNED": False, "PER_TENSOR": False, **tile,
+                              **vec(tl.float64)})
         cl = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "bound_bits": "i64",
               "neg_bound_bits": "i64"}
         for dt in (tl.bfloat16, tl.float16, tl.float32):
-            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, "CUDA_RULE": True, **tile})
+            code = ptx(scale.clamp, cl, {"DT": dt, "ALIGNED": True, "CUDA_RULE": True, **tile,
+                                         **vec(dt)})
             assert "st.global.v4" in code and "ld.global.v4" in code, dt
-        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, "CUDA_RULE": True, **tile})
+        ptx(scale.clamp, cl, {"DT": tl.float64, "ALIGNED": False, "CUDA_RULE": True, **tile,
+                              **vec(tl.float64)})
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+_SASS_SCRIPT = textwrap.dedent("""
+    import json, os, re, subprocess, sys, tempfile, triton, triton.language as tl
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from fusedclip.triton_kernels import norm, pair, scale
+    from fusedclip.backends.triton import Variant
+    from fusedclip.backends.triton.plan import CHUNK
+    import torch
+
+    BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    v = Variant()  # the default: what the backend launches without FUSEDCLIP_TRITON_VARIANT
+
+    def sass(fn, sig, consts):
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                        constexprs={(fn.arg_names.index(k),): c for k, c in consts.items()})
+        opts = {"num_warps": v.warps, **({"maxnreg": v.maxnreg} if v.maxnreg else {})}
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        run = lambda flag: subprocess.run([os.path.join(BIN, "cuobjdump"), flag, f.name],
+                                          check=True, capture_output=True, text=True).stdout
+        code, usage = run("-sass"), run("-res-usage")
+        os.unlink(f.name)
+        ins = [m.group(1).strip() for m in re.finditer(r"/\\*[0-9a-f]{4,}\\*/\\s+([^;]*);", code)]
+        return ins, int(re.search(r"REG:(\\d+)", usage).group(1)), \
+            int(re.search(r"STACK:(\\d+)", usage).group(1))
+
+    def in_flight(ins):
+        # For each run of LDG.E.128: (predicated?, how many are issued before the first
+        # instruction that reads a register one of them loaded, or a branch or barrier).
+        runs, i = [], 0
+        while i < len(ins):
+            if not re.match(r"(@!?P\\w+ )?LDG\\.E\\.128 ", ins[i]):
+                i += 1
+                continue
+            loaded, n, j = set(), 0, i
+            while j < len(ins):
+                op, _, rest = re.sub(r"^@!?P\\w+ ", "", ins[j]).partition(" ")
+                ops = rest.split(",")
+                srcs = ops if op.startswith(("ST", "BRA")) else ops[1:]
+                if op.startswith(("BRA", "EXIT", "BAR", "RET", "CALL")) or \\
+                        set(re.findall(r"\\bR(\\d+)", ",".join(srcs))) & loaded:
+                    break
+                if op == "LDG.E.128":
+                    d = int(re.match(r"\\s*R(\\d+)", ops[0]).group(1))
+                    loaded |= {str(d + q) for q in range(4)}
+                    n += 1
+                j += 1
+            runs.append((ins[i].startswith("@"), n))
+            i = max(j, i + 1)
+        return runs
+
+    out = {}
+    def record(name, fn, sig, consts):
+        ins, regs, stack = sass(fn, sig, consts)
+        runs = in_flight(ins)
+        out[name] = {"regs": regs, "stack": stack,
+                     "full": max([n for p, n in runs if not p], default=0),
+                     "tail": sum(n for p, n in runs if p)}
+
+    tdt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+           torch.float32: tl.float32, torch.float64: tl.float64}
+    part = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "partials": "*fp64",
+            "p_bits": "i64"}
+    sc = {"table": "*i64", "n_tensors": "i32", "chunk_lo": "i32", "chunk_hi": "i32",
+          "coef_ptr": "*fp64"}
+    cl = {**{k: sc[k] for k in ("table", "n_tensors", "chunk_lo")}, "bound_bits": "i64",
+          "neg_bound_bits": "i64"}
+    for dt, kind in json.loads(sys.argv[1]):
+        dt = getattr(torch, dt)
+        tile = {"DT": tdt[dt], "ALIGNED": True, "CHUNK": CHUNK, "BLOCK": v.block(dt),
+                "VEC": v.vec(dt), "DEPTH": v.depth}
+        if kind == "scale":
+            record(f"scale {dt}", scale.scale, sc, {**tile, "PER_TENSOR": False})
+        elif kind == "clamp":
+            record(f"clamp {dt}", scale.clamp, cl, {**tile, "CUDA_RULE": True})
+        else:
+            record(f"pass1 {dt} p={kind}", norm.chunk_partials, part,
+                   {**tile, "KIND": pair.norm_kind(kind),
+                    "PLAIN": kind != float("inf") and dt != torch.float64})
+    print(json.dumps(out))
+""")
+
+# What the default variant compiles to on sm_90 (docs/performance.md): every thread keeps four
+# 16-byte loads in flight in a full tile (one, for 16-bit pass 1, before issue 25), the masked
+# last tiles still load 16-byte vectors, and few enough registers for 4 programs of 8 warps per SM.
+_SASS_CASES = [("bfloat16", 2.0), ("float16", 1.0), ("float32", 2.0), ("bfloat16", "inf"),
+               ("float64", "inf"), ("bfloat16", "scale"), ("float32", "clamp")]
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_streaming_kernels_keep_loads_in_flight_on_sm90():
+    """The sm_90 SASS of the streaming kernels (pass 1 for p = 1, 2, inf, pass 2, clamp), read with
+    the Triton wheel's cuobjdump: back-to-back 16-byte loads before their first use, the masked
+    tail's 16-byte loads, registers and stack, so a regression in scheduling fails here."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                       "bin", "cuobjdump")):
+        pytest.skip("this Triton wheel ships no cuobjdump")
+    cases = [(dt, float(k) if k == "inf" else k) for dt, k in _SASS_CASES]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, json.dumps(cases)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.splitlines()[-1])
+    assert len(facts) == len(cases)
+    for name, f in facts.items():
+        assert f["full"] >= 4, (name, f)  # 4 x 16 B per thread in flight
+        assert f["tail"] >= 4, (name, f)  # the masked rows are still 16-byte loads
+        assert f["regs"] <= 64 and f["stack"] == 0, (name, f)  # 4 programs per SM, no spills
 
 
 def _disassembled_functions(path: str) -> dict[str, list[str]]:

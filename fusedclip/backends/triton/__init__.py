@@ -37,11 +37,84 @@ from fusedclip.backends._schema import custom_op, register_fakes
 from fusedclip.backends.triton import plan as plans
 from fusedclip.backends.triton.plan import CHUNK, Plan
 
-__all__ = ["BACKEND", "NAME", "Request", "clamp_pass", "finish_partials", "interpreting",
-           "norm_pass", "scale_pass", "status"]
+__all__ = ["BACKEND", "NAME", "Request", "Variant", "clamp_pass", "finish_partials",
+           "interpreting", "norm_pass", "scale_pass", "status", "variant"]
 
 NAME = "triton"
-_NUM_WARPS = 8
+_NUM_WARPS = 8  # the finish's and the scaled pair's
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the streaming kernels (pass 1's p = 1, 2, inf and pass 2) are compiled and launched,
+    chosen at run time by ``FUSEDCLIP_TRITON_VARIANT`` (comma-separated ``key=value``, e.g.
+    ``tile=16384,depth=2,warps=8,maxnreg=64,persist=4``) so a device run can sweep them without a
+    rebuild; each distinct value compiles its own kernels once. ``tile``: bytes per tile (a power
+    of two, at least 16 per thread); ``depth``: tiles whose loads are issued before the first is
+    used (1 or 2); ``warps``: warps per program; ``maxnreg``: the register cap given to ptxas (0:
+    none);
+    ``persist``: pass 2's programs per SM, each walking every grid-th chunk (0: one program per
+    chunk).
+
+    The default was read off the compiled sm_90 code (docs/performance.md): 8 KiB tiles two deep
+    give every thread four 16-byte loads in flight; ptxas keeps them in flight only when given a
+    register cap (without one it sinks each load to its use), and 64 registers fit 4 programs of 8
+    warps per SM, 64 KiB of reads in flight per SM. Pass 2 is persistent, 4 programs per SM (what
+    64 registers allow): with a coefficient of 1 that is one load and an exit per program, against
+    one program per 64Ki-element chunk."""
+
+    tile: int = 8192
+    depth: int = 2
+    warps: int = 8
+    maxnreg: int = 64
+    persist: int = 4
+
+    def block(self, dtype: torch.dtype) -> int:
+        return self.tile // torch.empty((), dtype=dtype).element_size()
+
+    def vec(self, dtype: torch.dtype) -> int:
+        """Elements per 16-byte vector."""
+        return 16 // torch.empty((), dtype=dtype).element_size()
+
+    def programs(self, chunks: int, device: torch.device) -> int:
+        """Pass 2's grid for ``chunks`` chunks on ``device`` (the interpreter counts one SM)."""
+        if not self.persist:
+            return chunks
+        return min(chunks, self.persist * _sm_count(device))
+
+    def launch(self) -> dict:
+        # Not to the interpreter: some Triton versions' interpreters pass an option they do not
+        # know (maxnreg) on to the kernel as an argument.
+        cap = self.maxnreg and not interpreting()
+        return {"num_warps": self.warps, **({"maxnreg": self.maxnreg} if cap else {})}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _parse_variant(text: str) -> Variant:
+    fields = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in Variant.__dataclass_fields__ or not value.strip().isdigit():
+            raise ValueError(f"FUSEDCLIP_TRITON_VARIANT: expected key=integer with key among "
+                             f"{', '.join(Variant.__dataclass_fields__)}, got {item!r}")
+        fields[key] = int(value)
+    v = Variant(**fields)
+    if v.tile & (v.tile - 1) or v.tile < 16 * 32 * v.warps or v.depth not in (1, 2) \
+            or v.warps & (v.warps - 1) or not 0 <= v.maxnreg <= 255 or v.persist < 0:
+        raise ValueError(f"FUSEDCLIP_TRITON_VARIANT: unsupported {v}")
+    return v
+
+
+def variant() -> Variant:
+    """The streaming kernels' variant: ``FUSEDCLIP_TRITON_VARIANT``, read at each call."""
+    return _parse_variant(os.environ.get("FUSEDCLIP_TRITON_VARIANT", ""))
 
 
 def interpreting() -> bool:
@@ -67,16 +140,25 @@ def status() -> BackendStatus:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Kernels:
+    pair: object
+    norm: object
+    finish: object
+    scale: object
+    dtypes: dict
+
+
 @functools.cache
-def _kernels():
+def _kernels() -> _Kernels:
     # Imported on first use: importing Triton is slow, and TRITON_INTERPRET must be set before.
     import triton.language as tl
 
-    from fusedclip.triton_kernels import norm, scale
+    from fusedclip.triton_kernels import finish, norm, pair, scale
 
     dtypes = {torch.float32: tl.float32, torch.float64: tl.float64,
               torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-    return norm, scale, dtypes
+    return _Kernels(pair, norm, finish, scale, dtypes)
 
 
 def _f64_bits(x: float) -> int:
@@ -165,17 +247,21 @@ def norm_pass(plan: Plan, req: Request) -> Pass1:
 
 
 def _norm_pass(plan: Plan, req: Request) -> Pass1:
-    norm_k, _, tl_dtype = _kernels()
-    kind = norm_k.norm_kind(req.norm_type)
+    k = _kernels()
+    norm_k, fin_k, tl_dtype = k.norm, k.finish, k.dtypes
+    kind = k.pair.norm_kind(req.norm_type)
     f64 = dict(dtype=torch.float64, device=plan.device)
     partials = torch.empty(2 * max(plan.num_chunks, 1), **f64)
     p_bits = _f64_bits(req.norm_type if math.isfinite(req.norm_type) else 0.0)
+    v = variant()
     for g in plan.groups:
-        plain = kind in (norm_k.KIND_ONE, norm_k.KIND_TWO) and g.dtype != torch.float64
+        plain = kind in (k.pair.KIND_ONE, k.pair.KIND_TWO) and g.dtype != torch.float64
+        fast = plain or kind == k.pair.KIND_INF  # see norm.chunk_partials
         norm_k.chunk_partials[(g.chunk_hi - g.chunk_lo,)](
             plan.table, plan.num_tensors, g.chunk_lo, partials, p_bits,
-            DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned,
-            CHUNK=CHUNK, BLOCK=norm_k.BLOCK, num_warps=_NUM_WARPS,
+            DT=tl_dtype[g.dtype], KIND=kind, PLAIN=plain, ALIGNED=g.aligned, CHUNK=CHUNK,
+            BLOCK=v.block(g.dtype) if fast else norm_k.BLOCK, VEC=v.vec(g.dtype),
+            DEPTH=v.depth, **(v.launch() if fast else {"num_warps": _NUM_WARPS}),
         )
     norm = torch.empty((), **f64)
     coef = torch.empty((), **f64)
@@ -186,9 +272,9 @@ def _norm_pass(plan: Plan, req: Request) -> Pass1:
     found_ptr = req.found_inf if req.found_inf is not None else partials
     max_norm_bits = _f64_bits(req.max_norm)
     if req.totals:
-        norm_k.finish[(1,)](
+        fin_k.finish[(1,)](
             partials, plan.num_chunks, p_bits, max_norm_bits, norm, coef, out, inv_ptr,
-            found_ptr, KIND=kind, OUT_DT=tl_dtype[req.out_dtype], FBLOCK=norm_k.FBLOCK,
+            found_ptr, KIND=kind, OUT_DT=tl_dtype[req.out_dtype], FBLOCK=fin_k.FBLOCK,
             UNSCALE=unscale, FLAG=req.found_inf is not None, MODE=int(req.soft),
             num_warps=_NUM_WARPS,
         )
@@ -197,19 +283,19 @@ def _norm_pass(plan: Plan, req: Request) -> Pass1:
     per = torch.empty(n if req.per_tensor or coefs_wanted else 0, **f64)
     per_coef = torch.empty(n if coefs_wanted else 0, **f64)
     if per.numel():
-        norm_k.per_tensor_norms[(n,)](
+        fin_k.per_tensor_norms[(n,)](
             plan.table, n, partials, p_bits, per, inv_ptr,
             req.max_norms if req.max_norms is not None else partials,
             per_coef if coefs_wanted else partials, max_norm_bits,
             _f64_bits(req.adaptive[0] if req.adaptive else 0.0),
             _f64_bits(req.adaptive[1] if req.adaptive else 1.0),
-            KIND=kind, CHUNK=CHUNK, FBLOCK=norm_k.FBLOCK, UNSCALE=unscale,
+            KIND=kind, CHUNK=CHUNK, FBLOCK=fin_k.FBLOCK, UNSCALE=unscale,
             COEF=(2 if req.max_norms is not None else 1) if coefs_wanted else 0,
             MODE=2 if req.adaptive else int(req.soft), num_warps=4,
         )
     if req.partials_out is not None and n:
-        norm_k.tensor_partials[(n,)](plan.table, n, partials, p_bits, req.partials_out,
-                                     KIND=kind, CHUNK=CHUNK, FBLOCK=norm_k.FBLOCK, num_warps=4)
+        fin_k.tensor_partials[(n,)](plan.table, n, partials, p_bits, req.partials_out,
+                                     KIND=kind, CHUNK=CHUNK, FBLOCK=fin_k.FBLOCK, num_warps=4)
     return Pass1(norm, coef, out, per if req.per_tensor or coefs_wanted else per[:0], per_coef)
 
 
@@ -220,18 +306,19 @@ def finish_partials(partials: Tensor, req: Request) -> tuple[Tensor, Tensor]:
     _check_partials(partials, None, partials.device, "partials")
     _check_scalar(req.inv_scale, torch.float32, partials.device, "inv_scale")
     _check_scalar(req.found_inf, torch.float32, partials.device, "found_inf")
-    norm_k, _, tl_dtype = _kernels()
+    k = _kernels()
+    fin_k, tl_dtype = k.finish, k.dtypes
     f64 = dict(dtype=torch.float64, device=partials.device)
     norm, coef = torch.empty((), **f64), torch.empty((), **f64)
     unscale = req.inv_scale is not None
     with _on(partials.device):
-        norm_k.finish[(1,)](
+        fin_k.finish[(1,)](
             partials, partials.shape[0],
             _f64_bits(req.norm_type if math.isfinite(req.norm_type) else 0.0),
             _f64_bits(req.max_norm), norm, coef, norm, req.inv_scale if unscale else partials,
             req.found_inf if req.found_inf is not None else partials,
-            KIND=norm_k.norm_kind(req.norm_type), OUT_DT=tl_dtype[torch.float64],
-            FBLOCK=norm_k.FBLOCK, UNSCALE=unscale, FLAG=req.found_inf is not None,
+            KIND=k.pair.norm_kind(req.norm_type), OUT_DT=tl_dtype[torch.float64],
+            FBLOCK=fin_k.FBLOCK, UNSCALE=unscale, FLAG=req.found_inf is not None,
             MODE=int(req.soft), num_warps=_NUM_WARPS,
         )
     return norm, coef
@@ -251,13 +338,14 @@ def scale_pass(plan: Plan, coef: Tensor, per_tensor: bool = False) -> None:
     tensor t times ``coef[t]``, in place."""
     _check_scalar(coef, torch.float64, plan.device, "coef",
                   plan.num_tensors if per_tensor else 1)
-    norm_k, scale_k, tl_dtype = _kernels()
+    scale_k, tl_dtype = _kernels().scale, _kernels().dtypes
+    v = variant()
     with _on(plan.device):
         for g in plan.groups:
-            scale_k.scale[(g.chunk_hi - g.chunk_lo,)](
-                plan.table, plan.num_tensors, g.chunk_lo, coef,
-                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=norm_k.BLOCK,
-                PER_TENSOR=per_tensor, num_warps=_NUM_WARPS,
+            scale_k.scale[(v.programs(g.chunk_hi - g.chunk_lo, plan.device),)](
+                plan.table, plan.num_tensors, g.chunk_lo, g.chunk_hi, coef,
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=v.block(g.dtype),
+                PER_TENSOR=per_tensor, VEC=v.vec(g.dtype), DEPTH=v.depth, **v.launch(),
             )
 
 
@@ -268,15 +356,16 @@ def clamp_pass(plan: Plan, clip_value: float, cuda_rule: bool | None = None) -> 
     the plan's device (``cuda_rule``: force the CUDA ones' zero signs, for tests)."""
     if not clip_value >= 0:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
-    norm_k, scale_k, tl_dtype = _kernels()
+    scale_k, tl_dtype = _kernels().scale, _kernels().dtypes
+    v = variant()
     with _on(plan.device):
         for g in plan.groups:
             bound = float(torch.tensor(clip_value, dtype=g.dtype))
             scale_k.clamp[(g.chunk_hi - g.chunk_lo,)](
                 plan.table, plan.num_tensors, g.chunk_lo, _f64_bits(bound), _f64_bits(-bound),
-                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=norm_k.BLOCK,
+                DT=tl_dtype[g.dtype], ALIGNED=g.aligned, CHUNK=CHUNK, BLOCK=v.block(g.dtype),
                 CUDA_RULE=plan.device.type == "cuda" if cuda_rule is None else cuda_rule,
-                num_warps=_NUM_WARPS,
+                VEC=v.vec(g.dtype), DEPTH=v.depth, **v.launch(),
             )
 
 
