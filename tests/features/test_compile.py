@@ -118,9 +118,10 @@ def test_auto_clipper_step_compiles_and_matches_eager(backend, device, method):
 
 
 _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.realpath(fusedclip.__file__)), "")
-# The Triton kernels install inside the package but live at a checkout's top level (triton_kernels/).
-_PACKAGE_DIRS = (_PACKAGE_DIR, *(os.path.join(os.path.realpath(d), "")
-                                 for d in importlib.import_module("fusedclip.triton_kernels").__path__))
+# The Triton kernels install inside the package but live at a checkout's top level
+# (triton_kernels/).
+_KERNEL_PATHS = importlib.import_module("fusedclip.triton_kernels").__path__
+_PACKAGE_DIRS = (_PACKAGE_DIR, *(os.path.join(os.path.realpath(d), "") for d in _KERNEL_PATHS))
 
 
 def _inside_fusedclip(filename: str) -> bool:
