@@ -15,7 +15,8 @@
 #   ncu         60   Nsight Compute on pass 1 and pass 2 (llama-1b bf16/fp32, small-5000 bf16):
 #                    DRAM % of peak, achieved occupancy, L2 hit rate, top stall reasons
 #   sanitizer   60   compute-sanitizer memcheck, racecheck, synccheck on a small GPU subset
-#   variants    45   bench/variant_sweep.py: every FUSEDCLIP_CUDA_PASS1 variant per set
+#   variants    60   bench/variant_sweep.py: every FUSEDCLIP_CUDA_PASS1 variant per set; then
+#                    bench/triton_variants.py: FUSEDCLIP_TRITON_VARIANT's variants (into bench.log)
 #   slowtests   40   the GPU tests marked slow, with what time is left
 #
 # At most 8 files land in $OUT: summary.txt (the table printed last), ptxas.txt, tests.log,
@@ -36,7 +37,7 @@ export PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 STAGES=(build tests check bench ncu sanitizer variants slowtests)
 declare -A CAP=([build]=150 [tests]=80 [check]=25 [bench]=90 [ncu]=60 [sanitizer]=60
-                [variants]=45 [slowtests]=40)
+                [variants]=60 [slowtests]=40)
 
 # gpu CMD...: a command that needs the GPU machine (or its build). Under DRY_RUN it only says what
 # it would run, and hangs when DRY_RUN_HANG names the current stage.
@@ -162,8 +163,12 @@ stage_sanitizer() {
 }
 
 stage_variants() {
-  gpu "$PY" bench/variant_sweep.py --out "$OUT/variants.json" >>"$OUT/bench.log" 2>&1
+  gpu timeout -k 5 "$(share 2)" "$PY" bench/variant_sweep.py --out "$OUT/variants.json" \
+    >>"$OUT/bench.log" 2>&1
   local rc=$?
+  # The Triton backend's variants (FUSEDCLIP_TRITON_VARIANT): printed into bench.log.
+  gpu timeout -k 5 "$(share 1)" "$PY" bench/triton_variants.py --numel 1e8 --iters 10 \
+    >>"$OUT/bench.log" 2>&1 || rc=$?
   fake variants
   [ "$DRY_RUN" != 1 ] || cp "$W/variants.json" "$OUT/variants.json"
   return "$rc"
