@@ -29,11 +29,11 @@ def run(backend, device, n, strategy, check):
 
 
 def test_clip_grad_norm(backend, device):
-    run(backend, device, 60, cases(small=backend == "triton"), properties.check_clip_grad_norm)
+    run(backend, device, 100, cases(small=backend == "triton"), properties.check_clip_grad_norm)
 
 
 def test_get_total_norm(backend, device):
-    run(backend, device, 25, cases(small=backend == "triton"), properties.check_get_total_norm)
+    run(backend, device, 50, cases(small=backend == "triton"), properties.check_get_total_norm)
 
 
 TOTAL_NORMS = st.one_of(
@@ -45,7 +45,7 @@ TOTAL_NORMS = st.one_of(
 def test_clip_grads_with_norm(backend, device):
     strategy = st.tuples(cases(small=backend == "triton", extra=TOTAL_NORMS),
                          st.sampled_from(properties.TOTAL_NORM_KINDS))
-    run(backend, device, 20, strategy, properties.check_clip_grads_with_norm)
+    run(backend, device, 40, strategy, properties.check_clip_grads_with_norm)
 
 
 CLIP_VALUES = st.one_of(
@@ -56,13 +56,13 @@ CLIP_VALUES = st.one_of(
 
 
 def test_clip_grad_value(backend, device):
-    run(backend, device, 30, cases(small=backend == "triton", extra=CLIP_VALUES),
+    run(backend, device, 50, cases(small=backend == "triton", extra=CLIP_VALUES),
         properties.check_clip_grad_value)
 
 
 def test_clip_grad_norm_per_tensor(backend, device):
     strategy = cases(small=backend == "triton", norm_types=PASS_NORM_TYPES + (0.0, -1.0))
-    run(backend, device, 20, strategy, properties.check_per_tensor)
+    run(backend, device, 40, strategy, properties.check_per_tensor)
 
 
 FACTORS = st.sampled_from([0.0, 1e-3, 0.01, 0.1, 1.0, 1e3])
@@ -83,4 +83,4 @@ def test_amp(backend, device):
     strategy = st.sampled_from([NO_FP16, NO_FP16, NO_FP16, DTYPES]).flatmap(
         lambda d: cases(small=small, dtypes=d, norm_types=PASS_NORM_TYPES + (-1.0,),
                         extra=SCALES))
-    run(backend, device, 20, strategy, properties.check_amp)
+    run(backend, device, 60, strategy, properties.check_amp)
