@@ -24,6 +24,21 @@ CASES = [
      "(docs/errors.md): the property compares the words but for the number"),
     ("check_clip_grad_value", Case(grads=()),
      "torch 2.14's clip_grad_value_ fails on an empty list (foreach); fusedclip does nothing"),
+    ("check_get_total_norm",
+     Case(grads=(Grad(dtype=torch.float32, shape=(0,)),
+                 Grad(dtype=torch.float32, shape=(3,), specials=((0, "inf"),))),
+          norm_type=math.inf, error_if_nonfinite=True),
+     "torch raises its empty-tensor error for the max norm before error_if_nonfinite's; "
+     "fusedclip takes the empty tensor (docs/differences.md) and raises the non-finite error"),
+    ("check_amp",
+     Case(grads=(Grad(dtype=torch.float32, shape=(0,)), Grad(dtype=torch.float32, shape=(3,))),
+          sharing=("same", 0), extra=2.0),
+     "one empty gradient object owned by two parameters: the reference's AMP path refuses it "
+     "(owned twice), the compiled engine's one-call path takes it (it shares no element)"),
+    ("check_amp",
+     Case(grads=(Grad(dtype=torch.float64, shape=(2,), specials=((0, "max"),)),), extra=0.125),
+     "a scale below 1 unscales fp64's largest value past its range; torch's unscale_ (and "
+     "fusedclip) check the stored values for found_inf, not the products"),
     ("check_adaptive",
      Case(grads=(Grad(dtype=torch.float64, shape=(2,), specials=((0, "max"),)),), extra=0.001),
      "the reference's unit norms overflowed for fp64 gradients near 1.8e308 (fixed)"),
