@@ -39,6 +39,11 @@ CASES = [
      Case(grads=(Grad(dtype=torch.float64, shape=(2,), specials=((0, "max"),)),), extra=0.125),
      "a scale below 1 unscales fp64's largest value past its range; torch's unscale_ (and "
      "fusedclip) check the stored values for found_inf, not the products"),
+    ("check_per_tensor", Case(grads=(), max_norm=("abs", -1.0)),
+     "a negative max_norm is refused even without gradients"),
+    ("check_amp",
+     Case(grads=(Grad(dtype=torch.float64, shape=(2,), magnitude="subnormal"),), extra=0.125),
+     "a subnormal fp64 norm is rounded before it is unscaled (x8): 4 subnormal steps off"),
     ("check_adaptive",
      Case(grads=(Grad(dtype=torch.float64, shape=(2,), specials=((0, "max"),)),), extra=0.001),
      "the reference's unit norms overflowed for fp64 gradients near 1.8e308 (fixed)"),
