@@ -22,6 +22,8 @@ CASES = [
      Case(grads=(Grad(dtype=torch.float32, shape=(0,)),), norm_type=-1.0),
      "torch writes p = -1.0 as '-1' in its no-identity error, fusedclip as '-1.0' "
      "(docs/errors.md): the property compares the words but for the number"),
+    ("check_clip_grad_norm", Case(grads=(), form="generator"),
+     "an empty generator of parameters warns, as torch's does"),
     ("check_clip_grad_value", Case(grads=()),
      "torch 2.14's clip_grad_value_ fails on an empty list (foreach); fusedclip does nothing"),
     ("check_get_total_norm",
