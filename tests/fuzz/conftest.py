@@ -2,7 +2,7 @@
 
 * ``ci``: what ``make test`` and CI run. Derandomized (the same examples every run, so a red CI
   is reproducible and a green one stays green), no example database written, no deadline (a call
-  in Triton's interpreter takes seconds); about two minutes on 2 cores for all of tests/fuzz.
+  in Triton's interpreter takes seconds); about a minute on 2 busy cores for all of tests/fuzz.
 * ``long``: ``make fuzz``. Random seeds, 20 times the examples, the failures kept in
   ``.hypothesis/`` (ignored by git) and replayed first next time.
 * ``dev``: a quick random look (a fifth of ``ci``), for editing the fuzzer itself.
