@@ -225,6 +225,8 @@ def benign(tensors: list[torch.Tensor], p: float) -> bool:
     [2^-20, 2^20] and a moderate p (torch sums |x|^p in the gradients' precision, unscaled)."""
     if not (p in (1.0, 2.0, 3.0, 1.5, 0.5, math.inf) or p <= 0):
         return False
+    if p < 0 and any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        return False  # torch's -1 norm of 65535 fp16 values: 1.2% off
     for t in tensors:
         a = t.detach().double().abs()
         a = a[torch.isfinite(a) & (a > 0)]
@@ -459,7 +461,10 @@ def check_clip_grads_with_norm(backend: str, device: str, case: Case, kind=torch
             ulp_close(g, oracle_scaled(g0, coef))
         except AssertionError as e:
             raise AssertionError(f"gradient {k} ({g0.dtype}): {e}") from None
-    if kind in (torch.float32, torch.float64) and grads:
+    if kind in (torch.float32, torch.float64) and grads and not (
+            torch.finfo(kind).max < limit < math.inf):
+        # (torch computes its coefficient in total_norm's dtype, where such a max_norm is inf:
+        # inf / inf = NaN where fusedclip's fp64 coefficient is 1e300 / inf = 0.)
         theirs = twins(before)
         torch.nn.utils.clip_grads_with_norm_(theirs, limit, total.to(device))
         tgrads = [q.grad for q in theirs if q.grad is not None]
