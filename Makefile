@@ -22,6 +22,9 @@
 #                    UndefinedBehaviorSanitizer (in SAN_DIR, from a copy of the files git sees), and
 #                    the engine, API and BackwardClipper tests run against it, the sanitizer
 #                    runtimes preloaded, leaks off, any report fatal (CI runs it)
+#   make fuzz        the differential fuzzer (tests/fuzz) at length: random seeds, 20 times the
+#                    examples of make test's derandomized run, failures kept in .hypothesis/ and
+#                    replayed first next time (FUZZ_PROFILE=long; FUZZ_ARGS for pytest, e.g. -k cpp)
 #   make checkstyle  ruff on Python, clang-format (when installed) on csrc/
 #   make lock-check  the venvs hold exactly the versions of their lock files (CI runs it)
 #   make lock        refresh the lock files to the newest releases, then run every test stage
@@ -61,7 +64,7 @@ CPU_DIR := $(abspath $(CPU_VENV))
 CPU_PY := $(CPU_DIR)/bin/python
 CPU_STAMP := $(CPU_DIR)/.deps-torch-$(CPU_TORCH_VERSION)
 
-.PHONY: setup test test-cpu-torch test-edges prefetch sanitize bench bench-publish microbench checkstyle \
+.PHONY: setup test fuzz test-cpu-torch test-edges prefetch sanitize bench bench-publish microbench checkstyle \
 	lock lock-check clean
 
 constrained = $(if $(1),-c $(1))
@@ -99,6 +102,14 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m fusedclip backends
 	$(PY) -m pytest -q
+
+# The fuzzer's long run (tests/fuzz; make test runs its derandomized ci profile). Triton runs in its
+# interpreter where there is no GPU.
+FUZZ_PROFILE ?= long
+FUZZ_ARGS ?=
+fuzz: setup
+	FUSEDCLIP_FUZZ_PROFILE=$(FUZZ_PROFILE) $(if $(HAVE_GPU),,TRITON_INTERPRET=1) \
+	  $(PY) -m pytest -q tests/fuzz/test_fuzz.py $(FUZZ_ARGS)
 
 # torch and the test tools, once per CPU_TORCH_VERSION; a CUDA build of torch is refused.
 $(CPU_STAMP): requirements/cpu-torch.txt $(CPU_LOCK)

@@ -174,11 +174,21 @@ def clip_per_tensor_(
 
 def _unit_norms(t: Tensor, norm_type: float) -> Tensor:
     """The norms of t's units in fp64, as timm's unitwise_norm: over all dims but the first for
-    tensors of two or more dims (kept for broadcasting), else over the whole tensor."""
-    v = t.detach().to(torch.float64)
+    tensors of two or more dims (kept for broadcasting), else over the whole tensor. Each unit is
+    divided by its largest magnitude first (as ``total_norm``), so that no finite unit overflows:
+    fp64 gradients near the dtype's largest value have a finite unit norm (``t`` not empty)."""
+    v = t.detach().to(torch.float64).abs()
     if v.dim() <= 1:
-        return torch.linalg.vector_norm(v, norm_type)
-    return torch.linalg.vector_norm(v, norm_type, dim=tuple(range(1, v.dim())), keepdim=True)
+        v, dims, keep = v.reshape(-1), (0,), False
+    else:
+        dims, keep = tuple(range(1, v.dim())), True
+    peak = v.amax(dim=dims, keepdim=keep)  # NaN where a unit holds a NaN
+    if math.isinf(norm_type):
+        return peak
+    usable = torch.isfinite(peak) & (peak > 0)
+    scale = torch.where(usable, peak, 1.0)
+    s = ratio_pow(torch.where(usable, v, 0.0), scale, norm_type).sum(dim=dims, keepdim=keep)
+    return torch.where(usable, root_norm(scale, s, norm_type), peak)
 
 
 def adaptive_clip_(
