@@ -169,8 +169,8 @@ setup(
     packages=find_packages(include=["fusedclip", "fusedclip.*"]) + ["fusedclip.triton_kernels"],
     package_dir={"fusedclip.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={"bench": ["rich", "matplotlib"], "triton": ["triton>=3.2"]},
+    install_requires=["torch>=2.6", "numpy", "rich"],
+    extras_require={"bench": ["matplotlib"], "triton": ["triton>=3.2"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
