@@ -216,6 +216,12 @@ def limit_of(case: Case, exact: float) -> float:
     return x
 
 
+def refused(exc, message: str, grads: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    """The call raised ValueError(message) and left every gradient bit-identical."""
+    expect_error(exc, ValueError, message)
+    assert_bitwise_equal(grads, before, nan_payloads=True)
+
+
 def refused_sharing(case: Case, grads: list[torch.Tensor]) -> bool:
     return case.sharing is not None and shares_memory(grads)
 
@@ -274,13 +280,9 @@ def check_clip_grad_norm(backend: str, device: str, case: Case) -> None:
     if case.form == "generator" and not params:  # torch's warning
         assert any("empty generator" in str(w.message) for w in caught), "no warning"
     if math.isnan(limit) or limit < 0:
-        expect_error(exc, ValueError, "max_norm must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "max_norm must be a non-negative number", grads, before)
     if shared:
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     if empty_negative:
         expect_error(exc, RuntimeError, NO_IDENTITY)
         assert_bitwise_equal(grads, before, nan_payloads=True)
@@ -454,13 +456,9 @@ def check_clip_grads_with_norm(backend: str, device: str, case: Case, kind=torch
     _, exc = call(fusedclip.clip_grads_with_norm_, passed(case, params), limit, total,
                   case.foreach, backend=backend)
     if math.isnan(limit) or limit < 0:
-        expect_error(exc, ValueError, "max_norm must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "max_norm must be a non-negative number", grads, before)
     if refused_sharing(case, grads):
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     no_error(exc)
     coef = oracle_coef(limit, wide)
     for k, (g, g0) in enumerate(zip(grads, before)):
@@ -503,13 +501,9 @@ def check_clip_grad_value(backend: str, device: str, case: Case) -> None:
     _, exc = call(fusedclip.clip_grad_value_, passed(case, params), cv, case.foreach,
                   backend=backend)
     if math.isnan(cv) or cv < 0:
-        expect_error(exc, ValueError, "clip_value must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "clip_value must be a non-negative number", grads, before)
     if refused_sharing(case, grads):
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     no_error(exc)
     expected = []
     for g0 in before:
@@ -545,17 +539,11 @@ def check_per_tensor(backend: str, device: str, case: Case) -> None:
     result, exc = call(fusedclip.clip_grad_norm_per_tensor_, passed(case, params), arg, p,
                        mode=case.mode, backend=backend)
     if not p > 0:
-        expect_error(exc, ValueError, "takes norm_type p > 0 or inf")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "takes norm_type p > 0 or inf", grads, before)
     if any(math.isnan(m) or m < 0 for m in limits):
-        expect_error(exc, ValueError, "must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "must be a non-negative number", grads, before)
     if refused_sharing(case, grads):
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     no_error(exc)
     assert result.shape == (len(before),)
     if not before:
@@ -587,17 +575,11 @@ def check_adaptive(backend: str, device: str, case: Case) -> None:
     _, exc = call(fusedclip.adaptive_clip_grad_, passed(case, params), factor, eps, p,
                   backend=backend)
     if math.isnan(eps):
-        expect_error(exc, ValueError, "eps must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "eps must be a non-negative number", grads, before)
     if not p > 0:
-        expect_error(exc, ValueError, "takes norm_type p > 0 or inf")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "takes norm_type p > 0 or inf", grads, before)
     if refused_sharing(case, grads):
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     no_error(exc)
     with_grad = [q for q in params if q.grad is not None]
     for k, (g, g0, q) in enumerate(zip(grads, before, with_grad)):
@@ -640,21 +622,13 @@ def check_amp(backend: str, device: str, case: Case) -> None:
     result, exc = call(fusedclip.clip_grad_norm_, params, limit, p, case.error_if_nonfinite,
                        backend=backend, scaler=scaler, optimizer=opt)
     if math.isnan(limit) or limit < 0:
-        expect_error(exc, ValueError, "max_norm must be a non-negative number")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "max_norm must be a non-negative number", grads, before)
     if not p > 0:
-        expect_error(exc, ValueError, "is not available with scaler=")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "is not available with scaler=", grads, before)
     if any(g.dtype == torch.float16 for g in before):
-        expect_error(exc, ValueError, "Attempting to unscale FP16 gradients")
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, "Attempting to unscale FP16 gradients", grads, before)
     if shared or twice_empty and exc is not None:
-        expect_error(exc, ValueError, SHARED)
-        assert_bitwise_equal(grads, before, nan_payloads=True)
-        return
+        return refused(exc, SHARED, grads, before)
     if not before:
         no_error(exc)
         return
