@@ -70,11 +70,11 @@ class Variant:
     persist: int = 4
 
     def block(self, dtype: torch.dtype) -> int:
-        return self.tile // torch.empty((), dtype=dtype).element_size()
+        return self.tile // dtype.itemsize
 
     def vec(self, dtype: torch.dtype) -> int:
         """Elements per 16-byte vector."""
-        return 16 // torch.empty((), dtype=dtype).element_size()
+        return 16 // dtype.itemsize
 
     def programs(self, chunks: int, device: torch.device) -> int:
         """Pass 2's grid for ``chunks`` chunks on ``device`` (the interpreter counts one SM)."""
